@@ -1,0 +1,1 @@
+"""Segment Anything in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Flax modules mirroring segment_anything/modeling."""
