@@ -1,0 +1,129 @@
+"""State dicts (flat `{key: numpy array}`) <-> Flax params, strictly, through the key table.
+
+- `to_flax(state_dict, config)`: official or Hugging Face keys -> Flax params. Every
+  missing, unexpected or mis-shaped tensor is reported in one `CheckpointError`.
+- `to_official(params, config)`: Flax params -> official keys (for export).
+- `infer_model_type(state_dict)`: vit_b / vit_l / vit_h from the tensors' shapes.
+Precision is never changed here: tensors keep the dtype they were stored with,
+except that the loader casts to the float32 params when a checkpoint is half precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+import jax
+import numpy as np
+
+from sam_jax.config import CONFIGS, SamConfig, get_config
+from sam_jax.convert.errors import CheckpointError
+from sam_jax.convert.keys import Row, key_table
+
+KeyStyle = Literal["official", "hf"]
+# Hugging Face ties the positional-encoding matrix to a second name; some files hold both.
+HF_PE_KEY = "shared_image_embedding.positional_embedding"
+HF_PE_ALIAS = "prompt_encoder.shared_embedding.positional_embedding"
+_SHOWN = 4  # how many keys of each kind an error message lists
+
+
+def key_style(state_dict: Mapping[str, Any]) -> KeyStyle:
+    """Whether a state dict uses the official or the Hugging Face key names."""
+    if any(k.startswith("vision_encoder.") for k in state_dict):
+        return "hf"
+    if any(k.startswith("image_encoder.") for k in state_dict):
+        return "official"
+    raise CheckpointError(
+        "not a SAM checkpoint: no 'image_encoder.*' (official) or 'vision_encoder.*' (Hugging Face) tensors"
+    )
+
+
+def _row_key(row: Row, style: KeyStyle) -> str:
+    return row.hf if style == "hf" else row.official
+
+
+def infer_model_type(state_dict: Mapping[str, np.ndarray]) -> str:
+    """The official variant (vit_b, vit_l or vit_h) whose shapes a state dict has."""
+    style = key_style(state_dict)
+    patch = "vision_encoder.patch_embed.projection.weight" if style == "hf" else "image_encoder.patch_embed.proj.weight"
+    block = "vision_encoder.layers." if style == "hf" else "image_encoder.blocks."
+    if patch not in state_dict:
+        raise CheckpointError(f"cannot infer the model type: the checkpoint has no {patch!r}")
+    width = int(np.shape(state_dict[patch])[0])
+    depth = len({k[len(block):].split(".")[0] for k in state_dict if k.startswith(block)})
+    for name in ("vit_b", "vit_l", "vit_h"):
+        enc = CONFIGS[name]().image_encoder
+        if (enc.embed_dim, enc.depth) == (width, depth):
+            return name
+    raise CheckpointError(
+        f"cannot infer the model type: image encoder width {width} and depth {depth} match none of "
+        "vit_b (768, 12), vit_l (1024, 24), vit_h (1280, 32); pass the config explicitly"
+    )
+
+
+def _expected_shapes(config: SamConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    from sam_jax.model import abstract_params  # deferred: keeps the converter's import light
+
+    flat = jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]
+    return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _listing(kind: str, items: list[str]) -> str:
+    more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+    return f"{len(items)} {kind} ({', '.join(items[:_SHOWN])}{more})"
+
+
+def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig) -> dict[str, Any]:
+    """Convert an official or Hugging Face state dict to Flax params for `config`, strictly."""
+    style = key_style(state_dict)
+    if style == "hf" and HF_PE_ALIAS in state_dict:
+        state_dict = dict(state_dict)
+        alias = state_dict.pop(HF_PE_ALIAS)
+        state_dict.setdefault(HF_PE_KEY, alias)
+    table = key_table(config)
+    expected = _expected_shapes(config)
+    table_paths = {row.flax for row in table}
+    if table_paths != set(expected):  # the table and the model must describe the same tensors
+        raise AssertionError(f"key table out of sync with the model: {sorted(table_paths ^ set(expected))[:5]}")
+
+    known = {_row_key(row, style) for row in table}
+    missing = [_row_key(row, style) for row in table if _row_key(row, style) not in state_dict]
+    unexpected = [k for k in state_dict if k not in known]
+    misshaped, params = [], {}
+    for row in table:
+        key = _row_key(row, style)
+        if key not in state_dict:
+            continue
+        value = row.transform(np.asarray(state_dict[key]))
+        if value.shape != expected[row.flax]:
+            misshaped.append(f"{key} {tuple(np.shape(state_dict[key]))}")
+            continue
+        node = params
+        for part in row.flax[:-1]:
+            node = node.setdefault(part, {})
+        node[row.flax[-1]] = value
+    if missing or unexpected or misshaped:
+        problems = [
+            _listing(kind, items)
+            for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+            if items
+        ]
+        raise CheckpointError(f"checkpoint does not match the {config.name} model: " + "; ".join(problems))
+    return params
+
+
+def to_official(params: Mapping[str, Any], config: SamConfig) -> dict[str, np.ndarray]:
+    """Flax params -> a state dict with the official key names and layouts."""
+    out = {}
+    for row in key_table(config):
+        node: Any = params
+        for part in row.flax:
+            node = node[part]
+        out[row.official] = row.inverse(np.asarray(node))
+    return out
+
+
+def resolve_config(state_dict: Mapping[str, np.ndarray], model_type: str | SamConfig) -> SamConfig:
+    """`model_type` may be "auto", a registry name, or a config."""
+    if isinstance(model_type, SamConfig):
+        return model_type
+    return get_config(infer_model_type(state_dict) if model_type == "auto" else model_type)

@@ -1,0 +1,42 @@
+"""`sam_model_registry`: the official entry point, returning a `SamModel`.
+
+    from sam_jax import sam_model_registry
+    sam = sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")
+
+`checkpoint` may be an official `.pth`, a Hugging Face or exported `.safetensors`,
+or a sam-jax checkpoint directory; `None` gives random weights (as officially).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+
+from sam_jax.config import get_config
+from sam_jax.model import SamModel, init_params
+
+
+def _build(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: str | None = None, seed: int = 0) -> SamModel:
+    if checkpoint is None:
+        config = get_config(name)
+        model = SamModel(config, init_params(config, jax.random.key(seed)))
+    else:
+        from sam_jax.checkpoint import load_model
+
+        model = load_model(checkpoint, model_type=name)
+    return model.with_dtype(dtype) if dtype else model
+
+
+build_sam_vit_h = functools.partial(_build, "vit_h")
+build_sam_vit_l = functools.partial(_build, "vit_l")
+build_sam_vit_b = functools.partial(_build, "vit_b")
+build_sam = build_sam_vit_h
+
+sam_model_registry = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+}

@@ -1,0 +1,129 @@
+"""Reading and writing model checkpoints.
+
+Three forms load (`load_model`):
+- a sam-jax checkpoint directory (orbax): items `params` (float32 arrays) and `config` (JSON);
+- an official PyTorch `.pth` (read without torch or pickle code execution);
+- a `.safetensors` file with official or Hugging Face (`facebook/sam-vit-*`) key names.
+`save_params` writes the first form; `export_safetensors` writes official key names
+that `segment_anything`'s `Sam.load_state_dict` accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sam_jax.config import SamConfig
+from sam_jax.convert.errors import CheckpointError
+from sam_jax.model import Params, SamModel
+
+PARAMS_ITEM = "params"
+CONFIG_ITEM = "config"
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def save_params(directory: str | os.PathLike, params: Params, config: SamConfig) -> Path:
+    """Write params and config as an orbax checkpoint directory (atomically: orbax writes to a
+    temporary directory and renames it). Refuses to overwrite an existing path."""
+    path = Path(directory).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose a new output path")
+    ocp, ckptr = _checkpointer()
+    ckptr.save(
+        path,
+        args=ocp.args.Composite(
+            **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(config.to_dict())}
+        ),
+    )
+    return path
+
+
+def load_params(directory: str | os.PathLike) -> tuple[SamConfig, Params]:
+    """Read a checkpoint directory written by `save_params` -> (config, params as numpy arrays)."""
+    path = Path(directory).absolute()
+    if not (path / PARAMS_ITEM).is_dir() or not (path / CONFIG_ITEM).is_dir():
+        raise CheckpointError(f"{path} is not a sam-jax checkpoint directory (no '{PARAMS_ITEM}' and '{CONFIG_ITEM}' items)")
+    ocp, ckptr = _checkpointer()
+    config = SamConfig.from_dict(ckptr.restore(path, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM])
+    from sam_jax.model import abstract_params
+
+    target = abstract_params(config)
+    restored = ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
+    return config, restored[PARAMS_ITEM]
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A flat state dict from an official `.pth` or a `.safetensors` file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    from sam_jax.convert.torch_pickle import load_torch_checkpoint
+
+    return load_torch_checkpoint(path)
+
+
+def load_model(checkpoint: str | os.PathLike, model_type: str | SamConfig = "auto", dtype: str | None = None) -> SamModel:
+    """Load any supported checkpoint as a `SamModel`.
+
+    model_type: "auto" (from the checkpoint), a registry name, or a config; a checkpoint
+    of another variant is refused. dtype: the compute dtype (params stay float32).
+    """
+    from sam_jax.convert.state_dict import resolve_config, to_flax
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        config, params = load_params(path)
+        wanted = model_type.name if isinstance(model_type, SamConfig) else model_type
+        if wanted not in ("auto", config.name):
+            raise CheckpointError(f"{path} holds a {config.name} model, not {wanted}")
+    else:
+        state_dict = load_state_dict(path)
+        config = resolve_config(state_dict, model_type)
+        params = to_flax(state_dict, config)
+        params = _as_float32(params)
+    model = SamModel(config, params)
+    return model.with_dtype(dtype) if dtype else model
+
+
+def _as_float32(params: Any) -> Any:
+    """Params are float32 by convention: a half-precision checkpoint is widened (losslessly);
+    float32 checkpoints are untouched. The compute dtype is chosen separately."""
+    import jax
+
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+
+
+def export_safetensors(params: Params, config: SamConfig, path: str | os.PathLike) -> Path:
+    """Write params with the official key names and layouts (loadable by `Sam.load_state_dict`)."""
+    from safetensors.numpy import save_file
+
+    from sam_jax.convert.state_dict import to_official
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in to_official(params, config).items()}, str(tmp))
+    os.replace(tmp, path)  # a crash mid-write never leaves a partial file under the final name
+    return path
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_type: str | SamConfig = "auto") -> SamConfig:
+    """An official `.pth` or a `.safetensors` -> a sam-jax checkpoint directory. Returns the config."""
+    model = load_model(src, model_type)
+    save_params(dst, model.params, model.config)
+    return model.config

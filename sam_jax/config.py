@@ -1,0 +1,154 @@
+"""Model configurations: frozen dataclasses, one registry of named variants.
+
+The official hyperparameters come from `segment_anything/build_sam.py`. `tiny`
+is a small model with the same structure (windowed + global attention, a
+non-trivial window padding) for the tests.
+
+Parameters are always float32; `dtype` is the compute dtype only, so a float32
+checkpoint runs in bfloat16 with `dataclasses.replace(config, dtype="bfloat16")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoderConfig:
+    """`ImageEncoderViT` hyperparameters (its output width is `SamConfig.prompt_embed_dim`)."""
+
+    img_size: int = 1024
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    use_abs_pos: bool = True
+    use_rel_pos: bool = True
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the patch grid (64 for the official 1024 / 16)."""
+        return self.img_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptEncoderConfig:
+    mask_in_chans: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskDecoderConfig:
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    transformer_depth: int = 2
+    transformer_mlp_dim: int = 2048
+    transformer_num_heads: int = 8
+    attention_downsample_rate: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SamConfig:
+    """The whole model. `dtype` is the compute dtype (params stay float32)."""
+
+    name: str = "vit_b"
+    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
+    prompt_encoder: PromptEncoderConfig = PromptEncoderConfig()
+    mask_decoder: MaskDecoderConfig = MaskDecoderConfig()
+    prompt_embed_dim: int = 256
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    mask_threshold: float = 0.0
+    dtype: str = "float32"
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square, padded model input (1024 for the official models)."""
+        return self.image_encoder.img_size
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding grid (64 for the official models)."""
+        return self.image_encoder.grid_size
+
+    @property
+    def low_res_mask_size(self) -> int:
+        """Side of the decoder's mask logits and of a mask prompt (256 officially)."""
+        return 4 * self.embedding_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamConfig":
+        d = dict(d)
+        enc = dict(d.pop("image_encoder"))
+        enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
+        return cls(
+            image_encoder=ImageEncoderConfig(**enc),
+            prompt_encoder=PromptEncoderConfig(**d.pop("prompt_encoder")),
+            mask_decoder=MaskDecoderConfig(**d.pop("mask_decoder")),
+            pixel_mean=tuple(d.pop("pixel_mean")),
+            pixel_std=tuple(d.pop("pixel_std")),
+            **d,
+        )
+
+
+def vit_b() -> SamConfig:
+    return SamConfig(name="vit_b")
+
+
+def vit_l() -> SamConfig:
+    return SamConfig(
+        name="vit_l",
+        image_encoder=ImageEncoderConfig(
+            embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)
+        ),
+    )
+
+
+def vit_h() -> SamConfig:
+    return SamConfig(
+        name="vit_h",
+        image_encoder=ImageEncoderConfig(
+            embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)
+        ),
+    )
+
+
+def tiny() -> SamConfig:
+    """A small SAM for tests: 256 px input, 16x16 grid, windows of 6 (padded to 18)."""
+    return SamConfig(
+        name="tiny",
+        image_encoder=ImageEncoderConfig(
+            img_size=256,
+            embed_dim=64,
+            depth=4,
+            num_heads=4,
+            window_size=6,
+            global_attn_indexes=(1, 3),
+        ),
+        prompt_encoder=PromptEncoderConfig(mask_in_chans=16),
+        mask_decoder=MaskDecoderConfig(
+            iou_head_hidden_dim=32,
+            transformer_mlp_dim=64,
+            transformer_num_heads=4,
+        ),
+        prompt_embed_dim=32,
+    )
+
+
+CONFIGS = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h, "tiny": tiny}
+
+
+def get_config(name: str) -> SamConfig:
+    try:
+        return CONFIGS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model type {name!r}; expected one of {sorted(CONFIGS)}") from None

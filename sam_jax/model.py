@@ -1,0 +1,96 @@
+"""The functional core: pure `init`, `encode` and `decode`, and `SamModel`, the object holding both.
+
+    params = init_params(config, jax.random.key(0))
+    emb = encode(params, preprocess(images, config), config=config)  # (B, h, w, C)
+    masks, iou = decode(params, emb, prompts, config=config, multimask_output=True)
+
+`SamModel` binds a config and params and keeps the jitted versions; the
+predictor, the mask generator and training all call these same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from sam_jax.config import SamConfig
+from sam_jax.modeling.sam import Sam
+from sam_jax.prompts import Prompts, make_prompts
+
+Params = Any  # a nested dict of float32 arrays, the `params` collection of `Sam`
+
+
+def _dummy_inputs(config: SamConfig) -> tuple[jax.Array, Prompts]:
+    s = config.image_size
+    images = jnp.zeros((1, s, s, 3), jnp.float32)
+    prompts = make_prompts(
+        batch_size=1,
+        mask_size=config.low_res_mask_size,
+        point_coords=np.zeros((1, 1, 2)),
+        point_labels=np.ones((1, 1)),
+    )
+    return images, jax.tree.map(jnp.asarray, prompts)
+
+
+def init_params(config: SamConfig, rng: jax.Array, *, boxed: bool = False) -> Params:
+    """Random params for `config`; `boxed=True` keeps the logical-axis metadata (for sharding)."""
+    images, prompts = _dummy_inputs(config)
+    variables = Sam(config).init(rng, images, prompts)
+    return variables["params"] if boxed else nn.unbox(variables["params"])
+
+
+def abstract_params(config: SamConfig, *, boxed: bool = False) -> Params:
+    """The params' shapes and dtypes (`jax.ShapeDtypeStruct`s), computed without allocating them."""
+    return jax.eval_shape(functools.partial(init_params, config, boxed=boxed), jax.random.key(0))
+
+
+def encode(params: Params, images: jax.Array, *, config: SamConfig) -> jax.Array:
+    """images (B, S, S, 3) normalized and padded (`transforms.preprocess`) -> (B, h, w, C) float32."""
+    return Sam(config).apply({"params": params}, images, method=Sam.encode)
+
+
+def decode(
+    params: Params, embeddings: jax.Array, prompts: Prompts, *, config: SamConfig, multimask_output: bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """embeddings (B, h, w, C), prompts of batch B -> low-res mask logits (B, M, 4h, 4w), IoU (B, M).
+
+    M is 3 with `multimask_output` (masks 1..3), else 1 (mask 0), as officially.
+    """
+    return Sam(config).apply({"params": params}, embeddings, prompts, multimask_output, method=Sam.decode)
+
+
+@dataclasses.dataclass
+class SamModel:
+    """A config with its params and the jitted `encode` / `decode` bound to them.
+
+    What `sam_model_registry[...]` returns and what the predictor takes. Change the
+    compute dtype with `model.with_dtype("bfloat16")` (params are unchanged).
+    """
+
+    config: SamConfig
+    params: Params
+
+    def __post_init__(self) -> None:
+        self._encode = jax.jit(functools.partial(encode, config=self.config))
+        self._decode = jax.jit(functools.partial(decode, config=self.config), static_argnames="multimask_output")
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """images (B, S, S, 3) normalized and padded -> embeddings (B, h, w, C)."""
+        return self._encode(self.params, images)
+
+    def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+        """embeddings (B, h, w, C), prompts of batch B -> mask logits (B, M, 4h, 4w), IoU (B, M)."""
+        return self._decode(self.params, embeddings, prompts, multimask_output=multimask_output)
+
+    def with_dtype(self, dtype: str) -> "SamModel":
+        return SamModel(dataclasses.replace(self.config, dtype=str(jnp.dtype(dtype))), self.params)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size

@@ -1,0 +1,195 @@
+"""The ViT image encoder (official `modeling/image_encoder.py`), channels-last.
+
+images (B, S, S, 3) normalized and padded, S = img_size -> embeddings (B, S/16, S/16, C),
+C = prompt_embed_dim (256). Blocks use windowed attention (window 14, the 64x64
+grid zero-padded to 70x70 after `norm1`, padded tokens not masked) except the
+`global_attn_indexes`, which attend over the whole grid. Every attention adds
+decomposed relative positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from sam_jax.config import ImageEncoderConfig
+from sam_jax.modeling.common import LayerNorm, MLPBlock, accum_dtype, conv, dense
+
+
+def resize_linear(x: jax.Array, out_size: int) -> jax.Array:
+    """(L, C) -> (out_size, C) along axis 0: `F.interpolate(mode="linear", align_corners=False)`.
+
+    The source indices and weights are computed in float32 on the host, as
+    PyTorch's CPU kernel computes them, then applied as x[i0] * w0 + x[i1] * w1.
+    """
+    in_size = x.shape[0]
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    src = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0.0))
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = np.clip(src - i0.astype(f32), f32(0.0), f32(1.0))
+    w0 = f32(1.0) - w1
+    return x[i0] * w0[:, None] + x[i1] * w1[:, None]
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+    """Relative position embeddings for every (query, key) pair along one axis.
+
+    rel_pos (L, C) -> (q_size, k_size, C). When L != 2 * max(q, k) - 1 the table
+    is resized linearly first (only then; as the official code does).
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        rel_pos = resize_linear(rel_pos, max_rel_dist)
+    q_coords = np.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = np.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.astype(np.int64)]
+
+
+def window_partition(x: jax.Array, window_size: int) -> tuple[jax.Array, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nH * nW, ws, ws, C), zero-padding H and W up to multiples of ws.
+
+    Returns the windows and the padded size (Hp, Wp).
+    """
+    b, h, w, c = x.shape
+    pad_h = (window_size - h % window_size) % window_size
+    pad_w = (window_size - w % window_size) % window_size
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.reshape(b, hp // window_size, window_size, wp // window_size, window_size, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c), (hp, wp)
+
+
+def window_unpartition(windows: jax.Array, window_size: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> jax.Array:
+    """Inverse of `window_partition`: (B * nH * nW, ws, ws, C) -> (B, H, W, C), padding dropped."""
+    hp, wp = pad_hw
+    h, w = hw
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((hp // window_size) * (wp // window_size))
+    x = windows.reshape(b, hp // window_size, wp // window_size, window_size, window_size, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+    return x[:, :h, :w, :]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with decomposed relative positions over an (H, W) grid."""
+
+    num_heads: int
+    qkv_bias: bool = True
+    use_rel_pos: bool = True
+    input_size: tuple[int, int] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, D) -> (B, H, W, D)."""
+        b, h, w, dim = x.shape
+        nh = self.num_heads
+        hd = dim // nh
+        qkv = dense(3 * dim, ("embed", "qkv"), use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+        qkv = qkv.reshape(b, h * w, 3, nh, hd)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, HW, nh, hd)
+        attn = jnp.einsum("bqnc,bknc->bnqk", q * (hd**-0.5), k, preferred_element_type=accum_dtype(self.dtype))
+        if self.use_rel_pos:
+            assert self.input_size is not None, "input_size is required with use_rel_pos"
+            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None))
+            rel_pos_h = self.param("rel_pos_h", init, (2 * self.input_size[0] - 1, hd), jnp.float32)
+            rel_pos_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, hd), jnp.float32)
+            rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)  # (H, H, hd)
+            rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # (W, W, hd)
+            r_q = q.reshape(b, h, w, nh, hd)
+            rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, rh, preferred_element_type=accum_dtype(self.dtype))
+            rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, rw, preferred_element_type=accum_dtype(self.dtype))
+            attn = attn.reshape(b, nh, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
+            attn = attn.reshape(b, nh, h * w, h * w)
+        attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bnqk,bknc->bqnc", attn, v).reshape(b, h, w, dim)
+        return dense(dim, ("qkv", "embed"), dtype=self.dtype, name="proj")(out)
+
+
+class Block(nn.Module):
+    """Transformer block with windowed (window_size > 0) or global attention."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    use_rel_pos: bool = True
+    window_size: int = 0
+    input_size: tuple[int, int] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, D) -> (B, H, W, D)."""
+        shortcut = x
+        x = LayerNorm(1e-6, name="norm1")(x)
+        h, w = x.shape[1], x.shape[2]
+        if self.window_size > 0:
+            x, pad_hw = window_partition(x, self.window_size)
+        x = Attention(
+            self.num_heads,
+            qkv_bias=self.qkv_bias,
+            use_rel_pos=self.use_rel_pos,
+            input_size=self.input_size if self.window_size == 0 else (self.window_size, self.window_size),
+            dtype=self.dtype,
+            name="attn",
+        )(x)
+        if self.window_size > 0:
+            x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+        x = shortcut + x
+        mlp = MLPBlock(int(x.shape[-1] * self.mlp_ratio), act="gelu", dtype=self.dtype, name="mlp")
+        return x + mlp(LayerNorm(1e-6, name="norm2")(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection: (B, S, S, 3) -> (B, S/p, S/p, D)."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return conv(
+            self.embed_dim, self.patch_size, stride=self.patch_size, dtype=self.dtype,
+            axes=(None, None, None, "embed"), name="proj",
+        )(x)
+
+
+class ImageEncoderViT(nn.Module):
+    """images (B, S, S, 3) -> image embeddings (B, S/16, S/16, out_chans)."""
+
+    config: ImageEncoderConfig
+    out_chans: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        g = cfg.grid_size
+        x = PatchEmbed(cfg.patch_size, cfg.embed_dim, dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
+        if cfg.use_abs_pos:
+            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, None, "embed"))
+            pos_embed = self.param("pos_embed", init, (1, g, g, cfg.embed_dim), jnp.float32)
+            x = x + pos_embed.astype(self.dtype)
+        for i in range(cfg.depth):
+            x = Block(
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                use_rel_pos=cfg.use_rel_pos,
+                window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
+                input_size=(g, g),
+                dtype=self.dtype,
+                name=f"blocks_{i}",
+            )(x)
+        x = conv(self.out_chans, 1, use_bias=False, dtype=self.dtype, name="neck_0")(x)
+        x = LayerNorm(1e-6, name="neck_1")(x)
+        x = conv(self.out_chans, 3, padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
+        return LayerNorm(1e-6, name="neck_3")(x)

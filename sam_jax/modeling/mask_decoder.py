@@ -1,0 +1,85 @@
+"""The mask decoder (official `modeling/mask_decoder.py`).
+
+An IoU token and `num_multimask_outputs + 1` mask tokens are prepended to the
+prompt tokens; the two-way transformer runs over them and the image; the image
+is upscaled 4x and each mask token's hypernetwork MLP gives the weights of one
+output mask. Masks (B, M, 4h, 4w) and IoU predictions (B, M), M = 1 + multimask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sam_jax.config import MaskDecoderConfig
+from sam_jax.modeling.common import MLP, LayerNorm, accum_dtype, conv_transpose_2x2, embedding, gelu
+from sam_jax.modeling.transformer import TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    config: MaskDecoderConfig
+    transformer_dim: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse_prompt_embeddings: jax.Array,
+        dense_prompt_embeddings: jax.Array,
+        token_mask: jax.Array,
+        multimask_output: bool,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Predict masks.
+
+        image_embeddings (B, h, w, C); image_pe (1, h, w, C); sparse (B, N, C) with
+        token_mask (B, N); dense (B, h, w, C). Returns masks (B, M, 4h, 4w) logits and
+        IoU predictions (B, M): M = num_multimask_outputs masks 1.. if multimask_output,
+        else the single mask 0.
+        """
+        cfg = self.config
+        c = self.transformer_dim
+        num_mask_tokens = cfg.num_multimask_outputs + 1
+        iou_token = embedding(1, c, name="iou_token").embedding
+        mask_tokens = embedding(num_mask_tokens, c, name="mask_tokens").embedding
+        b = sparse_prompt_embeddings.shape[0]
+        output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens])[None], (b, 1 + num_mask_tokens, c))
+        tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(output_tokens.dtype)], axis=1)
+        mask = jnp.concatenate([jnp.ones((b, 1 + num_mask_tokens), bool), token_mask], axis=1)
+
+        src = (image_embeddings + dense_prompt_embeddings).astype(self.dtype)
+        hs, src = TwoWayTransformer(
+            cfg.transformer_depth,
+            cfg.transformer_num_heads,
+            cfg.transformer_mlp_dim,
+            cfg.attention_downsample_rate,
+            dtype=self.dtype,
+            name="transformer",
+        )(src, image_pe.astype(self.dtype), tokens.astype(self.dtype), mask)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + num_mask_tokens, :]
+
+        h, w = image_embeddings.shape[1:3]
+        x = src.reshape(b, h, w, c)
+        x = conv_transpose_2x2(c // 4, dtype=self.dtype, name="output_upscaling_0")(x)
+        x = gelu(LayerNorm(1e-6, name="output_upscaling_1")(x))
+        x = gelu(conv_transpose_2x2(c // 8, dtype=self.dtype, name="output_upscaling_3")(x))  # (B, 4h, 4w, c/8)
+
+        hyper_in = jnp.stack(
+            [
+                MLP((c, c, c // 8), dtype=self.dtype, name=f"output_hypernetworks_mlps_{i}")(mask_tokens_out[:, i, :])
+                for i in range(num_mask_tokens)
+            ],
+            axis=1,
+        )  # (B, num_mask_tokens, c/8)
+        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x, preferred_element_type=accum_dtype(self.dtype))
+        hidden = (cfg.iou_head_hidden_dim,) * (cfg.iou_head_depth - 1)
+        iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
+        iou_pred = iou_pred.astype(accum_dtype(self.dtype))
+
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sl], iou_pred[:, sl]

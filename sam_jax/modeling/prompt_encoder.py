@@ -1,0 +1,135 @@
+"""The prompt encoder (official `modeling/prompt_encoder.py`) on fixed-shape prompts.
+
+Points and box corners arrive as one padded array (see `sam_jax.prompts`):
+labels 1 / 0 are foreground / background points, 2 / 3 a box's top-left /
+bottom-right corner, -1 padding. As in the official encoder, a prompt with
+points but no box carries exactly one "not a point" token; the first -1 of
+such a row becomes that token and every other -1 is masked out of attention
+(`token_mask`), so any padding length gives the official result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from sam_jax.modeling.common import LayerNorm, conv, embedding, gelu
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Positional encoding with random spatial frequencies (a stored, loaded buffer)."""
+
+    num_pos_feats: int = 64
+
+    def setup(self) -> None:
+        init = nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, None))
+        self.positional_encoding_gaussian_matrix = self.param(
+            "positional_encoding_gaussian_matrix", init, (2, self.num_pos_feats), jnp.float32
+        )
+
+    def _pe_encoding(self, coords: jax.Array) -> jax.Array:
+        """Coordinates in [0, 1] (..., 2) as (x, y) -> (..., 2 * num_pos_feats)."""
+        coords = 2 * coords - 1
+        coords = coords @ self.positional_encoding_gaussian_matrix
+        coords = 2 * np.pi * coords
+        return jnp.concatenate([jnp.sin(coords), jnp.cos(coords)], axis=-1)
+
+    def __call__(self, size: tuple[int, int]) -> jax.Array:
+        """Dense positional encoding of an (h, w) grid -> (h, w, C)."""
+        h, w = size
+        dtype = self.positional_encoding_gaussian_matrix.dtype
+        y = (jnp.arange(h, dtype=dtype) + 0.5) / h
+        x = (jnp.arange(w, dtype=dtype) + 0.5) / w
+        grid = jnp.stack(jnp.broadcast_arrays(x[None, :], y[:, None]), axis=-1)
+        return self._pe_encoding(grid)
+
+    def forward_with_coords(self, coords: jax.Array, image_size: tuple[int, int]) -> jax.Array:
+        """Pixel coordinates (..., 2) as (x, y) in an image of (H, W) -> (..., C)."""
+        coords = coords / jnp.array([image_size[1], image_size[0]], coords.dtype)
+        return self._pe_encoding(coords)
+
+
+def token_mask(labels: jax.Array) -> jax.Array:
+    """Which sparse tokens exist in the official model: (B, N) int labels -> (B, N) bool.
+
+    Points (0, 1) and box corners (2, 3) always; the first -1 of a row that has
+    points and no box (the official padding point); no other -1.
+    """
+    is_pad = labels == -1
+    first_pad = is_pad & (jnp.cumsum(is_pad, axis=-1) == 1)
+    has_point = jnp.any((labels == 0) | (labels == 1), axis=-1, keepdims=True)
+    has_box = jnp.any(labels >= 2, axis=-1, keepdims=True)
+    return (labels >= 0) | (first_pad & has_point & ~has_box)
+
+
+class PromptEncoder(nn.Module):
+    """Encodes points, boxes and masks for the mask decoder.
+
+    embed_dim: prompt width C. image_embedding_size: (h, w) of the image embedding.
+    input_image_size: the padded model input (H, W). mask_in_chans: hidden width
+    of the mask downscaling CNN.
+    """
+
+    embed_dim: int
+    image_embedding_size: tuple[int, int]
+    input_image_size: tuple[int, int]
+    mask_in_chans: int
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2)
+        self.point_embeddings_0 = embedding(1, self.embed_dim)  # background point
+        self.point_embeddings_1 = embedding(1, self.embed_dim)  # foreground point
+        self.point_embeddings_2 = embedding(1, self.embed_dim)  # box top-left
+        self.point_embeddings_3 = embedding(1, self.embed_dim)  # box bottom-right
+        self.not_a_point_embed = embedding(1, self.embed_dim)
+        self.no_mask_embed = embedding(1, self.embed_dim)
+        c = self.mask_in_chans
+        self.mask_downscaling_0 = conv(c // 4, 2, stride=2, dtype=self.dtype)
+        self.mask_downscaling_1 = LayerNorm(1e-6)
+        self.mask_downscaling_3 = conv(c, 2, stride=2, dtype=self.dtype)
+        self.mask_downscaling_4 = LayerNorm(1e-6)
+        self.mask_downscaling_6 = conv(self.embed_dim, 1, dtype=self.dtype)
+
+    def get_dense_pe(self) -> jax.Array:
+        """Positional encoding of the image embedding grid: (h, w, C)."""
+        return self.pe_layer(self.image_embedding_size)
+
+    def embed_points(self, points: jax.Array, labels: jax.Array) -> jax.Array:
+        """points (B, N, 2) in input-image pixels (x, y), labels (B, N) -> (B, N, C)."""
+        pe = self.pe_layer.forward_with_coords(points + 0.5, self.input_image_size)
+        table = jnp.concatenate(
+            [
+                self.not_a_point_embed.embedding,
+                self.point_embeddings_0.embedding,
+                self.point_embeddings_1.embedding,
+                self.point_embeddings_2.embedding,
+                self.point_embeddings_3.embedding,
+            ]
+        )  # row = label + 1
+        pe = jnp.where((labels == -1)[..., None], 0.0, pe)
+        return pe + table[jnp.clip(labels + 1, 0, 4)]
+
+    def embed_masks(self, masks: jax.Array) -> jax.Array:
+        """masks (B, 4h, 4w) logits -> (B, h, w, C)."""
+        x = masks[..., None].astype(self.dtype)
+        x = gelu(self.mask_downscaling_1(self.mask_downscaling_0(x)))
+        x = gelu(self.mask_downscaling_4(self.mask_downscaling_3(x)))
+        return self.mask_downscaling_6(x)
+
+    def __call__(
+        self, points: jax.Array, labels: jax.Array, mask_input: jax.Array, has_mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Embed one fixed-shape prompt batch.
+
+        points (B, N, 2), labels (B, N), mask_input (B, 4h, 4w), has_mask (B,) ->
+        sparse (B, N, C), dense (B, h, w, C), and the token mask (B, N) bool.
+        """
+        sparse = self.embed_points(points, labels)
+        no_mask = self.no_mask_embed.embedding.reshape(1, 1, 1, -1)
+        dense = jnp.where(has_mask[:, None, None, None], self.embed_masks(mask_input), no_mask)
+        return sparse, dense, token_mask(labels)

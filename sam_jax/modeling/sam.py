@@ -1,0 +1,53 @@
+"""`Sam`: image encoder + prompt encoder + mask decoder (official `modeling/sam.py`).
+
+The Flax module has two entry points, used through `Sam.apply(..., method=...)`:
+  encode(images (B, S, S, 3) normalized and padded) -> embeddings (B, h, w, C)
+  decode(embeddings (B, h, w, C), prompts with batch B) -> masks (B, M, 4h, 4w), iou (B, M)
+Pre- and post-processing (normalize, pad, upsample) are plain functions in
+`sam_jax.transforms`; the jitted functional core is `sam_jax.model`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sam_jax.config import SamConfig
+from sam_jax.modeling.common import accum_dtype
+from sam_jax.modeling.image_encoder import ImageEncoderViT
+from sam_jax.modeling.mask_decoder import MaskDecoder
+from sam_jax.modeling.prompt_encoder import PromptEncoder
+from sam_jax.prompts import Prompts
+
+
+class Sam(nn.Module):
+    config: SamConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        e = cfg.embedding_size
+        self.image_encoder = ImageEncoderViT(cfg.image_encoder, out_chans=cfg.prompt_embed_dim, dtype=dtype)
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(e, e),
+            input_image_size=(cfg.image_size, cfg.image_size),
+            mask_in_chans=cfg.prompt_encoder.mask_in_chans,
+            dtype=dtype,
+        )
+        self.mask_decoder = MaskDecoder(cfg.mask_decoder, transformer_dim=cfg.prompt_embed_dim, dtype=dtype)
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """images (B, S, S, 3), normalized and padded -> embeddings (B, h, w, C) float32."""
+        return self.image_encoder(images).astype(accum_dtype(self.image_encoder.dtype))
+
+    def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+        """embeddings (B, h, w, C) and a prompt batch of size B -> masks (B, M, 4h, 4w), iou (B, M)."""
+        sparse, dense, mask = self.prompt_encoder(prompts.points, prompts.labels, prompts.mask_input, prompts.has_mask)
+        image_pe = self.prompt_encoder.get_dense_pe()[None]
+        return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output)
+
+    def __call__(self, images: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+        """Encode then decode one prompt per image (used to initialize every parameter)."""
+        return self.decode(self.encode(images), prompts, multimask_output)

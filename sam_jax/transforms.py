@@ -1,0 +1,73 @@
+"""Pre- and post-processing, as the official `Sam` and `ResizeLongestSide` do them.
+
+- `ResizeLongestSide`: the longest side to `target_length` (1024) with `int(x + 0.5)`
+  rounding; images resized with PIL bilinear (what torchvision does on a PIL image),
+  coordinates and boxes rescaled.
+- `preprocess`: (x - pixel_mean) / pixel_std, then zero-pad bottom/right to a square.
+- `postprocess_masks`: bilinear (align_corners=False, no antialias) to the padded
+  input size, crop to the resized image, bilinear to the original size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from sam_jax.config import SamConfig
+
+
+def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+    """The (h, w) of an (oldh, oldw) image resized so its longest side is `long_side_length`."""
+    scale = long_side_length * 1.0 / max(oldh, oldw)
+    newh, neww = oldh * scale, oldw * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+class ResizeLongestSide:
+    def __init__(self, target_length: int) -> None:
+        self.target_length = target_length
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (h, w, 3) uint8."""
+        h, w = get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 2) (x, y) in the original image -> the resized image's frame (float32)."""
+        old_h, old_w = original_size
+        new_h, new_w = get_preprocess_shape(old_h, old_w, self.target_length)
+        coords = np.array(coords, dtype=np.float64, copy=True)
+        coords[..., 0] = coords[..., 0] * (new_w / old_w)
+        coords[..., 1] = coords[..., 1] * (new_h / old_h)
+        return coords.astype(np.float32)
+
+    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(..., 4) x0, y0, x1, y1 -> the resized image's frame."""
+        boxes = self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size)
+        return boxes.reshape(-1, 4)
+
+
+def preprocess(images: jax.Array, config: SamConfig) -> jax.Array:
+    """(B, h, w, 3) resized RGB in [0, 255] -> (B, S, S, 3) normalized and zero-padded."""
+    mean = jnp.asarray(config.pixel_mean, jnp.float32)
+    std = jnp.asarray(config.pixel_std, jnp.float32)
+    x = (images.astype(jnp.float32) - mean) / std
+    h, w = x.shape[1:3]
+    s = config.image_size
+    return jnp.pad(x, ((0, 0), (0, s - h), (0, s - w), (0, 0)))
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(..., H, W) -> (..., h, w): `F.interpolate(mode="bilinear", align_corners=False)`."""
+    return jax.image.resize(x, (*x.shape[:-2], *size), method="linear", antialias=False)
+
+
+def postprocess_masks(
+    masks: jax.Array, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int
+) -> jax.Array:
+    """Low-res mask logits (..., s, s) -> logits at the original image size (..., H, W)."""
+    masks = resize_bilinear(masks, (image_size, image_size))
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return resize_bilinear(masks, original_size)

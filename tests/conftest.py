@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny config, a randomized official model, its converted params, a photo.
+
+In CI (CI=true) a skipped test fails the run: the parity tests must run there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from sam_jax.config import tiny
+
+    return tiny()
+
+
+@pytest.fixture(scope="session")
+def official_tiny(tiny_config):
+    from tests.official import build_official, randomize_
+
+    return randomize_(build_official(tiny_config), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_params(official_tiny, tiny_config):
+    from sam_jax.convert.state_dict import to_flax
+    from tests.official import state_dict_numpy
+
+    return to_flax(state_dict_numpy(official_tiny), tiny_config)
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real, non-square photo: scikit-image's cat (300 x 451 x 3 uint8)."""
+    from skimage import data
+
+    return data.chelsea()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if os.environ.get("CI") and skipped:
+        terminalreporter.write_line(f"FAILED: {len(skipped)} test(s) skipped under CI; the reference tests must run.", red=True)
+        terminalreporter._session.exitstatus = 1  # noqa: SLF001

@@ -1,0 +1,120 @@
+"""The official PyTorch SAM (PyPI `segment-anything==1.0`) as the reference for parity tests.
+
+`segment_anything/__init__.py` imports the predictor and the mask generator, which
+import torchvision; PyPI's torchvision does not import beside the CPU torch wheel
+used here ("operator torchvision::nms does not exist"). The model itself
+(`segment_anything.modeling`) needs only torch, so we register a bare
+`segment_anything` package (its real directory, without running its `__init__`)
+and import `segment_anything.modeling` from it: the official model code runs
+unchanged. If torch or segment-anything is missing these imports fail, and so do
+the tests: the reference is never skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from functools import partial
+
+import numpy as np
+import torch
+
+
+def _import_official_modeling() -> types.ModuleType:
+    if "segment_anything.modeling" in sys.modules:
+        return sys.modules["segment_anything.modeling"]
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the reference package segment-anything==1.0 is not installed (pip install -e '.[test]')")
+    if "segment_anything" not in sys.modules:
+        pkg = types.ModuleType("segment_anything")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__file__ = spec.origin
+        sys.modules["segment_anything"] = pkg
+    import segment_anything.modeling as modeling
+
+    return modeling
+
+
+modeling = _import_official_modeling()
+
+
+def build_official(config) -> "modeling.Sam":
+    """The official `Sam` built with a sam-jax config's hyperparameters (as `build_sam._build_sam`)."""
+    enc, dec = config.image_encoder, config.mask_decoder
+    e = config.embedding_size
+    sam = modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
+            depth=enc.depth,
+            embed_dim=enc.embed_dim,
+            img_size=enc.img_size,
+            mlp_ratio=enc.mlp_ratio,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=enc.num_heads,
+            patch_size=enc.patch_size,
+            qkv_bias=enc.qkv_bias,
+            use_abs_pos=enc.use_abs_pos,
+            use_rel_pos=enc.use_rel_pos,
+            global_attn_indexes=list(enc.global_attn_indexes),
+            window_size=enc.window_size,
+            out_chans=config.prompt_embed_dim,
+        ),
+        prompt_encoder=modeling.PromptEncoder(
+            embed_dim=config.prompt_embed_dim,
+            image_embedding_size=(e, e),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=config.prompt_encoder.mask_in_chans,
+        ),
+        mask_decoder=modeling.MaskDecoder(
+            num_multimask_outputs=dec.num_multimask_outputs,
+            transformer=modeling.TwoWayTransformer(
+                depth=dec.transformer_depth,
+                embedding_dim=config.prompt_embed_dim,
+                mlp_dim=dec.transformer_mlp_dim,
+                num_heads=dec.transformer_num_heads,
+                attention_downsample_rate=dec.attention_downsample_rate,
+            ),
+            transformer_dim=config.prompt_embed_dim,
+            iou_head_depth=dec.iou_head_depth,
+            iou_head_hidden_dim=dec.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(config.pixel_mean),
+        pixel_std=list(config.pixel_std),
+    )
+    return sam.eval()
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter and persistent buffer a random value, in place.
+
+    The official init leaves `pos_embed` and `rel_pos_*` at zero, which would hide
+    bugs there; here nothing stays at its init. Norm scales stay near 1 and
+    weights near PyTorch's default scale, so activations keep sane magnitudes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    tables = {f"{n}.weight" for n, m in module.named_modules() if isinstance(m, torch.nn.Embedding)}
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=g, dtype=t.dtype)
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("positional_encoding_gaussian_matrix"):
+                t.copy_(noise)
+            elif leaf == "bias" or "rel_pos" in leaf or leaf == "pos_embed":
+                t.copy_(0.1 * noise)
+            elif t.ndim == 1:  # norm weights
+                t.copy_(1.0 + 0.1 * noise)
+            elif name in tables:  # nn.Embedding tables
+                t.copy_(noise)
+            else:  # linear / conv weights: about PyTorch's default scale (std 0.58 / sqrt(fan_in))
+                fan_in = t[0].numel() if t.ndim > 1 else t.numel()
+                if name.startswith("mask_decoder.output_upscaling"):
+                    fan_in = t.shape[0]  # ConvTranspose2d is (in, out, kH, kW)
+                t.copy_(0.5 * noise / np.sqrt(fan_in))
+    return module
+
+
+def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
