@@ -41,7 +41,7 @@ def _dummy_inputs(config: SamConfig) -> tuple[jax.Array, Prompts]:
 def init_params(config: SamConfig, rng: jax.Array, *, boxed: bool = False) -> Params:
     """Random params for `config`; `boxed=True` keeps the logical-axis metadata (for sharding)."""
     images, prompts = _dummy_inputs(config)
-    variables = Sam(config).init(rng, images, prompts)
+    variables = jax.jit(Sam(config).init)(rng, images, prompts)  # jitted: eager init runs op by op
     return variables["params"] if boxed else nn.unbox(variables["params"])
 
 

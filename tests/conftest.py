@@ -41,8 +41,10 @@ def photo() -> np.ndarray:
     return data.chelsea()
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    skipped = terminalreporter.stats.get("skipped", [])
-    if os.environ.get("CI") and skipped:
-        terminalreporter.write_line(f"FAILED: {len(skipped)} test(s) skipped under CI; the reference tests must run.", red=True)
-        terminalreporter._session.exitstatus = 1  # noqa: SLF001
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI a skipped test is a failure: the reference (parity) tests must run there."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("CI") and skipped and exitstatus == 0:
+        print(f"\nFAILED: {len(skipped)} test(s) skipped under CI=true; the reference tests must run there.")
+        session.exitstatus = 1

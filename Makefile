@@ -1,0 +1,28 @@
+# Each target does its own set-up on a fresh clone: a virtual environment in .venv
+# with the package installed in editable mode (plus the extras the target needs).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.demo-installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e ".[demo]"
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e ".[test,demo]"
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m sam_jax.demo --out demo_out
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,110 @@
+"""The functional core and its wrappers: prompts, buckets and compilation, dtypes, checkpoints, demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sam_jax.checkpoint import load_model, load_params, save_params
+from sam_jax.config import SamConfig, get_config
+from sam_jax.model import SamModel, init_params
+from sam_jax.modeling.prompt_encoder import token_mask
+from sam_jax.prompts import bucket_size, make_prompts
+
+
+def test_token_mask_matches_official_padding_rule():
+    labels = jnp.array(
+        [
+            [1, 0, -1, -1],  # points, no box: one padding token (the first -1)
+            [2, 3, -1, -1],  # box only: no padding token
+            [1, 2, 3, -1],  # points and box: no padding token
+            [-1, -1, -1, -1],  # nothing (mask only): no tokens
+        ]
+    )
+    expected = [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
+    np.testing.assert_array_equal(token_mask(labels), np.array(expected, bool))
+
+
+def test_buckets_and_prompt_layout():
+    assert [bucket_size(n) for n in (1, 4, 5, 64, 65, 130)] == [4, 4, 8, 64, 128, 192]
+    p = make_prompts(batch_size=2, mask_size=16, point_coords=np.ones((2, 3, 2)), point_labels=np.ones((2, 3)), boxes=np.zeros((2, 4)))
+    assert p.points.shape == (2, 8, 2) and p.labels.shape == (2, 8)  # 3 points + 2 corners -> bucket 8
+    np.testing.assert_array_equal(p.labels[0], [1, 1, 1, 2, 3, -1, -1, -1])
+    assert p.mask_input.shape == (2, 16, 16) and not p.has_mask.any()
+    with pytest.raises(ValueError, match="num_points=2"):
+        make_prompts(batch_size=1, mask_size=16, point_coords=np.ones((1, 2, 2)), point_labels=np.ones((1, 2)), num_points=2)
+
+
+def test_one_compile_per_bucket(tiny_params, tiny_config):
+    """Every point count and prompt mix within a bucket reuses one compiled decoder."""
+    model = SamModel(tiny_config, tiny_params)
+    e, c = tiny_config.embedding_size, tiny_config.prompt_embed_dim
+    emb = jnp.zeros((1, e, e, c))
+    kw = dict(batch_size=1, mask_size=tiny_config.low_res_mask_size)
+    for n in (1, 2, 3):
+        model.decode(emb, make_prompts(**kw, point_coords=np.ones((1, n, 2)), point_labels=np.ones((1, n))))
+    model.decode(emb, make_prompts(**kw, boxes=np.array([[1.0, 2, 30, 40]])))
+    model.decode(emb, make_prompts(**kw, boxes=np.array([[1.0, 2, 30, 40]]), mask_input=np.zeros((1, 64, 64))))
+    assert model._decode._cache_size() == 1  # noqa: SLF001
+    model.decode(emb, make_prompts(**kw, point_coords=np.ones((1, 5, 2)), point_labels=np.ones((1, 5))))
+    assert model._decode._cache_size() == 2  # noqa: SLF001  (bucket 8)
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny_params, tiny_config, photo):
+    from sam_jax.transforms import ResizeLongestSide, preprocess
+
+    f32 = SamModel(tiny_config, tiny_params)
+    bf16 = f32.with_dtype("bfloat16")
+    assert bf16.config.dtype == "bfloat16" and all(a.dtype == np.float32 for a in jax.tree.leaves(bf16.params))
+    image = ResizeLongestSide(tiny_config.image_size).apply_image(photo)
+    x = preprocess(jnp.asarray(image)[None], tiny_config)
+    prompts = make_prompts(batch_size=1, mask_size=64, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1)))
+    outs = [m.decode(m.encode(x), prompts) for m in (f32, bf16)]
+    assert outs[1][0].dtype == jnp.float32  # logits accumulate in float32
+    a, b = np.asarray(outs[0][0]) > 0, np.asarray(outs[1][0]) > 0
+    assert (a == b).mean() > 0.95
+
+
+def test_config_round_trip():
+    for name in ("vit_b", "vit_l", "vit_h", "tiny"):
+        cfg = get_config(name)
+        assert SamConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown model type 'vit_x'"):
+        get_config("vit_x")
+
+
+def test_checkpoint_directory_round_trip(tiny_params, tiny_config, tmp_path):
+    path = save_params(tmp_path / "ckpt", tiny_params, tiny_config)
+    config, params = load_params(path)
+    assert config == tiny_config
+    jax.tree.map(np.testing.assert_array_equal, params, tiny_params)
+    with pytest.raises(FileExistsError):
+        save_params(path, tiny_params, tiny_config)  # never overwrites a written checkpoint
+    assert load_model(path, dtype="bfloat16").config == dataclasses.replace(tiny_config, dtype="bfloat16")
+
+
+def test_random_init_has_every_param(tiny_config):
+    params = init_params(tiny_config, jax.random.key(0))
+    from sam_jax.convert.keys import key_table
+
+    flat = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert flat == {row.flax for row in key_table(tiny_config)}
+
+
+def test_demo_writes_mask_and_overlay(tiny_params, tiny_config, tmp_path):
+    from PIL import Image
+
+    from sam_jax.demo import main
+
+    ckpt = save_params(tmp_path / "tiny", tiny_params, tiny_config)
+    main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--point", "200,150"])
+    mask = np.asarray(Image.open(tmp_path / "out" / "mask.png"))
+    assert mask.shape == (300, 451) and set(np.unique(mask)) <= {0, 255}
+    assert Image.open(tmp_path / "out" / "overlay.png").size == (451, 300)
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert len(result["scores"]) == 3 and result["mask_area"] == int((mask > 0).sum())
