@@ -1,11 +1,119 @@
-"""The `sam-jax` command line: parse, call the library, print. Errors are one line and exit 1."""
+"""The `sam-jax` command line: parse, call the library, print. Errors are one line and exit 1
+(argument errors: one line and exit 2)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from sam_jax.config import CONFIGS
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sam-jax" / "jax-compilation-cache"
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+    """JAX's persistent compilation cache, so a second run does not compile again."""
+    if directory == "":
+        return
+    import jax
+
+    path = Path(directory) if directory else default_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    parts = text.split(",")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        x, y = float(parts[0]), float(parts[1])
+        label = int(parts[2]) if len(parts) == 3 else 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid point {text!r}: expected X,Y or X,Y,LABEL (LABEL 1 or 0)") from None
+    if label not in (0, 1) or not (np.isfinite(x) and np.isfinite(y)):
+        raise argparse.ArgumentTypeError(f"invalid point {text!r}: finite X,Y and LABEL 1 (foreground) or 0 (background)")
+    return x, y, label
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+        if len(values) != 4:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid box {text!r}: expected X0,Y0,X1,Y1") from None
+    return values  # type: ignore[return-value]
+
+
+def read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise CliError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise CliError(f"{path}: cannot read the image ({e.__class__.__name__})") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically: a crash never leaves a half-written result under the final name."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CliError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise CliError(f"{p}: no such file or directory")
+    return paths
+
+
+def _load(args: argparse.Namespace):
+    from sam_jax.checkpoint import load_model
+
+    enable_compilation_cache(args.cache_dir)
+    return load_model(args.checkpoint, dtype=args.dtype)
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -23,9 +131,108 @@ def _export(args: argparse.Namespace) -> None:
     print(f"exported {args.input} ({model.config.name}) -> {args.output} (official key names)")
 
 
+def _segment(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from sam_jax.predictor import SamPredictor
+    from sam_jax.visualize import overlay
+
+    if not args.point and args.box is None:
+        raise CliError("give at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
+    image_path = Path(args.image)
+    image = read_image(image_path)
+    predictor = SamPredictor(_load(args))
+    predictor.set_image(image)
+    points = np.array([p[:2] for p in args.point], np.float32) if args.point else None
+    labels = np.array([p[2] for p in args.point], np.int32) if args.point else None
+    box = np.array(args.box, np.float32) if args.box is not None else None
+    masks, scores, _ = predictor.predict(point_coords=points, point_labels=labels, box=box, multimask_output=args.multimask)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = image_path.stem
+    files = []
+    for i, mask in enumerate(masks):
+        name = f"{stem}_mask{i}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / name)
+        files.append(name)
+    best = int(np.argmax(scores))
+    overlay(image, [masks[best]], points=points, labels=labels, box=box).save(out / f"{stem}_overlay.png")
+    write_json(
+        out / f"{stem}_scores.json",
+        {
+            "image": str(image_path),
+            "size": list(image.shape[:2]),
+            "points": None if points is None else points.tolist(),
+            "labels": None if labels is None else labels.tolist(),
+            "box": None if box is None else box.tolist(),
+            "scores": [float(s) for s in scores],
+            "masks": files,
+            "best": best,
+        },
+    )
+    print(f"{image_path}: {len(masks)} mask(s), scores {np.round(scores, 3).tolist()} -> {out}")
+
+
+def _auto(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+    from sam_jax.visualize import mask_colors, overlay
+    from pycocotools import mask as mask_utils
+
+    paths = collect_images(args.inputs)
+    generator = SamAutomaticMaskGenerator(
+        _load(args),
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_score_thresh,
+        box_nms_thresh=args.box_nms_thresh,
+        crop_n_layers=args.crop_n_layers,
+        min_mask_region_area=args.min_mask_region_area,
+        output_mode="coco_rle",
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    show = sys.stderr.isatty() and not args.quiet
+    for image_id, path in enumerate(tqdm(paths, desc="images", unit="img", disable=not show or len(paths) == 1)):
+        image = read_image(path)
+        bar = tqdm(desc=path.name, unit="batch", disable=not show or len(paths) > 1)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        records = generator.generate(image, progress=progress)
+        bar.close()
+        annotations = [{"id": i, **r} for i, r in enumerate(records)]
+        h, w = image.shape[:2]
+        write_json(
+            out / f"{path.stem}.json",
+            {"image": {"image_id": image_id, "file_name": path.name, "height": h, "width": w}, "annotations": annotations},
+        )
+        masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in sorted(records, key=lambda r: -r["area"])]
+        overlay(image, masks, colors=mask_colors(len(masks))).save(out / f"{path.stem}_overlay.png")
+        if not show:
+            print(f"{path}: {len(records)} masks -> {out / (path.stem + '.json')}")
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="official .pth, .safetensors or sam-jax checkpoint directory")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (params stay float32)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"JAX persistent compilation cache (default {default_cache_dir()}; '' disables it)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sam-jax", description="Segment Anything in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sam-jax", description="Segment Anything in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("convert", help="official .pth or HF/official .safetensors -> sam-jax checkpoint directory")
     p.add_argument("input", help="sam_vit_*.pth, or model.safetensors (official or Hugging Face key names)")
@@ -37,6 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="sam-jax checkpoint directory (or any checkpoint `convert` reads)")
     p.add_argument("output", help="output .safetensors file")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("segment", help="masks for point / box prompts on one image")
+    p.add_argument("image")
+    _add_model_args(p)
+    p.add_argument("--point", action="append", type=parse_point, default=[], help="X,Y[,LABEL] (repeatable; LABEL 1 fg / 0 bg)")
+    p.add_argument("--box", type=parse_box, default=None, help="X0,Y0,X1,Y1")
+    p.add_argument("--multimask", action="store_true", help="three masks instead of one")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_segment)
+
+    p = sub.add_parser("auto", help="segment everything: SA-1B-style JSON (COCO RLE) + overlay per image")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--points-per-side", type=int, default=32)
+    p.add_argument("--points-per-batch", type=int, default=64)
+    p.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    p.add_argument("--stability-score-thresh", type=float, default=0.95)
+    p.add_argument("--box-nms-thresh", type=float, default=0.7)
+    p.add_argument("--crop-n-layers", type=int, default=0)
+    p.add_argument("--min-mask-region-area", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_auto)
     return parser
 
 
@@ -46,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (CliError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"sam-jax: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from sam_jax import sam_model_registry
 from sam_jax.checkpoint import load_model
-from sam_jax.prompts import make_prompts
-from sam_jax.transforms import ResizeLongestSide, postprocess_masks, preprocess
+from sam_jax.predictor import SamPredictor
+from sam_jax.visualize import overlay
 
 
 def load_image(path: str | None) -> np.ndarray:
@@ -31,20 +30,6 @@ def load_image(path: str | None) -> np.ndarray:
 
         return data.chelsea()  # a 300 x 451 photo shipped with scikit-image
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, points: np.ndarray, labels: np.ndarray) -> Image.Image:
-    """The image with the mask tinted blue and the prompt points drawn (green +, red -)."""
-    out = image.astype(np.float32)
-    color = np.array([30, 144, 255], np.float32)
-    out[mask] = 0.45 * out[mask] + 0.55 * color
-    img = Image.fromarray(out.astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    r = max(3, round(max(image.shape[:2]) / 120))
-    for (x, y), lab in zip(points, labels):
-        fill = (0, 220, 0) if lab == 1 else (230, 0, 0)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(255, 255, 255))
-    return img
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,37 +54,29 @@ def main(argv: list[str] | None = None) -> None:
     point = np.array([[float(v) for v in args.point.split(",")]] if args.point else [[w / 2, h / 2]], np.float32)
     labels = np.array([1], np.int32)
 
-    transform = ResizeLongestSide(model.image_size)
-    resized = transform.apply_image(image)
-    embeddings = model.encode(preprocess(jnp.asarray(resized)[None], model.config))
-    prompts = make_prompts(
-        batch_size=1,
-        mask_size=model.config.low_res_mask_size,
-        point_coords=transform.apply_coords(point, (h, w))[None],
-        point_labels=labels[None],
-    )
-    low_res, iou = model.decode(embeddings, prompts, multimask_output=True)
-    logits = postprocess_masks(low_res, resized.shape[:2], (h, w), model.image_size)
-    best = int(jnp.argmax(iou[0]))
-    mask = np.asarray(logits[0, best] > model.config.mask_threshold)
+    predictor = SamPredictor(model)
+    predictor.set_image(image)
+    masks, scores, _ = predictor.predict(point_coords=point, point_labels=labels, multimask_output=True)
+    best = int(np.argmax(scores))
+    mask = masks[best]
     elapsed = time.perf_counter() - t0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(mask.astype(np.uint8) * 255).save(out / "mask.png")
-    overlay(image, mask, point, labels).save(out / "overlay.png")
+    overlay(image, [mask], points=point, labels=labels).save(out / "overlay.png")
     summary = {
         "model": model.config.name,
         "checkpoint": args.checkpoint,
         "image_size": [h, w],
         "point": point.tolist(),
-        "scores": np.asarray(iou[0]).tolist(),
+        "scores": scores.tolist(),
         "chosen_mask": best,
         "mask_area": int(mask.sum()),
         "seconds": round(elapsed, 2),
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))
-    print(f"scores {np.round(np.asarray(iou[0]), 3).tolist()}; mask {best} covers {mask.mean():.1%} of the image")
+    print(f"scores {np.round(scores, 3).tolist()}; mask {best} covers {mask.mean():.1%} of the image")
     print(f"wrote {out / 'mask.png'}, {out / 'overlay.png'}, {out / 'result.json'} in {elapsed:.1f} s")
 
 

@@ -1,43 +1,21 @@
 """The official PyTorch SAM (PyPI `segment-anything==1.0`) as the reference for parity tests.
 
-`segment_anything/__init__.py` imports the predictor and the mask generator, which
-import torchvision; PyPI's torchvision does not import beside the CPU torch wheel
-used here ("operator torchvision::nms does not exist"). The model itself
-(`segment_anything.modeling`) needs only torch, so we register a bare
-`segment_anything` package (its real directory, without running its `__init__`)
-and import `segment_anything.modeling` from it: the official model code runs
-unchanged. If torch or segment-anything is missing these imports fail, and so do
-the tests: the reference is never skipped.
+`segment_anything/__init__.py` imports the predictor and the mask generator, which need
+torchvision; PyPI's torchvision does not import beside the CPU torch 2.13.0 wheel on our
+machines ("operator torchvision::nms does not exist"), so the test extras pin torch 2.14.1
+with torchvision 0.29.1, a matching pair (see pyproject.toml). The whole official package,
+model, predictor and mask generator, then runs unchanged. If it is missing the import
+fails, and so do the tests: the reference is never skipped.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 from functools import partial
 
 import numpy as np
+import segment_anything
 import torch
-
-
-def _import_official_modeling() -> types.ModuleType:
-    if "segment_anything.modeling" in sys.modules:
-        return sys.modules["segment_anything.modeling"]
-    spec = importlib.util.find_spec("segment_anything")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the reference package segment-anything==1.0 is not installed (pip install -e '.[test]')")
-    if "segment_anything" not in sys.modules:
-        pkg = types.ModuleType("segment_anything")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        pkg.__file__ = spec.origin
-        sys.modules["segment_anything"] = pkg
-    import segment_anything.modeling as modeling
-
-    return modeling
-
-
-modeling = _import_official_modeling()
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, modeling
 
 
 def build_official(config) -> "modeling.Sam":
@@ -118,3 +96,14 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def official_predictor(model: "modeling.Sam") -> SamPredictor:
+    return SamPredictor(model)
+
+
+def official_mask_generator(model: "modeling.Sam", **kwargs) -> SamAutomaticMaskGenerator:
+    return SamAutomaticMaskGenerator(model, **kwargs)
+
+
+__all__ = ["segment_anything", "modeling", "build_official", "randomize_", "state_dict_numpy", "official_predictor", "official_mask_generator"]

@@ -1,0 +1,261 @@
+"""`SamPredictor`: the official predictor's API (plus SAM 2's batched prompts and images)
+over the jitted functional core.
+
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)                       # HxWx3 uint8 RGB
+    masks, scores, logits = predictor.predict(point_coords=[[500, 375]], point_labels=[1])
+
+Prompts are in original-image pixels. One prompt gives masks (C, H, W), scores (C,),
+low-res logits (C, 256, 256); B prompts at once (point_coords (B, N, 2), box (B, 4),
+mask_input (B, 1, 256, 256)) give (B, C, H, W), (B, C), (B, C, 256, 256); a batch of one
+is squeezed, as SAM 2 does. C = 3 with `multimask_output`, else 1.
+
+Compilation: one decoder per bucket of point counts (4, 8, 16, ...) and of prompt
+counts (1, 2, 4, ..., 64, then multiples of 64), and per original image size (for the
+upsampling). Points outside the image are allowed, as upstream: they are encoded like
+any other coordinate.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_jax.model import Params, SamModel, decode
+from sam_jax.prompts import bucket_size, make_prompts, Prompts
+from sam_jax.config import SamConfig
+from sam_jax.transforms import ResizeLongestSide, postprocess_masks, preprocess
+
+PROMPT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def predict_masks(
+    params: Params,
+    embedding: jax.Array,
+    prompts: Prompts,
+    *,
+    config: SamConfig,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    multimask_output: bool,
+    return_logits: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One image's embedding (1, h, w, C) with B prompts -> masks at the original size
+    (B, M, H, W) (bool, or logits with `return_logits`), IoU (B, M), low-res logits (B, M, 4h, 4w)."""
+    b = prompts.labels.shape[0]
+    emb = jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
+    low_res, iou = decode(params, emb, prompts, config=config, multimask_output=multimask_output)
+    masks = postprocess_masks(low_res, input_size, original_size, config.image_size)
+    if not return_logits:
+        masks = masks > config.mask_threshold
+    return masks, iou, low_res
+
+
+def _as_float_array(value: Any, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numeric, got {type(value).__name__}") from None
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def check_image(image: Any, image_format: str = "RGB", name: str = "image") -> np.ndarray:
+    """Validate an HxWx3 uint8 image and return it as RGB."""
+    if image_format not in ("RGB", "BGR"):
+        raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array (HxWx3 uint8), got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name} must have dtype uint8 (HxWx3 in [0, 255]), got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{name} must have shape HxWx3, got {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {image.shape}")
+    return np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)
+
+
+class SamPredictor:
+    def __init__(self, sam_model: SamModel) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_size)
+        self._predict = jax.jit(
+            functools.partial(predict_masks, config=sam_model.config),
+            static_argnames=("input_size", "original_size", "multimask_output", "return_logits"),
+        )
+        self.reset_image()
+
+    # ------------------------------------------------------------------ images
+
+    def _encode(self, images: Sequence[np.ndarray]) -> tuple[jax.Array, list, list]:
+        cfg = self.model.config
+        resized = [self.transform.apply_image(im) for im in images]
+        batch = jnp.concatenate([preprocess(jnp.asarray(r)[None], cfg) for r in resized])
+        return self.model.encode(batch), [im.shape[:2] for im in images], [r.shape[:2] for r in resized]
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Compute the embedding of one HxWx3 uint8 image."""
+        image = check_image(image, image_format)
+        self.reset_image()
+        self.features, self._orig_hw, self._input_hw = self._encode([image])
+        self.is_image_set = True
+
+    def set_image_batch(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> None:
+        """Compute the embeddings of several images (each HxWx3 uint8, sizes may differ) in one call."""
+        if isinstance(images, np.ndarray) or not isinstance(images, (list, tuple)) or not images:
+            raise ValueError("images must be a non-empty list of HxWx3 uint8 arrays")
+        images = [check_image(im, image_format, f"images[{i}]") for i, im in enumerate(images)]
+        self.reset_image()
+        self.features, self._orig_hw, self._input_hw = self._encode(images)
+        self.is_image_set = True
+        self._is_batch = True
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self._is_batch = False
+        self.features = None
+        self._orig_hw: list[tuple[int, int]] = []
+        self._input_hw: list[tuple[int, int]] = []
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self._orig_hw[0]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._input_hw[0]
+
+    def get_image_embedding(self) -> jax.Array:
+        """The image embeddings, (B, C, h, w) as the official predictor returns them (B = 1 for set_image)."""
+        self._require_image()
+        return jnp.transpose(self.features, (0, 3, 1, 2))
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) (or .set_image_batch(...)) before prediction.")
+
+    # ------------------------------------------------------------------ prompts
+
+    def _prepare_prompts(
+        self, point_coords, point_labels, box, mask_input, original_size: tuple[int, int]
+    ) -> tuple[Prompts, int, bool]:
+        """Validate official-style prompts -> (padded Prompts, number of prompts B, batched?)."""
+        sizes, batched = [], False
+        coords = labels = boxes = masks = None
+        if (point_coords is None) != (point_labels is None):
+            raise ValueError("point_coords and point_labels must be given together")
+        if point_coords is not None:
+            coords = _as_float_array(point_coords, "point_coords")
+            labels = np.asarray(point_labels)
+            if coords.ndim not in (2, 3) or coords.shape[-1] != 2 or coords.shape[-2] == 0:
+                raise ValueError(f"point_coords must have shape (N, 2) or (B, N, 2) with N >= 1, got {coords.shape}")
+            if labels.shape != coords.shape[:-1]:
+                raise ValueError(
+                    f"point_labels must have shape {coords.shape[:-1]} to match point_coords {coords.shape}, got {labels.shape}"
+                )
+            if not np.all(np.isin(labels, (0, 1))):
+                raise ValueError("point_labels must be 1 (foreground) or 0 (background)")
+            batched |= coords.ndim == 3
+            coords, labels = coords.reshape(-1, *coords.shape[-2:]), labels.reshape(-1, labels.shape[-1])
+            sizes.append(coords.shape[0])
+            coords = self.transform.apply_coords(coords, original_size)
+        if box is not None:
+            boxes = _as_float_array(box, "box")
+            if boxes.ndim not in (1, 2) or boxes.shape[-1] != 4:
+                raise ValueError(f"box must have shape (4,) or (B, 4) as x0, y0, x1, y1, got {boxes.shape}")
+            boxes = boxes.reshape(-1, 4)
+            if np.any(boxes[:, 2] < boxes[:, 0]) or np.any(boxes[:, 3] < boxes[:, 1]):
+                raise ValueError("box must be x0, y0, x1, y1 with x1 >= x0 and y1 >= y0")
+            batched |= boxes.shape[0] > 1
+            sizes.append(boxes.shape[0])
+            boxes = self.transform.apply_boxes(boxes, original_size)
+        if mask_input is not None:
+            m = self.model.config.low_res_mask_size
+            masks = _as_float_array(mask_input, "mask_input")
+            if masks.ndim not in (3, 4) or masks.shape[-3:] != (1, m, m):
+                raise ValueError(f"mask_input must have shape (1, {m}, {m}) or (B, 1, {m}, {m}), got {masks.shape}")
+            batched |= masks.ndim == 4
+            masks = masks.reshape(-1, m, m)
+            sizes.append(masks.shape[0])
+        if len(set(sizes)) > 1:
+            raise ValueError(f"point_coords, box and mask_input give different numbers of prompts: {sizes}")
+        n = sizes[0] if sizes else 1
+        padded = bucket_size(n, PROMPT_BATCH_BUCKETS)
+
+        def pad(x):
+            return None if x is None else np.concatenate([x, np.repeat(x[:1], padded - n, axis=0)])
+
+        prompts = make_prompts(
+            batch_size=padded,
+            mask_size=self.model.config.low_res_mask_size,
+            point_coords=pad(coords),
+            point_labels=pad(labels),
+            boxes=pad(boxes),
+            mask_input=pad(masks),
+        )
+        return prompts, n, batched
+
+    def _run(self, index, point_coords, point_labels, box, mask_input, multimask_output, return_logits):
+        orig, inp = self._orig_hw[index], self._input_hw[index]
+        prompts, n, _ = self._prepare_prompts(point_coords, point_labels, box, mask_input, orig)
+        masks, iou, low = self._predict(
+            self.model.params,
+            self.features[index : index + 1],
+            prompts,
+            input_size=tuple(inp),
+            original_size=tuple(orig),
+            multimask_output=bool(multimask_output),
+            return_logits=bool(return_logits),
+        )
+        masks, iou, low = (np.asarray(x[:n]) for x in (masks, iou, low))
+        return (masks[0], iou[0], low[0]) if n == 1 else (masks, iou, low)
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for prompts on the image given to `set_image` (see the module docstring for shapes)."""
+        self._require_image()
+        if self._is_batch:
+            raise RuntimeError("An image batch is set: use predict_batch(...) (or set_image(...) for one image).")
+        return self._run(0, point_coords, point_labels, box, mask_input, multimask_output, return_logits)
+
+    def predict_batch(
+        self,
+        point_coords_batch: Sequence[np.ndarray | None] | None = None,
+        point_labels_batch: Sequence[np.ndarray | None] | None = None,
+        box_batch: Sequence[np.ndarray | None] | None = None,
+        mask_input_batch: Sequence[np.ndarray | None] | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """`predict` for each image of `set_image_batch`: one entry per image in each list argument
+        (each entry as `predict` takes it, possibly with B prompts). Returns three lists."""
+        self._require_image()
+        if not self._is_batch:
+            raise RuntimeError("No image batch is set: call set_image_batch(...) first.")
+        num = len(self._orig_hw)
+        args = []
+        for name, value in (
+            ("point_coords_batch", point_coords_batch),
+            ("point_labels_batch", point_labels_batch),
+            ("box_batch", box_batch),
+            ("mask_input_batch", mask_input_batch),
+        ):
+            if value is None:
+                value = [None] * num
+            if len(value) != num:
+                raise ValueError(f"{name} has {len(value)} entries for {num} images")
+            args.append(value)
+        outs = [self._run(i, *a, multimask_output, return_logits) for i, a in enumerate(zip(*args))]
+        return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]

@@ -1,0 +1,96 @@
+"""The `sam-jax segment` and `sam-jax auto` commands end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+from sam_jax.checkpoint import save_params
+from sam_jax.cli import main
+from sam_jax.model import SamModel
+from sam_jax.predictor import SamPredictor
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_params, tiny_config, photo):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = save_params(root / "tiny", tiny_params, tiny_config)
+    Image.fromarray(photo).save(root / "cat.png")
+    (root / "dir").mkdir()
+    Image.fromarray(photo[:200, :260]).save(root / "dir" / "a.png")
+    Image.fromarray(photo[50:, 100:]).save(root / "dir" / "b.jpg", quality=95)
+    return root, ckpt
+
+
+def test_segment(workspace, tiny_params, tiny_config, photo, capsys):
+    root, ckpt = workspace
+    out = root / "seg"
+    argv = ["segment", str(root / "cat.png"), "--checkpoint", str(ckpt), "--point", "200,150", "--point", "50,40,0",
+            "--box", "100,60,400,280", "--multimask", "--out", str(out), "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    result = json.loads((out / "cat_scores.json").read_text())
+    assert len(result["scores"]) == 3 and result["labels"] == [1, 0]
+    predictor = SamPredictor(SamModel(tiny_config, tiny_params))
+    predictor.set_image(photo)
+    masks, scores, _ = predictor.predict(
+        point_coords=np.array([[200.0, 150.0], [50.0, 40.0]]), point_labels=np.array([1, 0]), box=np.array([100.0, 60, 400, 280])
+    )
+    np.testing.assert_allclose(result["scores"], scores, atol=1e-5)
+    for i, name in enumerate(result["masks"]):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)) > 0, masks[i])
+    assert Image.open(out / "cat_overlay.png").size == (451, 300)
+    assert any((root / "cache").iterdir()), "the persistent compilation cache was not written"
+
+
+def test_auto(workspace, tiny_params, tiny_config):
+    root, ckpt = workspace
+    out = root / "auto"
+    opts = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+    assert main(["auto", str(root / "dir"), str(root / "cat.png"), "--checkpoint", str(ckpt), "--out", str(out), *opts]) == 0
+    gen = SamAutomaticMaskGenerator(SamModel(tiny_config, tiny_params), points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0)
+    for stem, path in (("a", root / "dir" / "a.png"), ("b", root / "dir" / "b.jpg"), ("cat", root / "cat.png")):
+        doc = json.loads((out / f"{stem}.json").read_text())
+        image = np.asarray(Image.open(path).convert("RGB"))
+        assert (doc["image"]["height"], doc["image"]["width"]) == image.shape[:2]
+        expected = gen.generate(image)
+        assert len(doc["annotations"]) == len(expected) > 0
+        for ann, rec in zip(doc["annotations"], expected):
+            np.testing.assert_array_equal(mask_utils.decode(ann["segmentation"]).astype(bool), rec["segmentation"])
+            assert ann["area"] == rec["area"] and ann["bbox"] == rec["bbox"]
+        assert Image.open(out / f"{stem}_overlay.png").size == image.shape[1::-1]
+
+
+def _one_line_error(argv, capsys, code=1) -> str:
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(argv))
+    assert exc.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and err.startswith("sam-jax"), err
+    return err
+
+
+def test_bad_inputs(workspace, capsys):
+    root, ckpt = workspace
+    (root / "broken.png").write_bytes(b"not an image")
+    seg = ["segment", "--checkpoint", str(ckpt), "--out", str(root / "x")]
+    assert "no such image file" in _one_line_error([*seg[:1], str(root / "nope.png"), *seg[1:], "--point", "1,2"], capsys)
+    assert "cannot read the image" in _one_line_error([*seg[:1], str(root / "broken.png"), *seg[1:], "--point", "1,2"], capsys)
+    assert "invalid point '1;2'" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:], "--point", "1;2"], capsys, 2)
+    assert "invalid point '1,2,5'" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:], "--point", "1,2,5"], capsys, 2)
+    assert "invalid box" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:], "--box", "1,2,3"], capsys, 2)
+    assert "x1 >= x0" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:], "--box", "9,2,3,4"], capsys)
+    assert "at least one --point" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:]], capsys)
+    assert "no such file" in _one_line_error(["auto", str(root / "missing"), "--checkpoint", str(ckpt), "--out", str(root / "y")], capsys)
+    assert "no such file" in _one_line_error([*seg[:1], str(root / "cat.png"), "--checkpoint", str(root / "none.pth"), "--out", "x", "--point", "1,2"], capsys)
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run([sys.executable, "-m", "sam_jax.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "segment" in proc.stdout and "auto" in proc.stdout
