@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageEncoderConfig:
@@ -30,6 +32,24 @@ class ImageEncoderConfig:
     use_rel_pos: bool = True
     window_size: int = 14
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    # Training only (no effect on inference or on the params):
+    # stochastic depth on both residual branches of every block, the rate rising
+    # linearly from 0 (first block) to `drop_path_rate` (last block), as in
+    # timm/MAE; the paper uses 0.6/0.4/0.4 for B/L/H. Applied only when
+    # `model.encode` gets a `drop_path_rng`.
+    drop_path_rate: float = 0.0
+    # Rematerialize each block (`nn.remat`): its activations are recomputed in
+    # the backward pass instead of stored. Same params, same outputs.
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+
+    @property
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """The per-block drop path rates: linspace(0, drop_path_rate, depth)."""
+        return tuple(float(r) for r in np.linspace(0.0, self.drop_path_rate, self.depth))
 
     @property
     def grid_size(self) -> int:

@@ -50,9 +50,18 @@ def abstract_params(config: SamConfig, *, boxed: bool = False) -> Params:
     return jax.eval_shape(functools.partial(init_params, config, boxed=boxed), jax.random.key(0))
 
 
-def encode(params: Params, images: jax.Array, *, config: SamConfig) -> jax.Array:
-    """images (B, S, S, 3) normalized and padded (`transforms.preprocess`) -> (B, h, w, C) float32."""
-    return Sam(config).apply({"params": params}, images, method=Sam.encode)
+def encode(params: Params, images: jax.Array, *, config: SamConfig, drop_path_rng: jax.Array | None = None) -> jax.Array:
+    """images (B, S, S, 3) normalized and padded (`transforms.preprocess`) -> (B, h, w, C) float32.
+
+    Training passes `drop_path_rng` (a PRNG key) to apply the encoder's stochastic
+    depth (`config.image_encoder.drop_path_rate`); without it, or at rate 0, the
+    encoder is deterministic (inference).
+    """
+    if drop_path_rng is None or config.image_encoder.drop_path_rate == 0.0:
+        return Sam(config).apply({"params": params}, images, method=Sam.encode)
+    return Sam(config).apply(
+        {"params": params}, images, False, method=Sam.encode, rngs={"drop_path": drop_path_rng}
+    )
 
 
 def decode(

@@ -5,6 +5,11 @@ C = prompt_embed_dim (256). Blocks use windowed attention (window 14, the 64x64
 grid zero-padded to 70x70 after `norm1`, padded tokens not masked) except the
 `global_attn_indexes`, which attend over the whole grid. Every attention adds
 decomposed relative positions.
+
+Two training-only options (`ImageEncoderConfig`): stochastic depth on each
+block's two residual branches (`drop_path_rate`, active only when the caller
+passes `deterministic=False` and a "drop_path" rng), and rematerialization of
+the blocks (`remat`). Neither changes the params or the deterministic output.
 """
 
 from __future__ import annotations
@@ -113,8 +118,25 @@ class Attention(nn.Module):
         return dense(dim, ("qkv", "embed"), dtype=self.dtype, name="proj")(out)
 
 
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Stochastic depth (timm `drop_path`): zero whole samples of a residual branch.
+
+    x (B, ...) -> x with each sample kept with probability 1 - rate and then
+    scaled by 1 / (1 - rate), else zeroed; the mask has shape (B, 1, ..., 1).
+    """
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(rng, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / keep_prob, jnp.zeros((), x.dtype))
+
+
 class Block(nn.Module):
-    """Transformer block with windowed (window_size > 0) or global attention."""
+    """Transformer block with windowed (window_size > 0) or global attention.
+
+    `drop_path` is this block's stochastic depth rate, applied to the attention
+    and the MLP branch when called with `deterministic=False` (then a
+    "drop_path" rng is needed); with `deterministic=True` or rate 0 the block
+    is the official one, op for op.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -122,10 +144,16 @@ class Block(nn.Module):
     use_rel_pos: bool = True
     window_size: int = 0
     input_size: tuple[int, int] | None = None
+    drop_path: float = 0.0
     dtype: Any = jnp.float32
 
+    def _drop_path(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.drop_path == 0.0:
+            return x
+        return drop_path(x, self.drop_path, self.make_rng("drop_path"))
+
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """(B, H, W, D) -> (B, H, W, D)."""
         shortcut = x
         x = LayerNorm(1e-6, name="norm1")(x)
@@ -142,9 +170,15 @@ class Block(nn.Module):
         )(x)
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (h, w))
-        x = shortcut + x
+        x = shortcut + self._drop_path(x, deterministic)
         mlp = MLPBlock(int(x.shape[-1] * self.mlp_ratio), act="gelu", dtype=self.dtype, name="mlp")
-        return x + mlp(LayerNorm(1e-6, name="norm2")(x))
+        return x + self._drop_path(mlp(LayerNorm(1e-6, name="norm2")(x)), deterministic)
+
+
+# `Block` with its activations recomputed in the backward pass. The wrapper keeps
+# the module's name, so the param tree (`blocks_3/attn/qkv/...`) is unchanged;
+# `deterministic` (argument 2, counting `self`) is static as it picks Python branches.
+RematBlock = nn.remat(Block, static_argnums=(2,))
 
 
 class PatchEmbed(nn.Module):
@@ -170,7 +204,8 @@ class ImageEncoderViT(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """`deterministic=False` turns on drop path (`config.drop_path_rate`; needs a "drop_path" rng)."""
         cfg = self.config
         g = cfg.grid_size
         x = PatchEmbed(cfg.patch_size, cfg.embed_dim, dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
@@ -178,17 +213,19 @@ class ImageEncoderViT(nn.Module):
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, None, "embed"))
             pos_embed = self.param("pos_embed", init, (1, g, g, cfg.embed_dim), jnp.float32)
             x = x + pos_embed.astype(self.dtype)
-        for i in range(cfg.depth):
-            x = Block(
+        block_cls = RematBlock if cfg.remat else Block
+        for i, rate in enumerate(cfg.drop_path_rates):
+            x = block_cls(
                 cfg.num_heads,
                 mlp_ratio=cfg.mlp_ratio,
                 qkv_bias=cfg.qkv_bias,
                 use_rel_pos=cfg.use_rel_pos,
                 window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
                 input_size=(g, g),
+                drop_path=rate,
                 dtype=self.dtype,
                 name=f"blocks_{i}",
-            )(x)
+            )(x, deterministic)
         x = conv(self.out_chans, 1, use_bias=False, dtype=self.dtype, name="neck_0")(x)
         x = LayerNorm(1e-6, name="neck_1")(x)
         x = conv(self.out_chans, 3, padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)

@@ -38,9 +38,12 @@ class Sam(nn.Module):
         )
         self.mask_decoder = MaskDecoder(cfg.mask_decoder, transformer_dim=cfg.prompt_embed_dim, dtype=dtype)
 
-    def encode(self, images: jax.Array) -> jax.Array:
-        """images (B, S, S, 3), normalized and padded -> embeddings (B, h, w, C) float32."""
-        return self.image_encoder(images).astype(accum_dtype(self.image_encoder.dtype))
+    def encode(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """images (B, S, S, 3), normalized and padded -> embeddings (B, h, w, C) float32.
+
+        `deterministic=False` applies the encoder's drop path (training; needs a "drop_path" rng).
+        """
+        return self.image_encoder(images, deterministic).astype(accum_dtype(self.image_encoder.dtype))
 
     def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
         """embeddings (B, h, w, C) and a prompt batch of size B -> masks (B, M, 4h, 4w), iou (B, M)."""

@@ -1,0 +1,301 @@
+"""The synthetic shapes data set and the SA-1B reader / grain pipeline (sam_jax.train)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from sam_jax.train.sa1b import DataError, SA1BSource, list_records, load_record, make_dataset
+from sam_jax.train.shapes import CATEGORIES, MIN_VISIBLE_AREA, make_shapes
+
+# pycocotools 2.0.x under numpy 2 warns on every decode; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+N = 12
+SIZE = (96, 128)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes(out, N, seed=0, image_size=SIZE)
+    return out
+
+
+def _decode(seg: dict) -> np.ndarray:
+    return mask_utils.decode(seg).astype(bool)
+
+
+# --------------------------------------------------------------------------- make_shapes
+
+
+def test_make_shapes_writes_valid_sa1b_records(shapes_dir):
+    h, w = SIZE
+    jsons = sorted(shapes_dir.glob("*.json"))
+    assert [p.stem for p in jsons] == [f"shapes_{i:06d}" for i in range(N)]
+    n_anns, ids = 0, set()
+    for i, path in enumerate(jsons):
+        data = json.loads(path.read_text())
+        assert data["image"] == {"image_id": i, "file_name": f"{path.stem}.jpg", "height": h, "width": w}
+        with Image.open(shapes_dir / data["image"]["file_name"]) as img:
+            assert img.format == "JPEG" and img.size == (w, h) and img.mode == "RGB"
+        anns = data["annotations"]
+        assert len(anns) >= 1
+        union = np.zeros((h, w), np.int32)
+        for ann in anns:
+            assert ann["id"] not in ids
+            ids.add(ann["id"])
+            seg = ann["segmentation"]
+            assert seg["size"] == [h, w] and isinstance(seg["counts"], str)
+            mask = _decode(seg)
+            assert mask.sum() == ann["area"] >= MIN_VISIBLE_AREA
+            ys, xs = np.nonzero(mask)
+            x0, y0 = xs.min(), ys.min()
+            assert ann["bbox"] == [x0, y0, xs.max() - x0 + 1, ys.max() - y0 + 1]
+            np.testing.assert_allclose(mask_utils.toBbox(seg), ann["bbox"])
+            [[px, py]] = ann["point_coords"]
+            assert mask[int(py), int(px)]
+            assert ann["category"] in CATEGORIES
+            assert ann["crop_box"] == [0, 0, w, h]
+            assert ann["predicted_iou"] == 1.0 and ann["stability_score"] == 1.0
+            union += mask
+        assert union.max() <= 1, "masks of one image overlap"
+        n_anns += len(anns)
+    assert n_anns >= 2 * N  # min_shapes=2: placements can fail, but rarely
+
+
+def test_make_shapes_masks_match_pixels(shapes_dir):
+    """Each visible shape is painted with its own colours: its pixels differ from just outside."""
+    from scipy import ndimage
+
+    data = json.loads((shapes_dir / "shapes_000000.json").read_text())
+    image = np.asarray(Image.open(shapes_dir / "shapes_000000.jpg"), np.float32)
+    for ann in data["annotations"]:
+        mask = _decode(ann["segmentation"])
+        inner = ndimage.binary_erosion(mask, iterations=2)
+        ring = ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask, iterations=1)
+        if inner.sum() < 10 or ring.sum() < 10:
+            continue
+        gap = np.linalg.norm(image[inner].mean(0) - image[ring].mean(0))
+        assert gap > 20, (ann["category"], gap)
+
+
+def test_make_shapes_is_deterministic(tmp_path):
+    a = make_shapes(tmp_path / "a", 3, seed=7, image_size=SIZE)
+    b = make_shapes(tmp_path / "b", 3, seed=7, image_size=SIZE)
+    c = make_shapes(tmp_path / "c", 1, seed=8, image_size=SIZE)
+    short = make_shapes(tmp_path / "short", 1, seed=7, image_size=SIZE)  # image i does not depend on n
+    assert [p.name for p in a] == [f"shapes_{i:06d}.json" for i in range(3)]
+    for pa, pb in zip(a, b):
+        assert json.loads(pa.read_text()) == json.loads(pb.read_text())
+        assert pa.with_suffix(".jpg").read_bytes() == pb.with_suffix(".jpg").read_bytes()
+    assert short[0].read_bytes() == a[0].read_bytes()
+    assert short[0].with_suffix(".jpg").read_bytes() == a[0].with_suffix(".jpg").read_bytes()
+    assert c[0].with_suffix(".jpg").read_bytes() != a[0].with_suffix(".jpg").read_bytes()
+
+
+# --------------------------------------------------------------------------- load_record
+
+
+def test_list_records_pairs_sorted(shapes_dir, tmp_path):
+    recs = list_records(shapes_dir)
+    assert [(i.name, j.name) for i, j in recs] == [(f"shapes_{k:06d}.jpg", f"shapes_{k:06d}.json") for k in range(N)]
+    shutil.copy(recs[1][0], tmp_path / "b.png")  # suffix only matters for pairing
+    shutil.copy(recs[1][1], tmp_path / "b.json")
+    shutil.copy(recs[0][0], tmp_path / "a.jpeg")
+    shutil.copy(recs[0][1], tmp_path / "a.json")
+    shutil.copy(recs[2][0], tmp_path / "lonely.jpg")  # no JSON: left out
+    (tmp_path / "orphan.json").write_text("{}")
+    assert [(i.name, j.name) for i, j in list_records(tmp_path)] == [("a.jpeg", "a.json"), ("b.png", "b.json")]
+
+
+def test_load_record_round_trip(shapes_dir):
+    image_path, json_path = list_records(shapes_dir)[3]
+    rec = load_record(image_path, json_path)
+    data = json.loads(json_path.read_text())
+    anns = data["annotations"]
+    h, w = SIZE
+    assert rec["image"].shape == (h, w, 3) and rec["image"].dtype == np.uint8
+    np.testing.assert_array_equal(rec["image"], np.asarray(Image.open(image_path)))
+    assert rec["masks"].shape == (len(anns), h, w) and rec["masks"].dtype == bool
+    for m, ann in zip(rec["masks"], anns):
+        np.testing.assert_array_equal(m, _decode(ann["segmentation"]))
+    assert rec["categories"] == [a["category"] for a in anns]
+    assert rec["boxes"].dtype == np.float32
+    np.testing.assert_array_equal(rec["boxes"], np.asarray([a["bbox"] for a in anns], np.float32))
+    assert rec["path"] == str(image_path)
+
+
+def _copy_record(src: tuple[Path, Path], dst_dir: Path, name: str) -> tuple[Path, Path]:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    img, js = dst_dir / f"{name}.jpg", dst_dir / f"{name}.json"
+    shutil.copy(src[0], img)
+    shutil.copy(src[1], js)
+    return img, js
+
+
+def test_load_record_uncompressed_rle_and_missing_optional_fields(shapes_dir, tmp_path):
+    img, js = _copy_record(list_records(shapes_dir)[0], tmp_path, "u")
+    data = json.loads(js.read_text())
+    masks = [_decode(a["segmentation"]) for a in data["annotations"]]
+    for ann, m in zip(data["annotations"], masks):
+        flat = m.T.ravel().astype(np.int8)  # column-major, as COCO
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [2]]))).tolist()
+        ann["segmentation"]["counts"] = np.diff([0, *edges]).tolist()  # starts with a 0-run
+        del ann["category"], ann["bbox"]
+    js.write_text(json.dumps(data))
+    rec = load_record(img, js)
+    np.testing.assert_array_equal(rec["masks"], np.stack(masks))
+    assert rec["categories"] == [""] * len(masks)
+    rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+    np.testing.assert_allclose(rec["boxes"], mask_utils.toBbox(rles))
+
+
+def _corrupt(kind: str, src: tuple[Path, Path], dst_dir: Path, name: str) -> tuple[Path, Path]:
+    img, js = _copy_record(src, dst_dir, name)
+    data = json.loads(js.read_text())
+    if kind == "truncated_jpg":
+        raw = img.read_bytes()
+        img.write_bytes(raw[: len(raw) // 2])
+    elif kind == "not_an_image":
+        img.write_bytes(b"this is no JPEG")
+    elif kind == "bad_json":
+        js.write_text(js.read_text()[:-20])
+    elif kind == "rle_counts":  # runs no longer cover the image
+        seg = data["annotations"][0]["segmentation"]
+        seg["counts"] = seg["counts"][: len(seg["counts"]) // 2]
+        js.write_text(json.dumps(data))
+    elif kind == "rle_chars":
+        data["annotations"][0]["segmentation"]["counts"] = "\x01\x02 ~~~"
+        js.write_text(json.dumps(data))
+    elif kind == "rle_size":
+        h, w = data["annotations"][0]["segmentation"]["size"]
+        data["annotations"][0]["segmentation"]["size"] = [h + 1, w]
+        js.write_text(json.dumps(data))
+    elif kind == "missing_key":
+        del data["annotations"][0]["segmentation"]
+        js.write_text(json.dumps(data))
+    elif kind == "no_annotations":
+        del data["annotations"]
+        js.write_text(json.dumps(data))
+    else:
+        raise AssertionError(kind)
+    return img, js
+
+
+CORRUPTIONS = {
+    "truncated_jpg": "jpg",
+    "not_an_image": "jpg",
+    "bad_json": "json",
+    "rle_counts": "json",
+    "rle_chars": "json",
+    "rle_size": "json",
+    "missing_key": "json",
+    "no_annotations": "json",
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_load_record_corrupt_raises_data_error_naming_the_file(kind, shapes_dir, tmp_path):
+    img, js = _corrupt(kind, list_records(shapes_dir)[0], tmp_path, f"bad_{kind}")
+    with pytest.raises(DataError, match=f"bad_{kind}\\.{CORRUPTIONS[kind]}"):
+        load_record(img, js)
+    assert issubclass(DataError, ValueError)
+
+
+# --------------------------------------------------------------------------- grain
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(shapes_dir, tmp_path_factory) -> Path:
+    """4 good records and 3 corrupt ones."""
+    out = tmp_path_factory.mktemp("mixed")
+    recs = list_records(shapes_dir)
+    for k in range(4):
+        _copy_record(recs[k], out, f"good_{k}")
+    for k, kind in enumerate(["truncated_jpg", "bad_json", "rle_counts"]):
+        _corrupt(kind, recs[4 + k], out, f"zbad_{k}")
+    return out
+
+
+def test_source_skips_corrupt_records_with_a_warning(mixed_dir):
+    src = SA1BSource(mixed_dir)
+    assert len(src) == 7
+    names = [i.name for i, _ in src.records]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # good records warn about nothing
+        assert all(src[k]["path"].endswith(f"good_{k}.jpg") for k in range(4))
+    assert src.num_skipped == 0
+    for k in range(4, 7):
+        with pytest.warns(RuntimeWarning, match=names[k]):
+            assert src[k] is None
+    assert src.num_skipped == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # one warning per file
+        assert src[4] is None
+    assert src.num_skipped == 4
+    clone = pickle.loads(pickle.dumps(src))  # grain worker processes pickle the source
+    assert len(clone) == 7 and clone[0] is not None
+
+
+def test_dataset_drops_corrupt_records(mixed_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        got = [r["path"] for r in make_dataset(mixed_dir, seed=0, shard_index=0, shard_count=1, num_epochs=2)]
+    assert len(got) == 8
+    assert sorted(Path(p).name for p in got) == sorted([f"good_{k}.jpg" for k in range(4)] * 2)
+
+
+def _paths(ds) -> list[str]:
+    return [Path(r["path"]).name for r in ds]
+
+
+def test_dataset_is_deterministic_per_seed(shapes_dir):
+    kw = dict(shard_index=0, shard_count=1, num_epochs=2)
+    a = _paths(make_dataset(shapes_dir, seed=3, **kw))
+    b = _paths(make_dataset(shapes_dir, seed=3, **kw))
+    c = _paths(make_dataset(shapes_dir, seed=4, **kw))
+    assert a == b
+    assert a != c
+    names = sorted(i.name for i, _ in list_records(shapes_dir))
+    assert sorted(a[:N]) == names and sorted(a[N:]) == names  # each epoch is a permutation
+    assert a[:N] != a[N:]  # reshuffled each epoch
+    assert a[:N] != names  # shuffled at all
+
+
+def test_dataset_shards_are_disjoint_and_cover(shapes_dir):
+    shards = [_paths(make_dataset(shapes_dir, seed=1, shard_index=k, shard_count=2, num_epochs=1)) for k in range(2)]
+    assert len(shards[0]) == len(shards[1]) == N // 2
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted(i.name for i, _ in list_records(shapes_dir))
+    with pytest.raises(ValueError):
+        make_dataset(shapes_dir, seed=1, shard_index=2, shard_count=2)
+
+
+def test_dataset_iterator_state_restores_exactly(shapes_dir):
+    ds = make_dataset(shapes_dir, seed=5, shard_index=1, shard_count=2)  # infinite
+    it = iter(ds)
+    for _ in range(N // 2 + 2):  # into the second epoch
+        next(it)
+    state = it.get_state()
+    state = json.loads(json.dumps(state))  # small and serialisable for checkpoints
+    expected = [next(it) for _ in range(5)]
+
+    fresh = iter(make_dataset(shapes_dir, seed=5, shard_index=1, shard_count=2))
+    fresh.set_state(state)
+    for want, got in zip(expected, (next(fresh) for _ in range(5))):
+        assert got["path"] == want["path"]
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["masks"], want["masks"])
+        np.testing.assert_array_equal(got["boxes"], want["boxes"])
+        assert got["categories"] == want["categories"]
+    it.close()  # stop the read-ahead threads of these infinite iterators
+    fresh.close()

@@ -1,0 +1,238 @@
+"""Training: losses, prompt simulation, the trainer (in process), sharding equivalence on 8
+simulated devices and kill-and-resume (in processes of their own, tests/train_worker.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sam_jax.train import losses, prompt_simulation as sim
+from sam_jax.train.shapes import make_shapes
+from tests.train_worker import small_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train_shapes")
+    make_shapes(out, 16, seed=0, image_size=(96, 128))
+    return out
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> Path:
+    """A persistent compilation cache shared by the worker processes of this module."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _worker(args: list[str], cache: Path, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.train_worker", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"worker {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _result(proc: subprocess.CompletedProcess) -> dict:
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT:")][-1]
+    return json.loads(line[len("RESULT:"):])
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_focal_and_dice_limits():
+    t = jnp.zeros((1, 8, 8)).at[0, 2:6, 2:6].set(1.0)
+    perfect = jnp.where(t > 0, 20.0, -20.0)
+    wrong = -perfect
+    assert float(losses.sigmoid_focal_loss(perfect, t)[0]) < 1e-6
+    assert float(losses.dice_loss(perfect, t)[0]) < 1e-6
+    assert float(losses.sigmoid_focal_loss(wrong, t)[0]) > 1.0
+    assert float(losses.dice_loss(wrong, t)[0]) > 0.9
+    # focal at logit 0, target 1: alpha * log(2) * 0.5^2
+    np.testing.assert_allclose(losses.sigmoid_focal_loss(jnp.zeros((1, 1)), jnp.ones((1, 1))), 0.25 * np.log(2) * 0.25, rtol=1e-6)
+
+
+def test_sam_loss_trains_the_lowest_loss_mask_and_ignores_padding():
+    t = jnp.zeros((2, 8, 8)).at[:, 2:6, 2:6].set(1.0)
+    good = jnp.where(t > 0, 10.0, -10.0)
+    logits = jnp.stack([-good, good, -good], axis=1)  # (2, 3, 8, 8): output 1 is right
+    iou_pred = jnp.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    loss, metrics, best = losses.sam_loss(logits, iou_pred, t, jnp.array([True, False]))
+    assert best.tolist() == [1, 1]
+    assert float(metrics["mask_iou"]) == 1.0 and float(metrics["iou_mse"]) < 1e-6
+    assert float(loss) < 1e-3
+    # The padded example contributes nothing, whatever its logits.
+    loss2, _, _ = losses.sam_loss(logits.at[1].set(0.0), iou_pred, t, jnp.array([True, False]))
+    assert float(loss2) == float(loss)
+
+
+# ----------------------------------------------------------------------------- prompt simulation
+
+
+def test_initial_prompts_lie_on_the_mask():
+    m = 32
+    gt = np.zeros((64, m, m), bool)
+    gt[:, 5:15, 8:20] = True
+    keys = jax.random.split(jax.random.key(0), 64)
+    points, labels = sim.initial_prompt(keys, jnp.asarray(gt), image_size=128, num_slots=4, box_prob=0.5)
+    points, labels = np.asarray(points), np.asarray(labels)
+    is_box = labels[:, 0] == sim.LABEL_BOX_TOP_LEFT
+    assert 0 < is_box.sum() < 64  # both kinds occur
+    scale = 128 / m
+    cell = np.floor(points[~is_box, 0] / scale).astype(int)
+    assert np.all(gt[0][cell[:, 1], cell[:, 0]])  # foreground points
+    assert np.all(labels[~is_box, 1] == -1) and np.all(labels[is_box, 1] == sim.LABEL_BOX_BOTTOM_RIGHT)
+    box = np.array([8 * scale, 5 * scale, 20 * scale - 1, 15 * scale - 1])
+    corners = points[is_box][:, :2].reshape(-1, 4)
+    assert np.all(np.abs(corners - box) <= 20 * 128 / 1024 * 5)  # noise: std <= 10% of the side, <= 20 px at 1024
+    assert np.all(corners[:, 2:] >= corners[:, :2])
+    # Per-row keys: a row's prompt does not depend on the other rows.
+    p1, _ = sim.initial_prompt(keys[:3], jnp.asarray(gt[:3]), image_size=128, num_slots=4, box_prob=0.5)
+    np.testing.assert_array_equal(np.asarray(p1), points[:3])
+
+
+def test_correction_points_come_from_the_error_region():
+    m = 16
+    gt = np.zeros((3, m, m), bool)
+    gt[:, 4:8, 4:8] = True
+    logits = np.full((3, m, m), -5.0, np.float32)
+    logits[1, 4:8, 4:8] = 5.0
+    logits[1, 12, 12] = 5.0  # one false-positive pixel
+    logits[2, 4:8, 4:8] = 5.0  # perfect
+    keys = jax.random.split(jax.random.key(1), 3)
+    point, label = sim.correction_point(keys, jnp.asarray(logits), jnp.asarray(gt), image_size=64)
+    point, label = np.asarray(point), np.asarray(label)
+    assert label.tolist() == [1, 0, -1]  # FN -> positive, FP -> negative, no error -> no point
+    cell = np.floor(point / 4).astype(int)
+    assert gt[0, cell[0, 1], cell[0, 0]]
+    assert tuple(cell[1]) == (12, 12)
+
+
+def test_iteration_schedule_ends_without_a_point():
+    s = np.asarray(sim.iteration_schedule(jax.random.key(0), 8, 2))
+    assert s.shape == (10,) and s.sum() == 8 and not s[-1]
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def test_config_overrides_and_errors(tmp_path):
+    from sam_jax.train.trainer import TrainingError, apply_overrides, load_config_file
+
+    cfg = load_config_file(ROOT / "train" / "configs" / "shapes_tiny.py")
+    out = apply_overrides(cfg, ["steps=7", "optim.lr=1", "optim.decay_steps=[3, 5]", "data.train_dir=/x", "optim.freeze_image_encoder=True"])
+    assert out.steps == 7 and out.optim.lr == 1.0 and isinstance(out.optim.lr, float)
+    assert tuple(out.optim.decay_steps) == (3, 5) and out.data.train_dir == "/x" and out.optim.freeze_image_encoder is True
+    assert cfg.steps != 7  # the original is not modified
+    for bad, msg in (("nope=1", "unknown key"), ("steps", "KEY=VALUE"), ("steps=abc", "cannot parse"), ("steps=1.5", "expected int"), ("x.y=1", "no config section")):
+        with pytest.raises(TrainingError, match=msg):
+            apply_overrides(cfg, [bad])
+    with pytest.raises(TrainingError, match="no such config file"):
+        load_config_file(tmp_path / "missing.py")
+
+
+def test_trainer_frozen_encoder_nonfinite_and_corrupt_data(shapes, tmp_path, monkeypatch):
+    """One in-process trainer: a frozen encoder stays put while the decoder learns, a corrupt
+    record is skipped and counted, a non-finite loss stops training with a clear error and
+    leaves the checkpoint already written intact."""
+    import shutil
+
+    from sam_jax.train.trainer import Trainer, TrainingError
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "shapes_000003.jpg").write_bytes(b"not a jpeg")  # corrupt image
+    (data / "shapes_000005.json").write_text("{broken")  # unreadable JSON
+    cfg = small_config(str(data))
+    cfg.optim.freeze_image_encoder = True
+    cfg.checkpoint.every = 1
+    cfg.checkpoint.async_save = False
+    tr = Trainer(cfg, tmp_path / "work", quiet=True)
+    before = jax.device_get(tr.state.params)
+    with pytest.warns(RuntimeWarning, match="skipping corrupt record"):
+        last = tr.train(steps=2)
+    after = jax.device_get(tr.state.params)
+    assert np.isfinite(last["loss"]) and last["step"] == 2
+    assert last["skipped_records"] >= 2  # every skip counts (a record read again next epoch too)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before["image_encoder"], after["image_encoder"])
+    assert all(jax.tree.leaves(same))
+    assert not np.array_equal(before["mask_decoder"]["iou_token"]["embedding"], after["mask_decoder"]["iou_token"]["embedding"])
+    np.testing.assert_array_equal(
+        before["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
+        after["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
+    )  # a fixed buffer, never trained
+    lines = (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2]
+
+    # The exported model loads for inference.
+    from sam_jax.checkpoint import load_model
+
+    model = load_model(tmp_path / "work" / "model")
+    np.testing.assert_array_equal(model.params["mask_decoder"]["iou_token"]["embedding"], after["mask_decoder"]["iou_token"]["embedding"])
+
+    # A NaN batch: the step is refused, training stops, the checkpoint of step 2 stays.
+    real = tr._next_batch
+
+    def nan_batch():
+        batch = real()
+        return {**batch, "images": jnp.full_like(batch["images"], jnp.nan)}
+
+    monkeypatch.setattr(tr, "_next_batch", nan_batch)
+    with pytest.raises(TrainingError, match="non-finite loss or gradient at step 2"):
+        tr.train(steps=4)
+    assert tr.step == 3 and tr.manager.latest_step() == 2  # the bad update was not applied nor saved
+    after_nan = jax.device_get(tr.state.params)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), after, after_nan)))
+    tr.close()
+
+
+def test_sharding_equivalence_on_8_devices(shapes, tmp_path, compile_cache):
+    res = _result(_worker(["meshes", str(shapes), str(tmp_path), "2"], compile_cache, devices=8))
+    ref = res["losses"]["1x1"]
+    for name in ("4x2", "8x1"):
+        np.testing.assert_allclose(res["losses"][name], ref, rtol=0, atol=1e-5)
+        assert res["max_param_diff"][name] <= 1e-5, res["max_param_diff"]
+    assert res["shards"]["4x2"] == [[16, 16, 3, 32]]  # the embedding dim split over fsdp=2
+
+
+def test_kill_and_resume_gives_the_uninterrupted_params(shapes, tmp_path, compile_cache):
+    from sam_jax.checkpoint import load_params
+
+    full = _result(_worker(["run", str(shapes), str(tmp_path / "full"), "6"], compile_cache))
+    assert full == {"resumed_from": None, "step": 6}
+
+    killed = _worker(["run", str(shapes), str(tmp_path / "killed"), "6", "5"], compile_cache, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpts = tmp_path / "killed" / "checkpoints"
+    complete = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert complete and complete[-1] in (2, 4), complete  # 4 unless its async save was cut off
+    # A save interrupted by a crash leaves a temporary directory: it must be ignored.
+    (ckpts / "6.orbax-checkpoint-tmp-1234567").mkdir()
+    resumed = _worker(["run", str(shapes), str(tmp_path / "killed"), "6"], compile_cache)
+    assert "ignoring the incomplete checkpoint 6.orbax-checkpoint-tmp-1234567" in resumed.stderr
+    assert _result(resumed) == {"resumed_from": complete[-1], "step": 6}
+
+    _, a = load_params(tmp_path / "full" / "model")
+    _, b = load_params(tmp_path / "killed" / "model")
+    same = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)
+    assert all(jax.tree.leaves(same))

@@ -1,0 +1,96 @@
+"""Training runs that need a process of their own (simulated devices, SIGKILL, several
+processes), started by tests/test_train.py as `python -m tests.train_worker MODE ...`.
+
+Each mode prints one JSON line prefixed with RESULT: on success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+
+def small_config(data_dir: str, **overrides):
+    """The shapes recipe shrunk to seconds a step: batch 8, 2 masks, one correction point."""
+    from sam_jax.train.trainer import load_config_file
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config_file(os.path.join(here, "train", "configs", "shapes_tiny.py"))
+    cfg.data.train_dir = data_dir
+    cfg.batch_size = 8
+    cfg.data.masks_per_image = 2
+    cfg.loss.num_point_iters = 1
+    cfg.loss.num_no_point_iters = 1
+    cfg.optim.warmup_steps = 2
+    cfg.log_every = 1
+    cfg.checkpoint.every = 2
+    cfg.checkpoint.keep = 10
+    for k, v in overrides.items():
+        node = cfg
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return cfg
+
+
+def _params_digest(params) -> dict:
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def meshes(data_dir: str, workdir: str, steps: int) -> None:
+    """The same steps on 1x1, 4x2 and 8x1 (data x fsdp) meshes of 8 CPU devices."""
+    import jax
+    import numpy as np
+
+    from sam_jax.train.sharding import make_mesh
+    from sam_jax.train.trainer import Trainer
+
+    assert jax.device_count() == 8, jax.devices()
+    results = {}
+    for data, fsdp in ((1, 1), (4, 2), (8, 1)):
+        mesh = make_mesh(data, fsdp, devices=jax.devices()[: data * fsdp])
+        tr = Trainer(small_config(data_dir), os.path.join(workdir, f"{data}x{fsdp}"), mesh=mesh, quiet=True)
+        losses = [float(tr.run_step()["loss"]) for _ in range(steps)]
+        # The params really are sharded along fsdp (the embedding dim of the patch projection).
+        kernel = tr.state.params["image_encoder"]["patch_embed"]["proj"]["kernel"]
+        shards = {s.data.shape for s in kernel.addressable_shards}
+        results[f"{data}x{fsdp}"] = (losses, _params_digest(tr.state.params), sorted(shards))
+        tr.close()
+    ref_losses, ref_params, _ = results["1x1"]
+    out = {"losses": {k: v[0] for k, v in results.items()}, "shards": {k: v[2] for k, v in results.items()}}
+    out["max_param_diff"] = {
+        k: max(float(np.max(np.abs(v[1][n] - ref_params[n]))) for n in ref_params) for k, v in results.items()
+    }
+    print("RESULT:" + json.dumps(out), flush=True)
+
+
+def run(data_dir: str, workdir: str, steps: int, kill_at: int = -1) -> None:
+    """Train to `steps` (resuming from workdir); with kill_at, SIGKILL this process after that step."""
+    from sam_jax.train.trainer import Trainer
+
+    tr = Trainer(small_config(data_dir), workdir, quiet=False)
+
+    def callback(step: int) -> None:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    tr.train(steps, callback=callback)
+    tr.close()
+    print("RESULT:" + json.dumps({"resumed_from": tr.resumed_from, "step": tr.step}), flush=True)
+
+
+if __name__ == "__main__":
+    mode, *args = sys.argv[1:]
+    if mode == "meshes":
+        meshes(args[0], args[1], int(args[2]))
+    elif mode == "run":
+        run(args[0], args[1], int(args[2]), int(args[3]) if len(args) > 3 else -1)
+    else:
+        raise SystemExit(f"unknown mode {mode}")

@@ -1,0 +1,60 @@
+"""The SAM recipe (Kirillov et al. 2023, appendix A) as defaults; recipes override what they change."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "vit_b"  # a sam_jax.config name
+    c.dtype = "float32"  # compute dtype; params stay float32 ("bfloat16" on accelerators)
+    c.seed = 0
+    c.steps = 180_000  # ViT-B/L: 180k iterations at batch 128 (ViT-H: 90k at 256)
+    c.batch_size = 128  # images per step, over all devices
+    c.drop_path_rate = 0.6  # stochastic depth in the ViT: 0.6 (B), 0.4 (L, H)
+    c.remat = False  # recompute encoder blocks in the backward pass (less memory, ~1/3 more compute)
+    c.init = "scratch"  # "scratch" | "checkpoint:PATH" (any form load_model reads) | "encoder:PATH" (image encoder only)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_dir = ""  # SA-1B layout: NAME.jpg + NAME.json
+    c.data.eval_dir = ""
+    c.data.masks_per_image = 64  # the paper samples at most 64 masks per GPU
+    c.data.max_mask_fraction = 0.9  # masks covering more than 90% of the image are dropped
+    c.data.num_workers = 0  # grain worker processes (0: in the main process)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 8e-4  # ViT-B and ViT-H; ViT-L uses 4e-4
+    c.optim.warmup_steps = 250
+    c.optim.decay_steps = (120_000, 173_333)  # x0.1 at 2/3 and ~96% of training (60k and 86,666 of 90k for ViT-H)
+    c.optim.decay_factor = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.1
+    c.optim.layer_decay = 0.6  # layer-wise lr decay: 0.6 (B), 0.8 (L, H)
+    c.optim.grad_clip = 1.0
+    c.optim.freeze_image_encoder = False  # True: fine-tune the prompt encoder and decoder only
+    c.optim.grad_accum_steps = 1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.focal_weight = 20.0  # focal : dice = 20 : 1
+    c.loss.dice_weight = 1.0
+    c.loss.iou_weight = 1.0
+    c.loss.num_point_iters = 8  # error-region points after the first prompt
+    c.loss.num_no_point_iters = 2  # iterations with no new point (one random, one last)
+    c.loss.box_prob = 0.5  # first prompt: a noisy box or a foreground point
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every = 50
+    c.eval_every = 0  # 0: evaluate only at the end
+    c.eval_images = 50
+    c.on_nonfinite = "stop"  # "stop" with a clear message, or "skip" the update and go on
+    return c

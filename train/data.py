@@ -1,0 +1,105 @@
+"""From SA-1B records to model-ready training examples (host side, numpy).
+
+An example: the image resized (longest side to `image_size`, as at inference), normalized
+and zero-padded; up to K of its masks (masks covering more than `max_mask_fraction` of
+the image dropped, as in the paper), resized the same way and reduced to the low-res grid
+(m = 4 x embedding side) by block averaging (a cell is inside when at least half of it is).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from sam_jax.config import SamConfig
+from sam_jax.transforms import get_preprocess_shape
+
+
+def resize_masks(masks: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(M, H, W) bool -> (M, h, w) bool with nearest-neighbour sampling."""
+    h, w = hw
+    ys = np.minimum(((np.arange(h) + 0.5) * masks.shape[1] / h).astype(np.int64), masks.shape[1] - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * masks.shape[2] / w).astype(np.int64), masks.shape[2] - 1)
+    return masks[:, ys][:, :, xs]
+
+
+def to_low_res(masks: np.ndarray, image_size: int, low_res: int) -> np.ndarray:
+    """(M, h, w) bool in the resized frame -> (M, m, m) bool on the padded low-res grid."""
+    m_count, h, w = masks.shape
+    padded = np.zeros((m_count, image_size, image_size), np.float32)
+    padded[:, :h, :w] = masks
+    f = image_size // low_res
+    return padded.reshape(m_count, low_res, f, low_res, f).mean(axis=(2, 4)) >= 0.5
+
+
+def normalize_and_pad(image: np.ndarray, config: SamConfig) -> np.ndarray:
+    """(h, w, 3) uint8 resized -> (S, S, 3) float32, as `transforms.preprocess`."""
+    s = config.image_size
+    x = (image.astype(np.float32) - np.asarray(config.pixel_mean, np.float32)) / np.asarray(config.pixel_std, np.float32)
+    out = np.zeros((s, s, 3), np.float32)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def prepare_example(
+    record: dict, config: SamConfig, *, masks_per_image: int, max_mask_fraction: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """record (`image` (H, W, 3) uint8, `masks` (M, H, W) bool) -> images (S, S, 3) float32,
+    masks (K, m, m) bool, valid (K,) bool."""
+    image, masks = record["image"], np.asarray(record["masks"], bool)
+    h, w = image.shape[:2]
+    area = masks.reshape(len(masks), -1).sum(1)
+    usable = np.flatnonzero((area > 0) & (area <= max_mask_fraction * h * w))
+    chosen = rng.permutation(usable)[:masks_per_image]
+    nh, nw = get_preprocess_shape(h, w, config.image_size)
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    k, m = masks_per_image, config.low_res_mask_size
+    out_masks = np.zeros((k, m, m), bool)
+    valid = np.zeros((k,), bool)
+    if len(chosen):
+        low = to_low_res(resize_masks(masks[chosen], (nh, nw)), config.image_size, m)
+        out_masks[: len(chosen)] = low
+        valid[: len(chosen)] = low.reshape(len(chosen), -1).any(1)  # a mask lost at low-res is not trained
+    return {"images": normalize_and_pad(resized, config), "masks": out_masks, "valid": valid}
+
+
+def make_train_dataset(
+    source,
+    config: SamConfig,
+    *,
+    seed: int,
+    batch_size: int,
+    masks_per_image: int,
+    max_mask_fraction: float,
+    shard_index: int,
+    shard_count: int,
+    num_threads: int = 2,
+):
+    """The training pipeline of one process over `source` (a folder or an `SA1BSource`): a grain ``IterDataset`` of batches
+    ``images (b, S, S, 3)``, ``masks (b, K, m, m)``, ``valid (b, K)``, ``ids (b,)``.
+
+    Process ``shard_index`` of ``shard_count`` reads every ``shard_count``-th record of the
+    shuffled stream, ``b = batch_size`` at a time, so step ``s`` of all processes together
+    covers records ``[s * B, (s + 1) * B)`` of the stream (``B = b * shard_count``): the same
+    examples as one process reading ``B`` at a time. An example's id is its position in the
+    stream and seeds its mask sampling, so nothing depends on how the batch is split.
+    Corrupt records are skipped (with a warning, counted by the source). The iterator of the
+    returned dataset is checkpointable (grain ``get_state`` / ``set_state``).
+    """
+    import grain
+
+    from sam_jax.train.sa1b import make_map_dataset
+
+    ds = make_map_dataset(source, seed=seed, shard_index=shard_index, shard_count=shard_count)
+
+    def prepare(index: int, record):
+        if record is None:
+            return None
+        example_id = shard_index + shard_count * index
+        rng = np.random.default_rng([seed, example_id])
+        ex = prepare_example(record, config, masks_per_image=masks_per_image, max_mask_fraction=max_mask_fraction, rng=rng)
+        ex["ids"] = np.int32(example_id % np.iinfo(np.int32).max)
+        return ex
+
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size)
+    return ds.map_with_index(prepare).to_iter_dataset(read, allow_nones=False).batch(batch_size, drop_remainder=True)

@@ -1,0 +1,86 @@
+"""The optimizer of the SAM recipe: AdamW, linear warmup then step decay, layer-wise lr decay
+for the ViT blocks, gradient clipping, weight decay on kernels only, frozen parts.
+
+Frozen always: the positional-encoding Gaussian matrix (a fixed buffer in the official
+model). Optionally frozen: the whole image encoder (`freeze_image_encoder`, fine-tuning
+the prompt encoder and decoder only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_jax.config import SamConfig
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, decay_steps: tuple[int, ...], decay_factor: float = 0.1) -> optax.Schedule:
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then x`decay_factor` at each of `decay_steps`."""
+    warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+    steps = optax.piecewise_constant_schedule(peak, {int(s) - warmup_steps: decay_factor for s in decay_steps})
+    return optax.join_schedules([warmup, steps], [warmup_steps])
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(getattr(k, "key", getattr(k, "name", str(k))) for k in path)
+
+
+def layer_id(names: tuple[str, ...], depth: int) -> int:
+    """MAE-style layer index: patch embedding / pos_embed 0, block i -> i + 1, the rest depth + 1."""
+    if names[0] != "image_encoder":
+        return depth + 1
+    if names[1] in ("patch_embed", "pos_embed"):
+        return 0
+    if names[1].startswith("blocks_"):
+        return int(names[1].split("_")[1]) + 1
+    return depth + 1
+
+
+def scale_by_layer(depth: int, decay: float) -> optax.GradientTransformation:
+    """Layer-wise lr decay: multiply each update by decay ** (depth + 1 - layer_id)."""
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda path, u: u * jnp.asarray(decay ** (depth + 1 - layer_id(_path_names(path), depth)), u.dtype), updates
+        )
+        return scaled, state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def trainable_labels(params: Any, freeze_image_encoder: bool) -> Any:
+    def label(path, _):
+        names = _path_names(path)
+        if names[-1] == "positional_encoding_gaussian_matrix":
+            return "frozen"
+        if freeze_image_encoder and names[0] == "image_encoder":
+            return "frozen"
+        return "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on kernels (matrices and convs) only: not on biases, norms, embeddings, positions."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _path_names(path)[-1] == "kernel", params)
+
+
+def make_optimizer(params: Any, model_config: SamConfig, cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer for `params` (a pytree of arrays or shapes) from a training config's `optim` fields."""
+    schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, tuple(cfg.decay_steps), cfg.decay_factor)
+    train = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
+        scale_by_layer(model_config.image_encoder.depth, cfg.layer_decay),
+    )
+    tx = optax.multi_transform(
+        {"train": train, "frozen": optax.set_to_zero()},
+        trainable_labels(params, cfg.freeze_image_encoder),
+    )
+    if cfg.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+    return tx, schedule

@@ -1,0 +1,317 @@
+"""Reading SA-1B-layout folders: ``NAME.jpg`` + ``NAME.json`` pairs, COCO RLE masks.
+
+* :func:`list_records` pairs the images and JSON files of a folder.
+* :func:`load_record` decodes one pair into numpy arrays, raising :class:`DataError`
+  (naming the file) on anything corrupt.
+* :class:`SA1BSource` is a grain ``RandomAccessDataSource`` over a folder; a corrupt record
+  reads as ``None`` (with one warning per file) instead of stopping training.
+* :func:`make_dataset` is the grain pipeline: a deterministic per-seed shuffle (reshuffled
+  each epoch), sharded by process, ``None`` records dropped, and a checkpointable iterator
+  (``it.get_state()`` / ``it.set_state(state)``). Elements are the raw dicts of
+  :func:`load_record`; resizing and batching belong to the model-specific preprocessing.
+
+Uses grain's dataset API (grain >= 0.2.x): ``grain.MapDataset.source(...).shuffle(seed)
+[shard::count].repeat(epochs).to_iter_dataset(grain.ReadOptions(...))``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class DataError(ValueError):
+    """A record (image or JSON) of the data set is unreadable or inconsistent."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def list_records(root: str | Path) -> list[tuple[Path, Path]]:
+    """The ``(image, json)`` pairs of the folder ``root`` (not recursive), sorted by name.
+
+    An image is paired with the JSON file of the same stem; images without one (and JSON
+    files without an image) are left out.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"not a folder: {root}")
+    jsons = {p.stem: p for p in root.iterdir() if p.suffix.lower() == ".json" and p.is_file()}
+    pairs = [
+        (p, jsons[p.stem])
+        for p in root.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.stem in jsons
+    ]
+    return sorted(pairs, key=lambda pair: pair[0].name)
+
+
+def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]:
+    """Decode one SA-1B record.
+
+    Returns ``{"image": (H, W, 3) uint8, "masks": (M, H, W) bool, "categories": [str] * M
+    ("" where an annotation has none), "boxes": (M, 4) float32 XYWH, "path": str}``.
+
+    Raises :class:`DataError` naming the file for an unreadable or corrupt image, unreadable
+    JSON, missing keys, a broken RLE, or a mask whose size differs from the image's.
+    """
+    image_path, json_path = Path(image_path), Path(json_path)
+    image = _read_image(image_path)
+    h, w = image.shape[:2]
+    data = _read_json(json_path)
+
+    try:
+        anns = data["annotations"]
+        if not isinstance(anns, list):
+            raise TypeError("'annotations' is not a list")
+        info = data.get("image")
+        if isinstance(info, dict) and "height" in info and "width" in info:
+            if (int(info["height"]), int(info["width"])) != (h, w):
+                raise DataError(
+                    f"{json_path}: says the image is {info['height']}x{info['width']},"
+                    f" but {image_path.name} is {h}x{w}"
+                )
+        rles, categories, boxes = [], [], []
+        for i, ann in enumerate(anns):
+            rles.append(_checked_rle(ann["segmentation"], h, w, f"{json_path}: annotation {i}"))
+            categories.append(str(ann.get("category", "")))
+            boxes.append(ann.get("bbox"))
+    except DataError:
+        raise
+    except KeyError as e:
+        raise DataError(f"{json_path}: missing key {e}") from e
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{json_path}: malformed record: {e}") from e
+
+    if rles:
+        # The RLEs were checked above, so a failure here is no data error: let it propagate.
+        decoded = mask_utils.decode(rles)  # (H, W, M) uint8, Fortran order
+        masks = np.ascontiguousarray(decoded.transpose(2, 0, 1)).view(bool)  # values are 0 / 1
+    else:
+        masks = np.zeros((0, h, w), bool)
+
+    if any(b is None for b in boxes):
+        computed = mask_utils.toBbox(rles) if rles else np.zeros((0, 4))
+        boxes = [computed[i] if b is None else b for i, b in enumerate(boxes)]
+    try:
+        boxes_arr = np.asarray(boxes, np.float32).reshape(len(rles), 4)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{json_path}: malformed bbox: {e}") from e
+    return {
+        "image": image,
+        "masks": masks,
+        "categories": categories,
+        "boxes": boxes_arr,
+        "path": str(image_path),
+    }
+
+
+def _read_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes fully: a truncated file raises here
+            rgb = img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable image: {e}") from e
+    return np.asarray(rgb, np.uint8)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: unreadable JSON: top level is {type(data).__name__}, not an object")
+    return data
+
+
+def _checked_rle(seg: dict, h: int, w: int, where: str) -> dict:
+    """A compressed RLE that pycocotools can decode safely, or :class:`DataError`.
+
+    pycocotools' C decoder trusts its input (counts summing past ``h * w`` write past the
+    buffer; a string ending mid-number reads past it), so the counts are parsed and checked
+    here first.
+    """
+    size = [int(v) for v in seg["size"]]
+    if size != [h, w]:
+        raise DataError(f"{where}: mask size {size} differs from the image's {[h, w]}")
+    counts = seg["counts"]
+    if isinstance(counts, list):  # uncompressed RLE
+        runs = np.asarray(counts)
+        if runs.ndim != 1 or (runs.size and not np.issubdtype(runs.dtype, np.integer)):
+            raise DataError(f"{where}: broken RLE: counts are not integers")
+        _check_runs(runs.astype(np.int64), h, w, where)
+        return mask_utils.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: broken RLE: bad character in counts") from e
+    if not isinstance(counts, bytes):
+        raise DataError(f"{where}: broken RLE: counts are {type(counts).__name__}")
+    _check_runs(_parse_counts(counts, where), h, w, where)
+    return {"size": [h, w], "counts": counts}
+
+
+def _parse_counts(s: bytes, where: str) -> np.ndarray:
+    """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``, vectorised)."""
+    b = np.frombuffer(s, np.uint8).astype(np.int64) - 48
+    if b.size == 0:
+        return np.zeros(0, np.int64)
+    if np.any((b < 0) | (b > 63)):
+        raise DataError(f"{where}: broken RLE: bad character in counts")
+    more = (b & 0x20) != 0
+    if more[-1]:
+        raise DataError(f"{where}: broken RLE: counts end mid-number")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    group = np.repeat(np.arange(len(ends)), ends - starts + 1)
+    pos = np.arange(b.size) - starts[group]
+    if pos.max() > 11:
+        raise DataError(f"{where}: broken RLE: number too long")
+    x = np.add.reduceat((b & 0x1F) << (5 * pos), starts)
+    nbits = 5 * (pos[ends] + 1)
+    x = np.where((b[ends] & 0x10) != 0, x - (np.int64(1) << nbits), x)  # sign-extend
+    # Delta coding: from the fourth on, each count is stored relative to the one two back.
+    runs = x.copy()
+    runs[1::2] = np.cumsum(x[1::2])
+    runs[2::2] = np.cumsum(x[2::2])
+    return runs
+
+
+def _check_runs(runs: np.ndarray, h: int, w: int, where: str) -> None:
+    if runs.size and (runs.min() < 0 or runs.max() >= 2**32):
+        raise DataError(f"{where}: broken RLE: run length out of range")
+    total = int(runs.sum()) if runs.size else 0
+    if total != h * w:
+        raise DataError(f"{where}: broken RLE: runs cover {total} pixels, the image has {h * w}")
+
+
+# --------------------------------------------------------------------------- grain
+
+
+class SA1BSource:
+    """A grain ``RandomAccessDataSource`` over the records of an SA-1B-layout folder.
+
+    ``source[i]`` is :func:`load_record` of the ``i``-th pair of :func:`list_records`, or
+    ``None`` when that record is corrupt: a warning names the file (once per file and
+    process) and ``num_skipped`` counts the skips (every skip; process-local, so with grain
+    worker processes each worker has its own count).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.records = list_records(self.root)
+        self.num_skipped = 0
+        self.skipped_files: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        image_path, json_path = self.records[index]
+        try:
+            return load_record(image_path, json_path)
+        except DataError as e:
+            with self._lock:
+                self.num_skipped += 1
+                first = str(image_path) not in self.skipped_files
+                self.skipped_files.add(str(image_path))
+            if first:
+                warnings.warn(f"skipping corrupt record {image_path.name}: {e}", RuntimeWarning, stacklevel=2)
+            return None
+
+    def __repr__(self) -> str:
+        return f"SA1BSource(root={str(self.root)!r}, records={len(self.records)})"
+
+    # Picklable for grain's worker processes (a lock is not).
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def make_map_dataset(
+    root: str | Path | SA1BSource,
+    *,
+    seed: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_epochs: int | None = None,
+):
+    """The random-access half of :func:`make_dataset` (a ``grain.MapDataset``).
+
+    Elements may be ``None`` (corrupt records); insert per-element work here with
+    ``.map`` / ``.random_map`` (grain passes ``None`` through untouched) so that it runs in
+    the read threads, then call ``.to_iter_dataset(...)``, which drops the ``None`` s.
+    """
+    import grain
+
+    source = root if isinstance(root, SA1BSource) else SA1BSource(root)
+    if len(source) == 0:
+        raise ValueError(f"no (image, json) records in {source.root}")
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+    if shard_count > len(source):
+        raise ValueError(f"{shard_count} shards but only {len(source)} records in {source.root}")
+    # Shuffle globally, then shard: the shards of one epoch are disjoint and cover the data
+    # (each shard gets len // count or one more). Repeating reshuffles each epoch, the same
+    # way in every process (the epoch is folded into the shuffle seed).
+    ds = grain.MapDataset.source(source).shuffle(seed=int(seed))
+    ds = ds[shard_index::shard_count]
+    return ds.repeat(num_epochs)
+
+
+def make_dataset(
+    root: str | Path | SA1BSource,
+    *,
+    seed: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_epochs: int | None = None,
+    num_threads: int = 4,
+    prefetch_buffer_size: int = 8,
+):
+    """A grain ``IterDataset`` of this process's records of ``root``: raw :func:`load_record` dicts.
+
+    * deterministic for ``seed``; each epoch is reshuffled (deterministically);
+    * sharded: process ``shard_index`` of ``shard_count`` (default: ``jax.process_index()``
+      of ``jax.process_count()``) reads every ``shard_count``-th record of the shuffled
+      order, so the shards of an epoch are disjoint and cover the data set;
+    * ``num_epochs=None`` repeats forever;
+    * corrupt records (``None`` from :class:`SA1BSource`) are dropped;
+    * ``it = iter(ds)`` is checkpointable: ``state = it.get_state()`` (a small dict) and
+      later ``it.set_state(state)`` on a fresh iterator of the same pipeline gives exactly
+      the same following elements.
+
+    ``num_threads`` / ``prefetch_buffer_size`` are grain's ``ReadOptions``: decoded SA-1B
+    records are large (a full-size image with ~100 masks is a few hundred MB as bool), so
+    the buffer is kept small.
+    """
+    import grain
+
+    ds = make_map_dataset(
+        root, seed=seed, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs
+    )
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+    return ds.to_iter_dataset(read, allow_nones=False)  # drops the None (corrupt) records

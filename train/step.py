@@ -1,0 +1,126 @@
+"""The training step: pure, jitted, sharded by the caller (`sam_jax.train.sharding`).
+
+    state, metrics = train_step(state, batch, model_config=..., cfg=..., tx=...)
+
+batch:
+  images (B, S, S, 3) float32, normalized and zero-padded (`transforms.preprocess`)
+  masks  (B, K, m, m) bool ground-truth masks on the low-res grid (m = 4 x embedding side)
+  valid  (B, K) bool  which of the K mask slots hold a real mask
+  ids    (B,) int32   a unique id per example (its position in the data stream)
+
+The random prompts of a mask depend only on (seed, step, example id, mask slot), never on
+where the example sits in the batch or on which device: the same examples give the same
+loss however the batch is split over devices and processes.
+
+Each image is encoded once; each of its masks runs the interactive simulation
+(`prompt_simulation`): the first prompt with multimask output (the lowest-loss of the 3
+masks trained), then correction iterations with the single-mask output, each feeding back
+the previous low-res logits (without gradient) as the mask prompt. The loss is the mean
+over iterations of `losses.sam_loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from sam_jax.config import SamConfig
+from sam_jax.model import decode, encode
+from sam_jax.prompts import Prompts
+from sam_jax.train import prompt_simulation as sim
+from sam_jax.train.losses import sam_loss
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def simulate_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model_config: SamConfig, cfg: Any):
+    """The interactive-simulation loss of one batch -> (loss, metrics)."""
+    images, gt, valid = batch["images"], batch["masks"], batch["valid"]
+    b, k, m, _ = gt.shape
+    k_sched, k_rows, k_drop = jax.random.split(rng, 3)
+    # One key per mask row, from the example id and the slot: independent of the batch layout.
+    row_keys = jax.vmap(lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(k_rows, i), j))(jnp.arange(k)))(
+        batch["ids"]
+    ).reshape(b * k)
+    emb = encode(params, images, config=model_config, drop_path_rng=k_drop)  # drop path: config's rate
+    emb = jnp.repeat(emb, k, axis=0)  # (B*K, h, w, C): one row per mask
+    gt = gt.reshape(b * k, m, m).astype(bool)
+    valid = valid.reshape(b * k)
+    targets = gt.astype(jnp.float32)
+    loss_kw = dict(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight)
+    n = sim.num_slots(cfg.num_point_iters)
+    s = model_config.image_size
+
+    points, labels = sim.initial_prompt(row_keys, gt, image_size=s, num_slots=n, box_prob=cfg.box_prob)
+    no_mask = jnp.zeros((b * k, m, m), jnp.float32)
+    prompts = Prompts(points=points, labels=labels, mask_input=no_mask, has_mask=jnp.zeros((b * k,), bool))
+    logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=True)
+    loss0, metrics0, best = sam_loss(logits, iou, targets, valid, **loss_kw)
+    # The mask prompt fed forward: the trained (lowest-loss) output, without gradient.
+    prev = jax.lax.stop_gradient(jnp.take_along_axis(logits, best[:, None, None, None], axis=1)[:, 0])
+
+    schedule = sim.iteration_schedule(k_sched, cfg.num_point_iters, cfg.num_no_point_iters)
+    num_later = schedule.shape[0]
+
+    def body(carry, inputs):
+        points, labels, prev, slot = carry
+        add_point, it = inputs
+        keys = jax.vmap(lambda r: jax.random.fold_in(r, it + 1))(row_keys)
+        point, label = sim.correction_point(keys, prev, gt, image_size=s)
+        label = jnp.where(add_point, label, -1)
+        idx = jnp.minimum(slot, n - 1)
+        points = points.at[jnp.arange(b * k), idx].set(jnp.where((label >= 0)[:, None], point, points[jnp.arange(b * k), idx]))
+        labels = labels.at[jnp.arange(b * k), idx].set(jnp.where(label >= 0, label, labels[jnp.arange(b * k), idx]))
+        slot = slot + (label >= 0).astype(jnp.int32)
+        prompts = Prompts(points=points, labels=labels, mask_input=prev, has_mask=jnp.ones((b * k,), bool))
+        logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False)
+        loss, metrics, _ = sam_loss(logits, iou, targets, valid, **loss_kw)
+        return (points, labels, jax.lax.stop_gradient(logits[:, 0]), slot), (loss, metrics)
+
+    if num_later:
+        # Correction points go after the first prompt: slot 1 for a point, slot 2 after a box.
+        first_slot = jnp.where(labels[:, 1] == sim.LABEL_BOX_BOTTOM_RIGHT, 2, 1).astype(jnp.int32)
+        _, (losses, metrics) = jax.lax.scan(body, (points, labels, prev, first_slot), (schedule, jnp.arange(num_later)))
+        total = (loss0 + losses.sum()) / (1 + num_later)
+        final = jax.tree.map(lambda x: x[-1], metrics)
+    else:
+        total, final = loss0, metrics0
+    out = {"loss": total, "first_iou": metrics0["mask_iou"], "last_iou": final["mask_iou"], **{f"first_{k}": v for k, v in metrics0.items() if k != "mask_iou"}}
+    return total, out
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_config: SamConfig, cfg: Any, tx: optax.GradientTransformation, schedule: optax.Schedule):
+    """One optimizer step -> (new state, metrics). Non-finite steps are skipped (state kept,
+    `finite` = 0 in the metrics); the caller decides whether to stop."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(simulate_and_loss, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, batch, rng, model_config=model_config, cfg=cfg)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state))
+    metrics = {
+        **metrics,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(state.params),
+        "update_norm": optax.tree.norm(updates),
+        "lr": schedule(state.step),
+        "finite": finite.astype(jnp.float32),
+    }
+    return new_state, metrics
