@@ -217,6 +217,40 @@ def _auto(args: argparse.Namespace) -> None:
             print(f"{path}: {len(records)} masks -> {out / (path.stem + '.json')}")
 
 
+def _make_shapes(args: argparse.Namespace) -> None:
+    from sam_jax.train.shapes import make_shapes
+
+    if args.n < 1:
+        raise CliError(f"--n must be >= 1, got {args.n}")
+    make_shapes(args.out, args.n, seed=args.seed, image_size=(args.height, args.width))
+    print(f"wrote {args.n} images with masks (SA-1B layout) to {args.out}")
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sam_jax.train.trainer import Trainer, apply_overrides, load_config_file
+
+    cfg = apply_overrides(load_config_file(args.config), [o.removeprefix("--config.") for o in overrides])
+    enable_compilation_cache(args.cache_dir)
+    trainer = Trainer(cfg, args.workdir, quiet=args.quiet)
+    try:
+        last = trainer.train()
+    finally:
+        trainer.close()
+    print(f"trained to step {trainer.step} (loss {last.get('loss', float('nan')):.4f}); model -> {trainer.workdir / 'model'}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from sam_jax.train.evaluate import evaluate, format_table
+
+    model = _load(args)
+    results = evaluate(
+        model.params, model.config, args.data, num_clicks=args.clicks, max_images=args.max_images, max_masks_per_image=args.max_masks
+    )
+    print(format_table(results))
+    if args.out:
+        write_json(Path(args.out), results)
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -267,16 +301,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-mask-region-area", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_auto)
+
+    p = sub.add_parser("make-shapes", help="a synthetic SA-1B-layout data set of shapes with exact masks")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--n", type=int, default=100, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=192)
+    p.add_argument("--width", type=int, default=256)
+    p.set_defaults(func=_make_shapes)
+
+    p = sub.add_parser("train", help="train (or resume) from a config file; extra --config.KEY=VALUE override it")
+    p.add_argument("--config", required=True, help="a config file, e.g. train/configs/shapes_tiny.py")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model/ go here")
+    p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.set_defaults(func=_train, takes_overrides=True)
+
+    p = sub.add_parser("eval", help="interactive-click and box mIoU on an SA-1B-layout folder")
+    p.add_argument("data", help="folder of NAME.jpg + NAME.json")
+    _add_model_args(p)
+    p.add_argument("--clicks", type=int, default=5)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-masks", type=int, default=None, help="per image")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.set_defaults(func=_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (getattr(args, "takes_overrides", False) and all(e.startswith("--config.") and "=" in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from sam_jax.convert.errors import CheckpointError
+    from sam_jax.train.sa1b import DataError
+    from sam_jax.train.trainer import TrainingError
 
     try:
-        args.func(args)
-    except (CliError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        args.func(args, extra) if getattr(args, "takes_overrides", False) else args.func(args)
+    except (CliError, CheckpointError, DataError, TrainingError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"sam-jax: error: {e}", file=sys.stderr)
         return 1
     return 0
