@@ -1,10 +1,14 @@
-"""`make demo`: build a model, segment a photo with a point prompt, write the mask and an overlay.
+"""`make demo`: train a small SAM on synthetic shapes, then segment held-out images with it.
 
-    python -m sam_jax.demo [--checkpoint CKPT] [--model-type vit_b] [--image PATH] [--point X,Y] [--out DIR]
+    python -m sam_jax.demo [--out DIR] [--steps N]             # train, evaluate, segment
+    python -m sam_jax.demo --checkpoint CKPT [--image PATH] [--point X,Y] [--out DIR]
 
-Without a checkpoint the model has random weights (no official weights can be
-downloaded here), so the mask shows the pipeline working end to end, not a
-meaningful segmentation; pass a converted or official checkpoint for real masks.
+Without a checkpoint (the default; no official weights can be downloaded here) the demo
+is the whole project in one run: it writes a synthetic SA-1B-layout data set of shapes
+(`sam-jax make-shapes`), trains the `shapes_tiny` recipe on it (`sam-jax train`; a rerun
+resumes from the checkpoints in DIR/train), reports the 1-click and 5-click mIoU on held-out
+images (`sam-jax eval`), and writes overlays of point-prompted and automatic masks of
+held-out images. With a checkpoint it segments a photo with one point prompt.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from sam_jax import sam_model_registry
 from sam_jax.checkpoint import load_model
 from sam_jax.predictor import SamPredictor
-from sam_jax.visualize import overlay
+from sam_jax.visualize import mask_colors, overlay
+
+RECIPE = Path(__file__).resolve().parent.parent / "train" / "configs" / "shapes_tiny.py"
 
 
 def load_image(path: str | None) -> np.ndarray:
@@ -32,22 +37,94 @@ def load_image(path: str | None) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
+def train_and_segment(args: argparse.Namespace) -> dict:
+    """Shapes data -> training -> held-out mIoU -> overlays. Returns the summary written to result.json."""
+    from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+    from sam_jax.train.evaluate import evaluate, format_table
+    from sam_jax.train.sa1b import list_records, load_record
+    from sam_jax.train.shapes import make_shapes
+    from sam_jax.train.trainer import Trainer, load_config_file
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    train_dir, heldout_dir = out / "data" / "train", out / "data" / "heldout"
+    for d, n, seed in ((train_dir, args.train_images, 0), (heldout_dir, args.eval_images, 1)):
+        if len(list_records(d) if d.is_dir() else []) != n:
+            make_shapes(d, n, seed=seed)
+    print(f"data: {args.train_images} training and {args.eval_images} held-out shape images in {out / 'data'}")
+
+    cfg = load_config_file(RECIPE)
+    cfg.data.train_dir = str(train_dir)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    trainer = Trainer(cfg, out / "train")
+    if trainer.resumed_from is not None:
+        print(f"resuming the training in {out / 'train'} from step {trainer.resumed_from}")
+    t_train = time.perf_counter()
+    trainer.train()
+    trainer.close()
+    train_seconds = time.perf_counter() - t_train
+
+    model = load_model(out / "train" / "model")
+    results = evaluate(model.params, model.config, heldout_dir, num_clicks=5)
+    print(format_table(results))
+
+    predictor = SamPredictor(model)
+    generator = SamAutomaticMaskGenerator(model, points_per_side=16, pred_iou_thresh=0.8, stability_score_thresh=0.9)
+    shown = []
+    for i, (image_path, json_path) in enumerate(list_records(heldout_dir)[:3]):
+        record = load_record(image_path, json_path)
+        image = record["image"]
+        anns = json.loads(json_path.read_text())["annotations"]
+        points = np.array([a["point_coords"][0] for a in anns[:2]], np.float32)  # a point inside each of 2 shapes
+        predictor.set_image(image)
+        masks, scores, _ = predictor.predict(point_coords=points[:, None], point_labels=np.ones((len(points), 1), np.int32), multimask_output=False)
+        masks = masks[:, 0]
+        overlay(image, list(masks), colors=mask_colors(len(masks)), points=points, labels=np.ones(len(points), np.int32)).save(
+            out / f"points_{i}.png"
+        )
+        records = sorted(generator.generate(image), key=lambda r: -r["area"])
+        overlay(image, [r["segmentation"] for r in records], colors=mask_colors(len(records), seed=1)).save(out / f"auto_{i}.png")
+        shown.append({"image": image_path.name, "point_scores": scores[:, 0].round(3).tolist(), "auto_masks": len(records)})
+    elapsed = time.perf_counter() - t0
+    print(f"trained {trainer.step} steps in {train_seconds:.0f} s; held-out 1-click mIoU {results['miou_1click']:.3f}, "
+          f"5-click {results['miou_5click']:.3f}, box {results['miou_box']:.3f}")
+    print(f"wrote {out}/points_*.png (point prompts), {out}/auto_*.png (segment everything), {out / 'result.json'} in {elapsed:.0f} s")
+    return {
+        "model": model.config.name,
+        "steps": trainer.step,
+        "train_seconds": round(train_seconds, 1),
+        "heldout": {k: v for k, v in results.items() if k != "per_click"},
+        "images": shown,
+        "seconds": round(elapsed, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="official .pth, .safetensors or sam-jax directory (variant inferred)")
-    ap.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"], help="without a checkpoint")
-    ap.add_argument("--image", default=None, help="an RGB image (default: scikit-image's cat photo)")
-    ap.add_argument("--point", default=None, help="X,Y of a foreground point (default: the image centre)")
+    ap.add_argument("--image", default=None, help="with --checkpoint: an RGB image (default: scikit-image's cat photo)")
+    ap.add_argument("--point", default=None, help="with --checkpoint: X,Y of a foreground point (default: the centre)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    ap.add_argument("--train-images", type=int, default=400)
+    ap.add_argument("--eval-images", type=int, default=20)
     ap.add_argument("--out", default="demo_out")
+    ap.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from sam_jax.cli import enable_compilation_cache
+
+    enable_compilation_cache(args.cache_dir)  # a second run does not compile again
+    print(f"JAX {jax.__version__} on {jax.devices()[0].platform}")
+    if args.checkpoint is None:
+        summary = train_and_segment(args)
+        (out / "result.json").write_text(json.dumps(summary, indent=2))
+        return
 
     t0 = time.perf_counter()
-    if args.checkpoint:  # any variant the checkpoint holds
-        model = load_model(args.checkpoint)
-    else:
-        model = sam_model_registry[args.model_type]()
-    weights = args.checkpoint or "random weights (no checkpoint given)"
-    print(f"model {model.config.name}: {weights}; JAX {jax.__version__} on {jax.devices()[0].platform}")
+    model = load_model(args.checkpoint)  # any variant the checkpoint holds
+    print(f"model {model.config.name}: {args.checkpoint}")
 
     image = load_image(args.image)
     h, w = image.shape[:2]
@@ -61,8 +138,6 @@ def main(argv: list[str] | None = None) -> None:
     mask = masks[best]
     elapsed = time.perf_counter() - t0
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(mask.astype(np.uint8) * 255).save(out / "mask.png")
     overlay(image, [mask], points=point, labels=labels).save(out / "overlay.png")
     summary = {

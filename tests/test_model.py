@@ -102,9 +102,27 @@ def test_demo_writes_mask_and_overlay(tiny_params, tiny_config, tmp_path):
     from sam_jax.demo import main
 
     ckpt = save_params(tmp_path / "tiny", tiny_params, tiny_config)
-    main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--point", "200,150"])
+    main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--point", "200,150", "--cache-dir", ""])
     mask = np.asarray(Image.open(tmp_path / "out" / "mask.png"))
     assert mask.shape == (300, 451) and set(np.unique(mask)) <= {0, 255}
     assert Image.open(tmp_path / "out" / "overlay.png").size == (451, 300)
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert len(result["scores"]) == 3 and result["mask_area"] == int((mask > 0).sum())
+
+
+def test_demo_trains_evaluates_and_segments(tmp_path):
+    """`make demo` without a checkpoint, shortened: shapes data, 2 training steps, held-out
+    evaluation, point-prompt and automatic overlays, result.json."""
+    from PIL import Image
+
+    from sam_jax.demo import main
+
+    out = tmp_path / "demo"
+    main(["--out", str(out), "--steps", "2", "--train-images", "8", "--eval-images", "2", "--cache-dir", ""])
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 2 and result["model"] == "tiny"
+    assert result["heldout"]["num_images"] == 2 and 0.0 <= result["heldout"]["miou_1click"] <= 1.0
+    assert (out / "train" / "model").is_dir() and (out / "train" / "metrics.jsonl").is_file()
+    for i in range(2):
+        for kind in ("points", "auto"):
+            assert Image.open(out / f"{kind}_{i}.png").size == (256, 192)

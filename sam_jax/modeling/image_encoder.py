@@ -210,7 +210,12 @@ class ImageEncoderViT(nn.Module):
         g = cfg.grid_size
         x = PatchEmbed(cfg.patch_size, cfg.embed_dim, dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
         if cfg.use_abs_pos:
-            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, None, "embed"))
+            # The official model starts at zeros because it always loads pretrained weights. From
+            # scratch, zeros make every token of the zero-padded image area exactly 0 before
+            # `norm1`, a LayerNorm of zero variance whose gradient is 1/sqrt(eps) = 1000 per token:
+            # the patch-embedding gradient then dwarfs all others and global-norm clipping stalls
+            # training. A small random init (std 0.02, as in ViT) avoids it.
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, None, "embed"))
             pos_embed = self.param("pos_embed", init, (1, g, g, cfg.embed_dim), jnp.float32)
             x = x + pos_embed.astype(self.dtype)
         block_cls = RematBlock if cfg.remat else Block
