@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from sam_jax.config import CONFIGS
+from sam_jax.train.sa1b import write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -81,13 +80,6 @@ def read_image(path: Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise CliError(f"{path}: cannot read the image ({e.__class__.__name__})") from None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically: a crash never leaves a half-written result under the final name."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -226,17 +218,39 @@ def _make_shapes(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} images with masks (SA-1B layout) to {args.out}")
 
 
-def _train(args: argparse.Namespace, overrides: list[str]) -> None:
-    from sam_jax.train.trainer import Trainer, apply_overrides, load_config_file
+def _training_config(args: argparse.Namespace, overrides: list[str]):
+    """The config file of --config with the --config.KEY=VALUE overrides; enables the compilation cache."""
+    from sam_jax.train.trainer import apply_overrides, load_config_file
 
     cfg = apply_overrides(load_config_file(args.config), [o.removeprefix("--config.") for o in overrides])
     enable_compilation_cache(args.cache_dir)
+    return cfg
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sam_jax.train.sharding import initialize_distributed
+    from sam_jax.train.trainer import Trainer
+
+    processes = (args.coordinator, args.num_processes, args.process_id)
+    if None in processes and any(a is not None for a in processes):
+        raise CliError("--coordinator, --num-processes and --process-id go together: give all three or none")
+    initialize_distributed(*processes)  # before anything touches a device
+    cfg = _training_config(args, overrides)
     trainer = Trainer(cfg, args.workdir, quiet=args.quiet)
     try:
         last = trainer.train()
     finally:
         trainer.close()
     print(f"trained to step {trainer.step} (loss {last.get('loss', float('nan')):.4f}); model -> {trainer.workdir / 'model'}")
+
+
+def _engine(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sam_jax.train.engine import format_table, run_engine
+
+    rows = run_engine(_training_config(args, overrides), args.workdir, quiet=args.quiet)
+    if args.quiet:  # otherwise the table was printed after each round
+        print(format_table(rows))
+    print(f"data engine: {len(rows)} round(s) in {Path(args.workdir).absolute()} (round_*/report.json)")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -315,7 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model/ go here")
     p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="several processes: process 0's address (all three or none)")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N", help="several processes: how many")
+    p.add_argument("--process-id", type=int, default=None, metavar="I", help="several processes: this one's index, 0 to N-1")
     p.set_defaults(func=_train, takes_overrides=True)
+
+    p = sub.add_parser(
+        "engine", help="data engine rounds: pseudo-label, filter, train on labeled + pseudo, evaluate (resumes)"
+    )
+    p.add_argument("--config", required=True, help="a config with an engine section, e.g. train/configs/engine_shapes_tiny.py")
+    p.add_argument("--workdir", required=True, help="round_*/ (pseudo-labels, training data, training, report.json) go here")
+    p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
+    p.add_argument("--quiet", action="store_true", help="only the table and a last line")
+    p.set_defaults(func=_engine, takes_overrides=True)
 
     p = sub.add_parser("eval", help="interactive-click and box mIoU on an SA-1B-layout folder")
     p.add_argument("data", help="folder of NAME.jpg + NAME.json")

@@ -70,7 +70,9 @@ def train_and_segment(args: argparse.Namespace) -> dict:
     print(format_table(results))
 
     predictor = SamPredictor(model)
-    generator = SamAutomaticMaskGenerator(model, points_per_side=16, pred_iou_thresh=0.8, stability_score_thresh=0.9)
+    # Minutes of training leave the IoU head uncalibrated (it predicts ~0.1-0.3) and the logits
+    # soft: keep masks by stability alone, at a lower bar than the official 0.95.
+    generator = SamAutomaticMaskGenerator(model, points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=0.6)
     shown = []
     for i, (image_path, json_path) in enumerate(list_records(heldout_dir)[:3]):
         record = load_record(image_path, json_path)

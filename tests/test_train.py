@@ -16,11 +16,14 @@ import pytest
 
 from sam_jax.train import losses, prompt_simulation as sim
 from sam_jax.train.shapes import make_shapes
-from tests.train_worker import small_config
+from tests.train_worker import _params_digest, param_diffs, small_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 ROOT = Path(__file__).resolve().parent.parent
+# Unoptimized XLA code in the worker processes: half the compile time of a train step, and
+# every side of a comparison runs the same way.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
@@ -36,20 +39,61 @@ def compile_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jax_cache")
 
 
-def _worker(args: list[str], cache: Path, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
+def _worker_env(cache: Path, devices: int, xla_flags: str = FAST_COMPILE) -> dict[str, str]:
+    return {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip(),
         "JAX_COMPILATION_CACHE_DIR": str(cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PLATFORMS": "cpu",
     }
+
+
+def _worker(args: list[str], cache: Path, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.train_worker", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "tests.train_worker", *args], cwd=ROOT, env=_worker_env(cache, devices), capture_output=True, text=True, timeout=900
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"worker {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _workers(jobs: list[tuple[list[str], int]], cache: Path, logs: Path, xla_flags: str = FAST_COMPILE, timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """Run the workers `jobs` ([(args, devices)]) side by side; when one fails or the time
+    runs out, all are killed (a process waiting for a dead peer would wait for minutes)."""
+    import time
+
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        for i, (args, devices) in enumerate(jobs):
+            with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+                cmd = [sys.executable, "-m", "tests.train_worker", *args]
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_worker_env(cache, devices, xla_flags), stdout=out, stderr=err))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    done = [
+        subprocess.CompletedProcess(p.args, p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+        for i, p in enumerate(procs)
+    ]
+    failed = [f"worker {a} exited with {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}" for (a, _), p in zip(jobs, done) if p.returncode]
+    if failed:
+        raise AssertionError(f"workers failed or were killed (-9) after {timeout} s or a failure of another:\n" + "\n".join(failed))
+    return done
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def _result(proc: subprocess.CompletedProcess) -> dict:
@@ -236,3 +280,77 @@ def test_kill_and_resume_gives_the_uninterrupted_params(shapes, tmp_path, compil
     _, b = load_params(tmp_path / "killed" / "model")
     same = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)
     assert all(jax.tree.leaves(same))
+
+
+def test_distributed_options_all_three_or_none(tmp_path, capsys):
+    from sam_jax.cli import main
+    from sam_jax.train.sharding import initialize_distributed
+
+    assert initialize_distributed() is False  # none: one process, nothing to join
+    for args, msg in ((("localhost:1234", 2, None), "all three or none"), (("localhost", 2, 0), "HOST:PORT"), (("localhost:1234", 2, 2), "process id")):
+        with pytest.raises(ValueError, match=msg):
+            initialize_distributed(*args)
+    config = str(ROOT / "train" / "configs" / "shapes_tiny.py")
+    assert main(["train", "--config", config, "--workdir", str(tmp_path), "--num-processes", "2"]) == 1
+    assert "--coordinator, --num-processes and --process-id go together" in capsys.readouterr().err
+
+
+def test_two_processes_train_like_one_with_4_devices(shapes, tmp_path, compile_cache):
+    """Two processes of 2 CPU devices each (jax.distributed on localhost, gloo collectives)
+    train like one process with 4 devices: the same loss at every step and the same
+    exported params. They train 2 steps data-parallel (4x1), then resume from that
+    checkpoint on a 2x2 mesh whose fsdp pairs span the processes for the third step."""
+    from sam_jax.checkpoint import load_params
+
+    coordinator = f"localhost:{_free_port()}"
+    one = ["layouts", str(shapes), str(tmp_path / "one"), "4x1:3"]
+    two = [["layouts", str(shapes), str(tmp_path / "two"), "4x1:2,2x2:3", coordinator, "2", str(i)] for i in range(2)]
+    procs = _workers([(one, 4), (two[0], 2), (two[1], 2)], compile_cache, tmp_path / "logs")
+    results = [_result(p) for p in procs]
+    assert [(r["process"], r["processes"]) for r in results] == [(0, 1), (0, 2), (1, 2)]
+    for r in results[1:]:
+        assert r["resumed_from"] == [None, 2]
+        assert r["shards"] == [[[16, 16, 3, 64]], [[16, 16, 3, 32]]]  # 2x2: the params split over the processes
+    # Each process saved (and restored) its own data iterator next to the shared state.
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "2" / "data").glob("process_*")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    metrics = {k: [json.loads(l) for l in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("one", "two")}
+    assert [l["step"] for l in metrics["two"]] == [l["step"] for l in metrics["one"]] == [1, 2, 3]
+    np.testing.assert_allclose([l["loss"] for l in metrics["two"]], [l["loss"] for l in metrics["one"]], rtol=0, atol=1e-5)
+    ref = _params_digest(load_params(tmp_path / "one" / "model")[1])
+    got = _params_digest(load_params(tmp_path / "two" / "model")[1])
+    diff = param_diffs(ref, got)
+    assert len(diff) > 50 and max(diff.values()) <= 1e-5, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_initial_params_from_checkpoint_and_encoder(tiny_params, tiny_config, tmp_path):
+    from sam_jax.checkpoint import save_params
+    from sam_jax.model import abstract_params
+    from sam_jax.train import sharding as shd
+    from sam_jax.train.trainer import TrainingError, initial_params, model_config
+
+    cfg = small_config("unused")
+    mc = model_config(cfg)
+    mesh = shd.make_mesh(1, 1, devices=jax.devices()[:1])
+    shardings = shd.logical_shardings(abstract_params(mc, boxed=True), mesh)
+    ckpt = save_params(tmp_path / "ckpt", tiny_params, tiny_config)
+    equal = lambda a, b: all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))  # noqa: E731
+
+    cfg.init = f"checkpoint:{ckpt}"
+    assert equal(jax.device_get(initial_params(cfg, mc, shardings)), tiny_params)
+    cfg.init = f"encoder:{ckpt}"
+    enc = jax.device_get(initial_params(cfg, mc, shardings))
+    cfg.init = "scratch"
+    scratch = jax.device_get(initial_params(cfg, mc, shardings))
+    assert equal(enc["image_encoder"], tiny_params["image_encoder"])
+    assert equal(enc["mask_decoder"], scratch["mask_decoder"]) and not equal(enc["mask_decoder"], tiny_params["mask_decoder"])
+    for bad, msg in (("checkpoint:", "init must be"), ("pretrained:x", "init must be")):
+        cfg.init = bad
+        with pytest.raises(TrainingError, match=msg):
+            initial_params(cfg, mc, shardings)
+    cfg.model = "vit_b"
+    cfg.init = f"checkpoint:{ckpt}"
+    with pytest.raises(TrainingError, match="does not match model 'vit_b'"):
+        initial_params(cfg, model_config(cfg), shd.logical_shardings(abstract_params(model_config(cfg), boxed=True), mesh))

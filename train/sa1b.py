@@ -5,6 +5,7 @@
   (naming the file) on anything corrupt.
 * :class:`SA1BSource` is a grain ``RandomAccessDataSource`` over a folder; a corrupt record
   reads as ``None`` (with one warning per file) instead of stopping training.
+* :func:`write_json` writes a JSON file atomically (results, SA-1B records written here).
 * :func:`make_dataset` is the grain pipeline: a deterministic per-seed shuffle (reshuffled
   each epoch), sharded by process, ``None`` records dropped, and a checkpointable iterator
   (``it.get_state()`` / ``it.set_state(state)``). Elements are the raw dicts of
@@ -17,6 +18,7 @@ Uses grain's dataset API (grain >= 0.2.x): ``grain.MapDataset.source(...).shuffl
 from __future__ import annotations
 
 import json
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -52,6 +54,15 @@ def list_records(root: str | Path) -> list[tuple[Path, Path]]:
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and p.stem in jsons
     ]
     return sorted(pairs, key=lambda pair: pair[0].name)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as JSON atomically (a temporary file, then `os.replace`): a crash never
+    leaves a half-written file under the final name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]:

@@ -18,6 +18,11 @@ Work directory:
 A restart resumes from the latest complete checkpoint: params, optimizer, RNG and the data
 iterator are restored, so an interrupted run ends with exactly the params of an
 uninterrupted one. A checkpoint left half-written by a crash is ignored, with a warning.
+
+Several processes (hosts): each calls `sharding.initialize_distributed` (`sam-jax train
+--coordinator ...`), then runs the same Trainer on the same (shared) workdir; each reads
+its own slice of every batch, all take part in checkpoints and the export, process 0
+writes metrics.jsonl and model/. They train like one process with all the devices.
 """
 
 from __future__ import annotations
@@ -80,15 +85,15 @@ def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any
     kind, _, path = str(cfg.init).partition(":")
     if kind not in ("scratch", "checkpoint", "encoder") or (kind != "scratch") != bool(path):
         raise TrainingError(f"init must be 'scratch', 'checkpoint:PATH' or 'encoder:PATH', got {cfg.init!r}")
-    fresh = jax.jit(functools.partial(init_params, mc), out_shardings=shardings)(jax.random.key(cfg.seed))
+    init = jax.jit(functools.partial(init_params, mc), out_shardings=shardings)
     if kind == "scratch":
-        return fresh
+        return init(jax.random.key(cfg.seed))
     from sam_jax.checkpoint import load_model
 
     loaded = load_model(path).params
-    want = jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(lambda: fresh))
-    if kind == "encoder":
-        loaded = {**fresh, "image_encoder": loaded["image_encoder"]}
+    if kind == "encoder":  # the image encoder from the checkpoint, the rest from scratch
+        loaded = {**init(jax.random.key(cfg.seed)), "image_encoder": loaded["image_encoder"]}
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(init, jax.random.key(cfg.seed)))
     got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), loaded)
     if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
         raise TrainingError(f"init checkpoint {path} does not match model {cfg.model!r} (different shapes)")
@@ -287,18 +292,21 @@ class Trainer:
         )
 
     def export(self) -> Path:
-        """Write the current params in the inference format to workdir/model (replacing it)."""
+        """Write the current params in the inference format to workdir/model (replacing it).
+        Every process calls it (the params are gathered and orbax syncs); process 0 writes."""
         from sam_jax.checkpoint import save_params
 
-        out = self.workdir / MODEL_DIR
-        params = jax.tree.map(np.asarray, jax.device_get(self.state.params))
+        out, tmp = self.workdir / MODEL_DIR, self.workdir / f".{MODEL_DIR}.tmp"
+        params = jax.tree.map(np.asarray, shd.fetch(self.state.params, self.mesh))
         config = dataclasses.replace(self.model_config, dtype="float32")
         if jax.process_index() == 0:
-            tmp = self.workdir / f".{MODEL_DIR}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_params(tmp, params, config)
+        shd.sync("export:clean")
+        save_params(tmp, params, config)
+        if jax.process_index() == 0:
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
+        shd.sync("export:done")
         return out
 
     # ------------------------------------------------------------------ training
@@ -331,7 +339,7 @@ class Trainer:
         cfg = self.cfg
         total = cfg.steps if steps is None else steps
         start = self.step
-        bar = tqdm(total=total, initial=start, unit="step", disable=self.quiet or not sys.stderr.isatty())
+        bar = tqdm(total=total, initial=start, unit="step", disable=self.quiet or not sys.stderr.isatty() or jax.process_index() != 0)
         last: dict[str, float] = {}
         t0, n0 = time.perf_counter(), start
         for step in range(start, total):
