@@ -211,6 +211,8 @@ def test_trainer_frozen_encoder_nonfinite_and_corrupt_data(shapes, tmp_path, mon
     cfg.optim.freeze_image_encoder = True
     cfg.checkpoint.every = 1
     cfg.checkpoint.async_save = False
+    cfg.data.eval_dir = str(shapes)
+    cfg.eval_images = 1
     tr = Trainer(cfg, tmp_path / "work", quiet=True)
     before = jax.device_get(tr.state.params)
     with pytest.warns(RuntimeWarning, match="skipping corrupt record"):
@@ -225,8 +227,10 @@ def test_trainer_frozen_encoder_nonfinite_and_corrupt_data(shapes, tmp_path, mon
         before["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
         after["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
     )  # a fixed buffer, never trained
-    lines = (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == [1, 2]
+    lines = [json.loads(l) for l in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 2]
+    assert set(lines[-1]) == {"step", "eval_miou_1click", "eval_miou_1click_predicted", "eval_miou_3click", "eval_miou_box"}
+    assert 0.0 <= last["eval_miou_1click"] <= 1.0  # held-out evaluation at the end
 
     # The exported model loads for inference.
     from sam_jax.checkpoint import load_model

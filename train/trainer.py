@@ -359,13 +359,33 @@ class Trainer:
                 bar.write(last["line"]) if not bar.disable else self._print(last["line"])
             if done % cfg.checkpoint.every == 0:
                 self.save()
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+                self.evaluate()
             if callback is not None:
                 callback(done)
         bar.close()
         self.save(force=True)
         self.manager.wait_until_finished()
         self.export()
+        if cfg.data.eval_dir:
+            last.update(self.evaluate())
         return last
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out mIoU (`sam_jax.train.evaluate`, 1 and 3 clicks, box) on data.eval_dir, at most
+        `eval_images` images; logged and appended to metrics.jsonl. {} without an eval_dir."""
+        if not self.cfg.data.eval_dir:
+            return {}
+        from sam_jax.train.evaluate import evaluate
+
+        params = shd.fetch(self.state.params, self.mesh)
+        r = evaluate(params, self.model_config, self.cfg.data.eval_dir, num_clicks=3, max_images=self.cfg.eval_images or None)
+        out = {f"eval_{k}": r[k] for k in ("miou_1click", "miou_1click_predicted", "miou_3click", "miou_box")}
+        if jax.process_index() == 0:
+            with open(self.workdir / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": self.step, **out}) + "\n")
+        self._print(f"step {self.step}: held-out mIoU " + " ".join(f"{k[5:]} {v:.3f}" for k, v in out.items()))
+        return out
 
     def _log(self, metrics: dict[str, jax.Array], step: int, steps_per_s: float) -> dict[str, Any]:
         out: dict[str, Any] = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.log_every = 50
-    c.eval_every = 0  # 0: evaluate only at the end
-    c.eval_images = 50
+    c.eval_every = 0  # held-out evaluation every N steps (0: only at the end); needs data.eval_dir
+    c.eval_images = 50  # at most this many held-out images per evaluation (0: all)
     c.on_nonfinite = "stop"  # "stop" with a clear message, or "skip" the update and go on
     return c
