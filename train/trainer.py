@@ -304,8 +304,14 @@ class Trainer:
         shd.sync("export:clean")
         save_params(tmp, params, config)
         if jax.process_index() == 0:
-            shutil.rmtree(out, ignore_errors=True)
+            # The previous model is moved aside, not deleted, until the new one is in place:
+            # a crash here never leaves the work directory without a model on disk.
+            old = self.workdir / f".{MODEL_DIR}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if out.exists():
+                os.replace(out, old)
             os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
         shd.sync("export:done")
         return out
 
