@@ -43,6 +43,59 @@ def dense(features: int, axes: Axes, *, dtype: Any, use_bias: bool = True, name:
     )
 
 
+class PatchConv(nn.Module):
+    """A convolution whose kernel equals its stride (non-overlapping patches, no padding),
+    computed as one matrix product: (B, H, W, C) -> (B, H/k, W/k, features).
+
+    Same parameters as `nn.Conv` (kernel (k, k, C, features) HWIO, bias (features,)) and the
+    same result; XLA:CPU runs the convolution's weight gradient for such tiny kernels as a
+    huge-window convolution, many times slower than this product.
+    """
+
+    features: int
+    kernel_size: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    axes: Axes = (None, None, "conv_in", "conv_out")
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, x.shape[-1]
+        *batch, h, w, _ = x.shape
+        if h % k or w % k:
+            raise ValueError(f"PatchConv: spatial size {h}x{w} is not a multiple of the kernel size {k}")
+        kernel = self.param("kernel", nn.with_logical_partitioning(default_kernel_init, self.axes), (k, k, c, self.features), jnp.float32)
+        x = x.astype(self.dtype).reshape(*batch, h // k, k, w // k, k, c)
+        y = jnp.einsum("...hpwqc,pqco->...hwo", x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[-1],)), (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class ConvTranspose2x2(nn.Module):
+    """`torch.nn.ConvTranspose2d(in, features, kernel_size=2, stride=2)` on NHWC inputs:
+    (B, H, W, in) -> (B, 2H, 2W, features).
+
+    Kernel (2, 2, features, in): the official (in, out, kH, kW) weight permuted by (2, 3, 1, 0).
+    Each input pixel writes its own 2x2 output block (no overlap), so this is one matrix
+    product and a reshape: y[2i + a, 2j + b, o] = sum_c x[i, j, c] kernel[a, b, o, c] + bias[o].
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        *batch, h, w, c = x.shape
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(default_kernel_init, (None, None, "conv_out", "conv_in")), (2, 2, self.features, c), jnp.float32
+        )
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), jnp.float32)
+        y = jnp.einsum("...hwc,aboc->...hawbo", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y.reshape(*batch, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+
+
 def conv(
     features: int,
     kernel_size: int,
@@ -53,8 +106,11 @@ def conv(
     use_bias: bool = True,
     axes: Axes = (None, None, "conv_in", "conv_out"),
     name: str | None = None,
-) -> nn.Conv:
-    """A `torch.nn.Conv2d` counterpart on NHWC inputs (kernel HWIO)."""
+) -> nn.Module:
+    """A `torch.nn.Conv2d` counterpart on NHWC inputs (kernel HWIO). Patch-style convolutions
+    (kernel = stride, no padding: patch embedding, the mask downscaling, 1x1) are `PatchConv`."""
+    if stride == kernel_size and padding == 0:
+        return PatchConv(features, kernel_size, use_bias=use_bias, dtype=dtype, axes=axes, name=name)
     return nn.Conv(
         features,
         (kernel_size, kernel_size),
@@ -69,24 +125,9 @@ def conv(
     )
 
 
-def conv_transpose_2x2(features: int, *, dtype: Any, name: str | None = None) -> nn.ConvTranspose:
-    """`torch.nn.ConvTranspose2d(in, features, kernel_size=2, stride=2)` on NHWC inputs.
-
-    With `transpose_kernel=True` the kernel is (kH, kW, out, in): the official
-    (in, out, kH, kW) weight permuted by (2, 3, 1, 0), the spatial flip done by lax.
-    """
-    return nn.ConvTranspose(
-        features,
-        (2, 2),
-        strides=(2, 2),
-        padding="VALID",
-        transpose_kernel=True,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, (None, None, "conv_out", "conv_in")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-        name=name,
-    )
+def conv_transpose_2x2(features: int, *, dtype: Any, name: str | None = None) -> ConvTranspose2x2:
+    """`torch.nn.ConvTranspose2d(in, features, kernel_size=2, stride=2)` on NHWC inputs."""
+    return ConvTranspose2x2(features, dtype=dtype, name=name)
 
 
 def embedding(num: int, features: int, name: str | None = None) -> nn.Embed:
