@@ -60,6 +60,9 @@ class ImageEncoderConfig:
 @dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig:
     mask_in_chans: int = 16
+    # Std of the random spatial frequencies at init (`PositionEmbeddingRandom(scale=...)`;
+    # the official models use 1.0). A loaded checkpoint brings its own frozen matrix.
+    pe_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,3 +126,23 @@ def test_demo_trains_evaluates_and_segments(tmp_path):
     for i in range(2):
         for kind in ("points", "auto"):
             assert Image.open(out / f"{kind}_{i}.png").size == (256, 192)
+
+
+@pytest.mark.parametrize("use_rel_pos", [True, False])
+def test_attention_query_chunks_give_the_same_result(use_rel_pos):
+    """Global attention over a large grid runs in chunks of query rows; any chunking
+    (including none) gives the same output and the same gradients."""
+    from sam_jax.modeling.image_encoder import Attention, query_rows
+
+    assert query_rows(64, 64, 256) == 4 and query_rows(14, 14, 256) == 14 and query_rows(7, 9, 10) == 1
+    x = jax.random.normal(jax.random.key(0), (2, 12, 10, 32))
+    whole = Attention(4, use_rel_pos=use_rel_pos, input_size=(12, 10), query_block=10_000)
+    params = whole.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)  # non-zero rel pos
+    ref = whole.apply(params, x)
+    loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+    ref_grad = jax.grad(loss(whole))(params)
+    for block in (10, 30, 60):  # 1, 3 and 6 rows per chunk
+        chunked = Attention(4, use_rel_pos=use_rel_pos, input_size=(12, 10), query_block=block)
+        np.testing.assert_allclose(chunked.apply(params, x), ref, atol=2e-6, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), jax.grad(loss(chunked))(params), ref_grad)

@@ -82,13 +82,26 @@ def window_unpartition(windows: jax.Array, window_size: int, pad_hw: tuple[int, 
     return x[:, :h, :w, :]
 
 
+def query_rows(h: int, w: int, query_block: int) -> int:
+    """Grid rows per query chunk: the largest divisor of h with rows * w <= query_block (at least 1)."""
+    fits = [r for r in range(1, h + 1) if h % r == 0 and r * w <= query_block]
+    return max(fits, default=1)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with decomposed relative positions over an (H, W) grid."""
+    """Multi-head attention with decomposed relative positions over an (H, W) grid.
+
+    Queries are processed in chunks of whole grid rows (at most `query_block` queries,
+    `jax.lax.map`) when the grid holds more: the score matrix of a global block (12 x 4096
+    x 4096 in vit_b) then never exists at once, and its relative-position terms, softmax
+    and product with v run over a chunk while it is hot. The result is the same.
+    """
 
     num_heads: int
     qkv_bias: bool = True
     use_rel_pos: bool = True
     input_size: tuple[int, int] | None = None
+    query_block: int = 256
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -97,10 +110,11 @@ class Attention(nn.Module):
         b, h, w, dim = x.shape
         nh = self.num_heads
         hd = dim // nh
+        acc = accum_dtype(self.dtype)
         qkv = dense(3 * dim, ("embed", "qkv"), use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
-        qkv = qkv.reshape(b, h * w, 3, nh, hd)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, HW, nh, hd)
-        attn = jnp.einsum("bqnc,bknc->bnqk", q * (hd**-0.5), k, preferred_element_type=accum_dtype(self.dtype))
+        qkv = qkv.reshape(b, h, w, 3, nh, hd)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (B, H, W, nh, hd)
+        k, v = k.reshape(b, h * w, nh, hd), v.reshape(b, h * w, nh, hd)
         if self.use_rel_pos:
             assert self.input_size is not None, "input_size is required with use_rel_pos"
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None))
@@ -108,13 +122,28 @@ class Attention(nn.Module):
             rel_pos_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, hd), jnp.float32)
             rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)  # (H, H, hd)
             rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # (W, W, hd)
-            r_q = q.reshape(b, h, w, nh, hd)
-            rel_h = jnp.einsum("bhwnc,hkc->bnhwk", r_q, rh, preferred_element_type=accum_dtype(self.dtype))
-            rel_w = jnp.einsum("bhwnc,wkc->bnhwk", r_q, rw, preferred_element_type=accum_dtype(self.dtype))
-            attn = attn.reshape(b, nh, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
-            attn = attn.reshape(b, nh, h * w, h * w)
-        attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bnqk,bknc->bqnc", attn, v).reshape(b, h, w, dim)
+
+        def attend(qc: jax.Array, row0: jax.Array | int) -> jax.Array:
+            """Queries of R grid rows starting at row0: (B, R, W, nh, hd) -> (B, R, W, nh, hd)."""
+            r = qc.shape[1]
+            attn = jnp.einsum("brwnc,bknc->bnrwk", qc * (hd**-0.5), k, preferred_element_type=acc)  # (B, nh, R, W, HW)
+            if self.use_rel_pos:
+                rh_c = jax.lax.dynamic_slice_in_dim(rh, row0, r, axis=0)  # (R, H, hd)
+                rel_h = jnp.einsum("brwnc,rkc->bnrwk", qc, rh_c, preferred_element_type=acc)
+                rel_w = jnp.einsum("brwnc,wkc->bnrwk", qc, rw, preferred_element_type=acc)
+                attn = attn.reshape(b, nh, r, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
+                attn = attn.reshape(b, nh, r, w, h * w)
+            attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
+            return jnp.einsum("bnrwk,bknc->brwnc", attn, v)
+
+        rows = query_rows(h, w, self.query_block)
+        if rows == h:
+            out = attend(q, 0)
+        else:
+            chunks = q.reshape(b, h // rows, rows, w, nh, hd).swapaxes(0, 1)  # (H/R, B, R, W, nh, hd)
+            out = jax.lax.map(lambda a: attend(a[0], a[1]), (chunks, jnp.arange(0, h, rows)))
+            out = out.swapaxes(0, 1)
+        out = out.reshape(b, h, w, dim)
         return dense(dim, ("qkv", "embed"), dtype=self.dtype, name="proj")(out)
 
 
@@ -145,6 +174,7 @@ class Block(nn.Module):
     window_size: int = 0
     input_size: tuple[int, int] | None = None
     drop_path: float = 0.0
+    query_block: int = 256  # global attention: queries per chunk (see `Attention`)
     dtype: Any = jnp.float32
 
     def _drop_path(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -165,6 +195,7 @@ class Block(nn.Module):
             qkv_bias=self.qkv_bias,
             use_rel_pos=self.use_rel_pos,
             input_size=self.input_size if self.window_size == 0 else (self.window_size, self.window_size),
+            query_block=self.query_block,
             dtype=self.dtype,
             name="attn",
         )(x)

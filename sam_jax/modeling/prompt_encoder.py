@@ -24,9 +24,10 @@ class PositionEmbeddingRandom(nn.Module):
     """Positional encoding with random spatial frequencies (a stored, loaded buffer)."""
 
     num_pos_feats: int = 64
+    scale: float = 1.0  # std of the frequencies at init
 
     def setup(self) -> None:
-        init = nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, None))
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.scale), (None, None))
         self.positional_encoding_gaussian_matrix = self.param(
             "positional_encoding_gaussian_matrix", init, (2, self.num_pos_feats), jnp.float32
         )
@@ -71,17 +72,18 @@ class PromptEncoder(nn.Module):
 
     embed_dim: prompt width C. image_embedding_size: (h, w) of the image embedding.
     input_image_size: the padded model input (H, W). mask_in_chans: hidden width
-    of the mask downscaling CNN.
+    of the mask downscaling CNN. pe_scale: std of the positional frequencies at init.
     """
 
     embed_dim: int
     image_embedding_size: tuple[int, int]
     input_image_size: tuple[int, int]
     mask_in_chans: int
+    pe_scale: float = 1.0
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
-        self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2)
+        self.pe_layer = PositionEmbeddingRandom(self.embed_dim // 2, self.pe_scale)
         self.point_embeddings_0 = embedding(1, self.embed_dim)  # background point
         self.point_embeddings_1 = embedding(1, self.embed_dim)  # foreground point
         self.point_embeddings_2 = embedding(1, self.embed_dim)  # box top-left

@@ -34,6 +34,7 @@ class Sam(nn.Module):
             image_embedding_size=(e, e),
             input_image_size=(cfg.image_size, cfg.image_size),
             mask_in_chans=cfg.prompt_encoder.mask_in_chans,
+            pe_scale=cfg.prompt_encoder.pe_scale,
             dtype=dtype,
         )
         self.mask_decoder = MaskDecoder(cfg.mask_decoder, transformer_dim=cfg.prompt_embed_dim, dtype=dtype)
