@@ -86,6 +86,9 @@ class SamModel:
     params: Params
 
     def __post_init__(self) -> None:
+        # Params on the device once (a converted checkpoint arrives as numpy arrays, which
+        # every jitted call would otherwise copy again: ~77 ms per call for vit_b).
+        self.params = jax.device_put(self.params)
         self._encode = jax.jit(functools.partial(encode, config=self.config))
         self._decode = jax.jit(functools.partial(decode, config=self.config), static_argnames="multimask_output")
 

@@ -59,15 +59,52 @@ def preprocess(images: jax.Array, config: SamConfig) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, s - h), (0, s - w), (0, 0)))
 
 
+def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The (out_size, in_size) float32 matrix of 1-D linear interpolation,
+    `F.interpolate(mode="linear"/"bilinear", align_corners=False)` without antialiasing.
+
+    Source positions and weights are computed in float32 as PyTorch's CPU kernel computes
+    them: src = max(scale * (i + 0.5) - 0.5, 0), taps floor(src) and the next (clamped).
+    """
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    src = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0.0))
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = np.clip(src - i0.astype(f32), f32(0.0), f32(1.0))
+    m = np.zeros((out_size, in_size), f32)
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, i0), f32(1.0) - w1)
+    np.add.at(m, (rows, i1), w1)
+    return m
+
+
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """(..., H, W) -> (..., h, w): `F.interpolate(mode="bilinear", align_corners=False)`."""
-    return jax.image.resize(x, (*x.shape[:-2], *size), method="linear", antialias=False)
+    my = jnp.asarray(linear_resize_matrix(x.shape[-2], size[0]))
+    mx = jnp.asarray(linear_resize_matrix(x.shape[-1], size[1]))
+    return jnp.einsum("yi,...ij,xj->...yx", my, x.astype(jnp.float32), mx)
+
+
+def postprocess_matrix(low_res: int, input_len: int, original_len: int, image_size: int) -> np.ndarray:
+    """One axis of `postprocess_masks` as a single (original_len, low_res) float32 matrix:
+    resize low_res -> image_size, keep the first input_len, resize to original_len."""
+    up = linear_resize_matrix(low_res, image_size)[:input_len].astype(np.float64)
+    down = linear_resize_matrix(input_len, original_len).astype(np.float64)
+    return (down @ up).astype(np.float32)
 
 
 def postprocess_masks(
     masks: jax.Array, input_size: tuple[int, int], original_size: tuple[int, int], image_size: int
 ) -> jax.Array:
-    """Low-res mask logits (..., s, s) -> logits at the original image size (..., H, W)."""
-    masks = resize_bilinear(masks, (image_size, image_size))
-    masks = masks[..., : input_size[0], : input_size[1]]
-    return resize_bilinear(masks, original_size)
+    """Low-res mask logits (..., s, s) -> float32 logits at the original image size (..., H, W).
+
+    The official bilinear upscaling to the padded input, crop to the resized image and
+    bilinear resize to the original size, composed into one matrix per axis on the host:
+    two small matrix products per mask instead of interpolating a 1024 x 1024 intermediate
+    (about 13x fewer FLOPs at 512 x 512; equal up to float32 rounding).
+    """
+    s = masks.shape[-1]
+    my = jnp.asarray(postprocess_matrix(s, input_size[0], original_size[0], image_size))
+    mx = jnp.asarray(postprocess_matrix(s, input_size[1], original_size[1], image_size))
+    return jnp.einsum("yi,...ij,xj->...yx", my, masks.astype(jnp.float32), mx)

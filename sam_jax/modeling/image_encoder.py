@@ -23,23 +23,13 @@ from flax import linen as nn
 
 from sam_jax.config import ImageEncoderConfig
 from sam_jax.modeling.common import LayerNorm, MLPBlock, accum_dtype, conv, dense
+from sam_jax.transforms import linear_resize_matrix
 
 
 def resize_linear(x: jax.Array, out_size: int) -> jax.Array:
-    """(L, C) -> (out_size, C) along axis 0: `F.interpolate(mode="linear", align_corners=False)`.
-
-    The source indices and weights are computed in float32 on the host, as
-    PyTorch's CPU kernel computes them, then applied as x[i0] * w0 + x[i1] * w1.
-    """
-    in_size = x.shape[0]
-    f32 = np.float32
-    scale = f32(in_size) / f32(out_size)
-    src = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0.0))
-    i0 = np.minimum(src.astype(np.int64), in_size - 1)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    w1 = np.clip(src - i0.astype(f32), f32(0.0), f32(1.0))
-    w0 = f32(1.0) - w1
-    return x[i0] * w0[:, None] + x[i1] * w1[:, None]
+    """(L, C) -> (out_size, C) along axis 0: `F.interpolate(mode="linear", align_corners=False)`,
+    with PyTorch's float32 source indices and weights (`transforms.linear_resize_matrix`)."""
+    return jnp.asarray(linear_resize_matrix(x.shape[0], out_size)) @ x
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
