@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(VENV)/.demo-installed
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q
+
+# Side by side with the official package (needs torch + segment-anything: the test extras).
+bench: $(VENV)/.test-installed
+	$(PY) -m bench --model vit_b
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

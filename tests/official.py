@@ -94,6 +94,23 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def sharpen_(model: "modeling.Sam", pe_scale: float = 8.0, logit_scale: float = 100.0, iou_offset: float = 0.0) -> "modeling.Sam":
+    """Make a randomized model's masks confident, in place.
+
+    Random weights give near-zero, image-dominated logits: every point yields about the
+    same mask, with stability ~0, so the mask generator keeps nothing. Sharper logits (the
+    hypernetwork outputs x `logit_scale`) and higher-frequency positional encodings
+    (x `pe_scale`) give confident, point-dependent masks; `iou_offset`, added to the
+    predicted IoUs (the IoU head's last bias), lifts them over the generator's threshold.
+    """
+    with torch.no_grad():
+        model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(pe_scale)
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[2].weight.mul_(logit_scale)
+        model.mask_decoder.iou_prediction_head.layers[-1].bias.add_(iou_offset)
+    return model
+
+
 def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
 
@@ -106,4 +123,4 @@ def official_mask_generator(model: "modeling.Sam", **kwargs) -> SamAutomaticMask
     return SamAutomaticMaskGenerator(model, **kwargs)
 
 
-__all__ = ["segment_anything", "modeling", "build_official", "randomize_", "state_dict_numpy", "official_predictor", "official_mask_generator"]
+__all__ = ["segment_anything", "modeling", "build_official", "randomize_", "sharpen_", "state_dict_numpy", "official_predictor", "official_mask_generator"]

@@ -11,8 +11,8 @@ from sam_jax.model import SamModel
 from tests.official import official_mask_generator
 
 # Random weights give near-zero, image-dominated logits: every point yields about the same
-# mask, with stability ~0. Sharper logits (the hypernetwork outputs x100) and higher-frequency
-# positional encodings give confident masks; with NMS at 1.0 every surviving mask is compared.
+# mask, with stability ~0; `sharpen_` makes them confident. With NMS at 1.0 every surviving
+# mask is compared.
 SETTINGS = [
     dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.8, box_nms_thresh=1.0),
     dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.5, crop_n_layers=1, box_nms_thresh=1.0, crop_nms_thresh=1.0),
@@ -22,16 +22,10 @@ SETTINGS = [
 
 @pytest.fixture(scope="module")
 def sharp_models(tiny_config):
-    import torch
-
     from sam_jax.convert.state_dict import to_flax
-    from tests.official import build_official, randomize_, state_dict_numpy
+    from tests.official import build_official, randomize_, sharpen_, state_dict_numpy
 
-    ref = randomize_(build_official(tiny_config), seed=0)
-    with torch.no_grad():
-        ref.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(8)
-        for mlp in ref.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[2].weight.mul_(100)
+    ref = sharpen_(randomize_(build_official(tiny_config), seed=0))
     return ref, SamModel(tiny_config, to_flax(state_dict_numpy(ref), tiny_config))
 
 

@@ -1,0 +1,136 @@
+"""The benchmark harness (bench/) end to end on the tiny config, and its agreement checks.
+
+The harness runs as `python -m bench`, every case, one repeat, in two processes side by
+side: training (mostly the single-threaded compilation of the train step) beside the other
+cases, so that the test takes about a minute on 2 cores rather than two. Their timings are
+not checked (they are meaningless under that contention), only that every case ran, that
+both sides produced positive numbers, and that ours and the official outputs agreed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cases import CASES, amg_check, close_check, masks_check
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = (["train"], [c for c in CASES if c != "train"])
+EXPECTED_ROWS = {
+    "encoder_b1", "encoder_b2", "predict_1", "predict_64", "amg", "memory", "compile_cold", "compile_warm", "train_shapes_tiny",
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    """Rows of both harness runs, merged by name."""
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    procs = []
+    for i, cases in enumerate(GROUPS):
+        cmd = [
+            sys.executable, "-m", "bench", "--model", "tiny", "--cases", ",".join(cases), "--repeats", "1",
+            "--encoder-batches", "1,2", "--amg-points-per-side", "4", "--out", str(tmp / f"{i}.json"),
+        ]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, f"{' '.join(p.args[2:])} failed ({p.returncode}):\n{out[-4000:]}"
+    rows, meta = {}, []
+    for i in range(len(GROUPS)):
+        data = json.loads((tmp / f"{i}.json").read_text())
+        rows.update(data["rows"])
+        meta.append(data)
+    return {"rows": rows, "runs": meta, "stdout": outputs}
+
+
+def test_every_case_ran(results):
+    rows = results["rows"]
+    assert set(rows) == EXPECTED_ROWS
+    assert {r["case"] for r in rows.values()} == set(CASES)
+    for run in results["runs"]:
+        assert run["matmul"]["jax_gflops"] > 0 and run["matmul"]["torch_gflops"] > 0
+        assert run["meta"]["model"] == "tiny"
+    assert "official/ours" in results["stdout"][1]  # the table was printed
+
+
+def test_both_sides_measured_and_agree(results):
+    for name, row in results["rows"].items():
+        assert row["ours"] > 0 and all(t > 0 for t in row["ours_runs"]), name
+        assert row["check"]["ok"] is True, (name, row["check"])
+        if row["case"] == "train":
+            assert row["official"] is None and row["ratio"] is None  # the official package cannot train
+            continue
+        assert row["official"] > 0 and all(t > 0 for t in row["official_runs"]), name
+        assert row["ratio"] == pytest.approx(row["official"] / row["ours"])
+        assert 1e-3 < row["ratio"] < 1e3, (name, row["ratio"])
+
+
+def test_case_details(results):
+    rows = results["rows"]
+    assert rows["encoder_b1"]["check"]["max_abs_diff"] <= 1e-3
+    for name in ("encoder_b1", "encoder_b2", "predict_64", "amg"):
+        extra = rows[name]["extra"]
+        assert extra["gflop"] > 0 and extra["ours_gflops"] > 0 and extra["official_gflops"] > 0, name
+    # Batch 2 costs twice the FLOPs of batch 1.
+    assert rows["encoder_b2"]["extra"]["gflop"] == pytest.approx(2 * rows["encoder_b1"]["extra"]["gflop"], rel=1e-3)
+    assert rows["predict_64"]["check"]["mask_agreement"] >= 0.999
+    mem = rows["memory"]["extra"]
+    assert mem["ours"]["torch_loaded"] is False and mem["official"]["torch_loaded"] is True
+    assert mem["ours"]["peak_mb"] >= mem["ours"]["rss_before_mb"] > 0
+    for name in ("compile_cold", "compile_warm"):
+        assert rows[name]["extra"]["ours_second_call_s"] > 0
+    train = rows["train_shapes_tiny"]["extra"]
+    assert train["steps_per_s"] > 0
+    assert train["examples_per_s"] == pytest.approx(train["batch_size"] * train["steps_per_s"])
+    assert train["gflop"] > 0 and 0 < train["ours_fraction_of_matmul"] < 2
+
+
+# ----------------------------------------------------------------------------- the checks can fail
+
+
+def test_close_check_fails_on_a_difference():
+    ref = np.zeros((2, 4, 4, 8), np.float32)
+    assert close_check(ref + 1e-5, ref, atol=1e-3)["ok"]
+    assert not close_check(ref + 0.01, ref, atol=1e-3)["ok"]
+    assert not close_check(ref[:1], ref, atol=1e-3)["ok"]
+
+
+def test_masks_check_fails_on_different_masks_or_scores():
+    masks = np.random.default_rng(0).random((4, 3, 20, 30)) > 0.5
+    scores = np.ones((4, 3), np.float32)
+    assert masks_check((masks, scores), (masks, scores))["ok"]
+    assert not masks_check((~masks, scores), (masks, scores))["ok"]
+    assert not masks_check((masks, scores + 2e-4), (masks, scores))["ok"]
+
+
+def test_amg_check_fails_on_missing_or_different_masks():
+    rng = np.random.default_rng(1)
+    recs = [{"segmentation": rng.random((16, 16)) > 0.5} for _ in range(5)]
+    assert amg_check(recs, recs)["ok"]
+    assert not amg_check(recs[:2], recs)["ok"]
+    flipped = [{"segmentation": ~r["segmentation"]} for r in recs]
+    assert not amg_check(flipped, recs)["ok"]
+    assert amg_check([], [])["ok"]
+
+
+def test_bad_arguments_are_refused(capsys, tmp_path):
+    from bench.__main__ import main
+
+    for argv, words in (
+        (["--cases", "encoder,nope"], "unknown case"),
+        (["--repeats", "0"], "integer >= 1"),
+        (["--encoder-batches", "1,x"], "positive integers"),
+        (["--model", "vit_q"], "invalid choice"),
+        (["--out", str(tmp_path)], "is a directory"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert words in capsys.readouterr().err
