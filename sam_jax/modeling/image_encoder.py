@@ -91,7 +91,7 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     use_rel_pos: bool = True
     input_size: tuple[int, int] | None = None
-    query_block: int = 256
+    query_block: int = 64
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -102,9 +102,11 @@ class Attention(nn.Module):
         hd = dim // nh
         acc = accum_dtype(self.dtype)
         qkv = dense(3 * dim, ("embed", "qkv"), use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
-        qkv = qkv.reshape(b, h, w, 3, nh, hd)
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (B, H, W, nh, hd)
-        k, v = k.reshape(b, h * w, nh, hd), v.reshape(b, h * w, nh, hd)
+        # Head-major layouts, made once: every product below is a plain batched matmul.
+        qkv = qkv.reshape(b, h, w, 3, nh, hd).transpose(3, 0, 4, 1, 2, 5)  # (3, B, nh, H, W, hd)
+        q = qkv[0]
+        k, v = qkv[1].reshape(b, nh, h * w, hd), qkv[2].reshape(b, nh, h * w, hd)
+        rel_h = rel_w = None
         if self.use_rel_pos:
             assert self.input_size is not None, "input_size is required with use_rel_pos"
             init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None))
@@ -112,28 +114,30 @@ class Attention(nn.Module):
             rel_pos_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, hd), jnp.float32)
             rh = get_rel_pos(h, h, rel_pos_h).astype(self.dtype)  # (H, H, hd)
             rw = get_rel_pos(w, w, rel_pos_w).astype(self.dtype)  # (W, W, hd)
+            rel_h = jnp.einsum("bnhwc,hkc->bnhwk", q, rh, preferred_element_type=acc)  # (B, nh, H, W, H)
+            rel_w = jnp.einsum("bnhwc,wkc->bnhwk", q, rw, preferred_element_type=acc)  # (B, nh, H, W, W)
 
-        def attend(qc: jax.Array, row0: jax.Array | int) -> jax.Array:
-            """Queries of R grid rows starting at row0: (B, R, W, nh, hd) -> (B, R, W, nh, hd)."""
-            r = qc.shape[1]
-            attn = jnp.einsum("brwnc,bknc->bnrwk", qc * (hd**-0.5), k, preferred_element_type=acc)  # (B, nh, R, W, HW)
-            if self.use_rel_pos:
-                rh_c = jax.lax.dynamic_slice_in_dim(rh, row0, r, axis=0)  # (R, H, hd)
-                rel_h = jnp.einsum("brwnc,rkc->bnrwk", qc, rh_c, preferred_element_type=acc)
-                rel_w = jnp.einsum("brwnc,wkc->bnrwk", qc, rw, preferred_element_type=acc)
-                attn = attn.reshape(b, nh, r, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
-                attn = attn.reshape(b, nh, r, w, h * w)
+        def attend(qc: jax.Array, rel_hc: jax.Array | None, rel_wc: jax.Array | None) -> jax.Array:
+            """Queries of R grid rows (B, nh, R, W, hd), their relative-position terms
+            (B, nh, R, W, H) and (B, nh, R, W, W) -> (B, nh, R, W, hd)."""
+            r = qc.shape[2]
+            attn = jnp.einsum("bnqc,bnkc->bnqk", qc.reshape(b, nh, r * w, hd) * (hd**-0.5), k, preferred_element_type=acc)
+            if rel_hc is not None:
+                attn = attn.reshape(b, nh, r, w, h, w) + rel_hc[..., :, None] + rel_wc[..., None, :]
+                attn = attn.reshape(b, nh, r * w, h * w)
             attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
-            return jnp.einsum("bnrwk,bknc->brwnc", attn, v)
+            return jnp.einsum("bnqk,bnkc->bnqc", attn, v).reshape(b, nh, r, w, hd)
 
         rows = query_rows(h, w, self.query_block)
         if rows == h:
-            out = attend(q, 0)
+            out = attend(q, rel_h, rel_w)
         else:
-            chunks = q.reshape(b, h // rows, rows, w, nh, hd).swapaxes(0, 1)  # (H/R, B, R, W, nh, hd)
-            out = jax.lax.map(lambda a: attend(a[0], a[1]), (chunks, jnp.arange(0, h, rows)))
-            out = out.swapaxes(0, 1)
-        out = out.reshape(b, h, w, dim)
+            # (B, nh, H, ...) -> (H/R, B, nh, R, ...): chunks of R grid rows along a leading axis.
+            split = lambda a: jnp.moveaxis(a.reshape(b, nh, h // rows, rows, *a.shape[3:]), 2, 0)  # noqa: E731
+            chunks = (split(q),) + ((split(rel_h), split(rel_w)) if self.use_rel_pos else (None, None))
+            out = jax.lax.map(lambda c: attend(*c), chunks)  # (H/R, B, nh, R, W, hd)
+            out = jnp.moveaxis(out, 0, 2).reshape(b, nh, h, w, hd)
+        out = out.transpose(0, 2, 3, 1, 4).reshape(b, h, w, dim)
         return dense(dim, ("qkv", "embed"), dtype=self.dtype, name="proj")(out)
 
 
@@ -164,7 +168,7 @@ class Block(nn.Module):
     window_size: int = 0
     input_size: tuple[int, int] | None = None
     drop_path: float = 0.0
-    query_block: int = 256  # global attention: queries per chunk (see `Attention`)
+    query_block: int = 64  # global attention: queries per chunk (see `Attention`)
     dtype: Any = jnp.float32
 
     def _drop_path(self, x: jax.Array, deterministic: bool) -> jax.Array:
