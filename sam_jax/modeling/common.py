@@ -80,18 +80,24 @@ class ConvTranspose2x2(nn.Module):
     Kernel (2, 2, features, in): the official (in, out, kH, kW) weight permuted by (2, 3, 1, 0).
     Each input pixel writes its own 2x2 output block (no overlap), so this is one matrix
     product and a reshape: y[2i + a, 2j + b, o] = sum_c x[i, j, c] kernel[a, b, o, c] + bias[o].
+    With `interleave=False` the blocks are not put in place: (..., in) -> (..., 2, 2, features)
+    for any leading shape (the sub-pixel layout; the decoder interleaves its masks once at the end).
     """
 
     features: int
+    interleave: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        *batch, h, w, c = x.shape
+        c = x.shape[-1]
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(default_kernel_init, (None, None, "conv_out", "conv_in")), (2, 2, self.features, c), jnp.float32
         )
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), jnp.float32)
+        if not self.interleave:
+            return jnp.einsum("...c,aboc->...abo", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        *batch, h, w, _ = x.shape
         y = jnp.einsum("...hwc,aboc->...hawbo", x.astype(self.dtype), kernel.astype(self.dtype))
         return y.reshape(*batch, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
 
@@ -125,9 +131,9 @@ def conv(
     )
 
 
-def conv_transpose_2x2(features: int, *, dtype: Any, name: str | None = None) -> ConvTranspose2x2:
+def conv_transpose_2x2(features: int, *, dtype: Any, interleave: bool = True, name: str | None = None) -> ConvTranspose2x2:
     """`torch.nn.ConvTranspose2d(in, features, kernel_size=2, stride=2)` on NHWC inputs."""
-    return ConvTranspose2x2(features, dtype=dtype, name=name)
+    return ConvTranspose2x2(features, interleave=interleave, dtype=dtype, name=name)
 
 
 def embedding(num: int, features: int, name: str | None = None) -> nn.Embed:

@@ -63,11 +63,15 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + num_mask_tokens, :]
 
+        # Output upscaling in the sub-pixel layout: each embedding cell keeps its 2x2 and then
+        # 4x4 sub-pixels as extra axes (the transposed convs do not overlap and the norm and
+        # GELU act per pixel), and only the final masks, not the c/8-channel features, are
+        # interleaved into the (4h, 4w) grid. Same values as upscaling in place.
         h, w = image_embeddings.shape[1:3]
         x = src.reshape(b, h, w, c)
-        x = conv_transpose_2x2(c // 4, dtype=self.dtype, name="output_upscaling_0")(x)
+        x = conv_transpose_2x2(c // 4, dtype=self.dtype, interleave=False, name="output_upscaling_0")(x)  # (B, h, w, 2, 2, c/4)
         x = gelu(LayerNorm(1e-6, name="output_upscaling_1")(x))
-        x = gelu(conv_transpose_2x2(c // 8, dtype=self.dtype, name="output_upscaling_3")(x))  # (B, 4h, 4w, c/8)
+        x = gelu(conv_transpose_2x2(c // 8, dtype=self.dtype, interleave=False, name="output_upscaling_3")(x))  # (B, h, w, 2, 2, 2, 2, c/8)
 
         hyper_in = jnp.stack(
             [
@@ -76,10 +80,11 @@ class MaskDecoder(nn.Module):
             ],
             axis=1,
         )  # (B, num_mask_tokens, c/8)
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, x, preferred_element_type=accum_dtype(self.dtype))
+        sl = slice(1, None) if multimask_output else slice(0, 1)
+        # Only the returned masks are computed. Row 4i + 2a + a', column 4j + 2b + b'.
+        masks = jnp.einsum("nmc,nhwabxyc->nmhaxwby", hyper_in[:, sl], x, preferred_element_type=accum_dtype(self.dtype))
+        masks = masks.reshape(b, masks.shape[1], 4 * h, 4 * w)
         hidden = (cfg.iou_head_hidden_dim,) * (cfg.iou_head_depth - 1)
         iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
         iou_pred = iou_pred.astype(accum_dtype(self.dtype))
-
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+        return masks, iou_pred[:, sl]
