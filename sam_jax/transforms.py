@@ -79,13 +79,6 @@ def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(..., H, W) -> (..., h, w): `F.interpolate(mode="bilinear", align_corners=False)`."""
-    my = jnp.asarray(linear_resize_matrix(x.shape[-2], size[0]))
-    mx = jnp.asarray(linear_resize_matrix(x.shape[-1], size[1]))
-    return jnp.einsum("yi,...ij,xj->...yx", my, x.astype(jnp.float32), mx)
-
-
 def postprocess_matrix(low_res: int, input_len: int, original_len: int, image_size: int) -> np.ndarray:
     """One axis of `postprocess_masks` as a single (original_len, low_res) float32 matrix:
     resize low_res -> image_size, keep the first input_len, resize to original_len."""

@@ -74,18 +74,17 @@ class PatchConv(nn.Module):
 
 
 class ConvTranspose2x2(nn.Module):
-    """`torch.nn.ConvTranspose2d(in, features, kernel_size=2, stride=2)` on NHWC inputs:
-    (B, H, W, in) -> (B, 2H, 2W, features).
+    """`torch.nn.ConvTranspose2d(in, features, kernel_size=2, stride=2)`, in the sub-pixel
+    layout: (..., in) -> (..., 2, 2, features), for any leading shape.
 
     Kernel (2, 2, features, in): the official (in, out, kH, kW) weight permuted by (2, 3, 1, 0).
     Each input pixel writes its own 2x2 output block (no overlap), so this is one matrix
-    product and a reshape: y[2i + a, 2j + b, o] = sum_c x[i, j, c] kernel[a, b, o, c] + bias[o].
-    With `interleave=False` the blocks are not put in place: (..., in) -> (..., 2, 2, features)
-    for any leading shape (the sub-pixel layout; the decoder interleaves its masks once at the end).
+    product: y[..., a, b, o] = sum_c x[..., c] kernel[a, b, o, c] + bias[o] is the official
+    output pixel (2i + a, 2j + b) of input pixel (i, j). The blocks are not interleaved into
+    a (2H, 2W) grid here: the decoder interleaves only its final masks, once.
     """
 
     features: int
-    interleave: bool = True
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -95,11 +94,7 @@ class ConvTranspose2x2(nn.Module):
             "kernel", nn.with_logical_partitioning(default_kernel_init, (None, None, "conv_out", "conv_in")), (2, 2, self.features, c), jnp.float32
         )
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), jnp.float32)
-        if not self.interleave:
-            return jnp.einsum("...c,aboc->...abo", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
-        *batch, h, w, _ = x.shape
-        y = jnp.einsum("...hwc,aboc->...hawbo", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y.reshape(*batch, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+        return jnp.einsum("...c,aboc->...abo", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 def conv(
@@ -131,9 +126,9 @@ def conv(
     )
 
 
-def conv_transpose_2x2(features: int, *, dtype: Any, interleave: bool = True, name: str | None = None) -> ConvTranspose2x2:
-    """`torch.nn.ConvTranspose2d(in, features, kernel_size=2, stride=2)` on NHWC inputs."""
-    return ConvTranspose2x2(features, interleave=interleave, dtype=dtype, name=name)
+def conv_transpose_2x2(features: int, *, dtype: Any, name: str | None = None) -> ConvTranspose2x2:
+    """`torch.nn.ConvTranspose2d(in, features, kernel_size=2, stride=2)`, sub-pixel layout (see `ConvTranspose2x2`)."""
+    return ConvTranspose2x2(features, dtype=dtype, name=name)
 
 
 def embedding(num: int, features: int, name: str | None = None) -> nn.Embed:

@@ -69,9 +69,9 @@ class MaskDecoder(nn.Module):
         # interleaved into the (4h, 4w) grid. Same values as upscaling in place.
         h, w = image_embeddings.shape[1:3]
         x = src.reshape(b, h, w, c)
-        x = conv_transpose_2x2(c // 4, dtype=self.dtype, interleave=False, name="output_upscaling_0")(x)  # (B, h, w, 2, 2, c/4)
+        x = conv_transpose_2x2(c // 4, dtype=self.dtype, name="output_upscaling_0")(x)  # (B, h, w, 2, 2, c/4)
         x = gelu(LayerNorm(1e-6, name="output_upscaling_1")(x))
-        x = gelu(conv_transpose_2x2(c // 8, dtype=self.dtype, interleave=False, name="output_upscaling_3")(x))  # (B, h, w, 2, 2, 2, 2, c/8)
+        x = gelu(conv_transpose_2x2(c // 8, dtype=self.dtype, name="output_upscaling_3")(x))  # (B, h, w, 2, 2, 2, 2, c/8)
 
         hyper_in = jnp.stack(
             [
