@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 
 
+ATTENTION_IMPLS = ("chunked", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageEncoderConfig:
     """`ImageEncoderViT` hyperparameters (its output width is `SamConfig.prompt_embed_dim`)."""
@@ -41,8 +44,15 @@ class ImageEncoderConfig:
     # Rematerialize each block (`nn.remat`): its activations are recomputed in
     # the backward pass instead of stored. Same params, same outputs.
     remat: bool = False
+    # The attention kernel (`modeling.image_encoder.Attention.impl`), same result each:
+    # "chunked" (query chunks; fastest on CPUs), "cudnn" (cuDNN flash attention with the
+    # relative positions folded into q and k; NVIDIA GPUs, bfloat16/float16 compute) or
+    # "xla" (that formulation through XLA, any backend).
+    attention: str = "chunked"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
 

@@ -79,7 +79,8 @@ class SamModel:
     """A config with its params and the jitted `encode` / `decode` bound to them.
 
     What `sam_model_registry[...]` returns and what the predictor takes. Change the
-    compute dtype with `model.with_dtype("bfloat16")` (params are unchanged).
+    compute dtype with `model.with_dtype("bfloat16")` (params are unchanged), the encoder's
+    attention kernel with `model.with_attention("cudnn")`.
     """
 
     config: SamConfig
@@ -102,6 +103,12 @@ class SamModel:
 
     def with_dtype(self, dtype: str) -> "SamModel":
         return SamModel(dataclasses.replace(self.config, dtype=str(jnp.dtype(dtype))), self.params)
+
+    def with_attention(self, impl: str) -> "SamModel":
+        """The same model with the image encoder's attention kernel `impl` ("chunked", "cudnn"
+        or "xla"; see `ImageEncoderConfig.attention`): "cudnn" with bfloat16 on NVIDIA GPUs."""
+        encoder = dataclasses.replace(self.config.image_encoder, attention=impl)
+        return SamModel(dataclasses.replace(self.config, image_encoder=encoder), self.params)
 
     @property
     def image_size(self) -> int:

@@ -146,3 +146,43 @@ def test_attention_query_chunks_give_the_same_result(use_rel_pos):
         chunked = Attention(4, use_rel_pos=use_rel_pos, input_size=(12, 10), query_block=block)
         np.testing.assert_allclose(chunked.apply(params, x), ref, atol=2e-6, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), jax.grad(loss(chunked))(params), ref_grad)
+    # The same attention through `jax.nn.dot_product_attention`, relative positions folded into q and k.
+    fused = Attention(4, use_rel_pos=use_rel_pos, input_size=(12, 10), impl="xla")
+    np.testing.assert_allclose(fused.apply(params, x), ref, atol=2e-6, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), jax.grad(loss(fused))(params), ref_grad)
+
+
+def test_fold_rel_pos_gives_the_official_logits():
+    """q'.k' of the folded form is q.k / sqrt(hd) plus the row and column terms of each key."""
+    from sam_jax.modeling.image_encoder import fold_rel_pos
+
+    b, nh, h, w, hd = 1, 2, 3, 4, 8
+    ks = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(ks[0], (b, nh, h, w, hd))
+    k = jax.random.normal(ks[1], (b, nh, h * w, hd))
+    rel_h, rel_w = jax.random.normal(ks[2], (b, nh, h, w, h)), jax.random.normal(ks[3], (b, nh, h, w, w))
+    qf, kf = fold_rel_pos(q, k, rel_h, rel_w)
+    logits = jnp.einsum("bnqc,bnkc->bnqk", qf, kf).reshape(b, nh, h, w, h, w)
+    ref = jnp.einsum("bnhwc,bnyxc->bnhwyx", q, k.reshape(b, nh, h, w, hd)) / np.sqrt(hd)
+    ref = ref + rel_h[..., :, None] + rel_w[..., None, :]
+    np.testing.assert_allclose(logits, ref, atol=1e-5)
+
+
+def test_attention_impl_is_checked():
+    from sam_jax.config import ImageEncoderConfig
+    from sam_jax.modeling.image_encoder import Attention
+
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ImageEncoderConfig(attention="flash")
+    x = jnp.zeros((1, 4, 4, 16))
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        Attention(2, input_size=(4, 4), impl="cudnn").init(jax.random.key(0), x)
+
+
+def test_encoder_with_xla_attention_matches_chunked(tiny_config, tiny_params, photo):
+    """The whole encoder with `attention="xla"` (the folded form) equals the default."""
+    from sam_jax.model import encode
+
+    cfg = dataclasses.replace(tiny_config, image_encoder=dataclasses.replace(tiny_config.image_encoder, attention="xla"))
+    images = jax.random.normal(jax.random.key(3), (1, cfg.image_size, cfg.image_size, 3))
+    np.testing.assert_allclose(encode(tiny_params, images, config=cfg), encode(tiny_params, images, config=tiny_config), atol=2e-5, rtol=1e-4)

@@ -85,6 +85,12 @@ class Attention(nn.Module):
     `jax.lax.map`) when the grid holds more: the score matrix of a global block (12 x 4096
     x 4096 in vit_b) then never exists at once, and its relative-position terms, softmax
     and product with v run over a chunk while it is hot. The result is the same.
+
+    `impl` picks the kernel: "chunked" (the above; fastest on CPUs) or "cudnn" / "xla":
+    `jax.nn.dot_product_attention` with that implementation on relative positions folded
+    into q and k (`fold_rel_pos`), so no bias tensor is ever made. "cudnn" is cuDNN's
+    flash attention (NVIDIA GPUs, bfloat16/float16 compute only); "xla" is the same
+    formulation through XLA, on any backend.
     """
 
     num_heads: int
@@ -92,6 +98,7 @@ class Attention(nn.Module):
     use_rel_pos: bool = True
     input_size: tuple[int, int] | None = None
     query_block: int = 64
+    impl: str = "chunked"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -117,6 +124,11 @@ class Attention(nn.Module):
             rel_h = jnp.einsum("bnhwc,hkc->bnhwk", q, rh, preferred_element_type=acc)  # (B, nh, H, W, H)
             rel_w = jnp.einsum("bnhwc,wkc->bnhwk", q, rw, preferred_element_type=acc)  # (B, nh, H, W, W)
 
+        if self.impl != "chunked":
+            out = fused_attention(q, k, v, rel_h, rel_w, impl=self.impl).reshape(b, nh, h, w, hd)
+            out = out.transpose(0, 2, 3, 1, 4).reshape(b, h, w, dim)
+            return dense(dim, ("qkv", "embed"), dtype=self.dtype, name="proj")(out)
+
         def attend(qc: jax.Array, rel_hc: jax.Array | None, rel_wc: jax.Array | None) -> jax.Array:
             """Queries of R grid rows (B, nh, R, W, hd), their relative-position terms
             (B, nh, R, W, H) and (B, nh, R, W, W) -> (B, nh, R, W, hd)."""
@@ -139,6 +151,46 @@ class Attention(nn.Module):
             out = jnp.moveaxis(out, 0, 2).reshape(b, nh, h, w, hd)
         out = out.transpose(0, 2, 3, 1, 4).reshape(b, h, w, dim)
         return dense(dim, ("qkv", "embed"), dtype=self.dtype, name="proj")(out)
+
+
+def fold_rel_pos(q: jax.Array, k: jax.Array, rel_h: jax.Array, rel_w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Relative positions folded into the queries and keys of a plain attention.
+
+    q (B, nh, H, W, hd) and k (B, nh, H*W, hd), with the decomposed relative-position
+    terms rel_h (B, nh, H, W, H) and rel_w (B, nh, H, W, W) of each query, become
+    q' = [q / sqrt(hd), rel_h, rel_w] and k' = [k, onehot(key row), onehot(key column)],
+    both (B, nh, H*W, hd + H + W): q' . k' = q . k / sqrt(hd) + rel_h[key row] +
+    rel_w[key column], exactly the official logits, with no (H*W, H*W) bias made.
+    """
+    b, nh, h, w, hd = q.shape
+    rows = jnp.repeat(jnp.eye(h, dtype=k.dtype), w, axis=0)  # (H*W, H): key j -> its row j // W
+    cols = jnp.tile(jnp.eye(w, dtype=k.dtype), (h, 1))  # (H*W, W): key j -> its column j % W
+    qf = jnp.concatenate([q * jnp.asarray(hd**-0.5, q.dtype), rel_h.astype(q.dtype), rel_w.astype(q.dtype)], axis=-1)
+    kf = jnp.concatenate([k, jnp.broadcast_to(rows, (b, nh, h * w, h)), jnp.broadcast_to(cols, (b, nh, h * w, w))], axis=-1)
+    return qf.reshape(b, nh, h * w, hd + h + w), kf
+
+
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, rel_h: jax.Array | None, rel_w: jax.Array | None, *, impl: str
+) -> jax.Array:
+    """Attention through `jax.nn.dot_product_attention` (implementation `impl`).
+
+    q (B, nh, H, W, hd), k and v (B, nh, H*W, hd), optional relative-position terms as in
+    `fold_rel_pos` -> (B, nh, H*W, hd). Head dims are zero-padded to a multiple of 8 (what
+    cuDNN asks; zeros change no product), v to the folded width of q and k (one width for
+    all three, as `dot_product_attention` needs).
+    """
+    b, nh, h, w, hd = q.shape
+    if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention 'cudnn' (flash attention) needs a bfloat16 or float16 compute dtype, got {q.dtype}")
+    if rel_h is None:
+        qf, kf, scale = q.reshape(b, nh, h * w, hd), k, hd**-0.5
+    else:
+        (qf, kf), scale = fold_rel_pos(q, k, rel_h, rel_w), 1.0
+    width = -(-qf.shape[-1] // 8) * 8
+    pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, width - a.shape[-1]),)).transpose(0, 2, 1, 3)  # noqa: E731  (B, T, nh, width)
+    out = jax.nn.dot_product_attention(pad(qf), pad(kf), pad(v), scale=scale, implementation=impl)
+    return out[..., :hd].transpose(0, 2, 1, 3)
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -169,6 +221,7 @@ class Block(nn.Module):
     input_size: tuple[int, int] | None = None
     drop_path: float = 0.0
     query_block: int = 64  # global attention: queries per chunk (see `Attention`)
+    attention: str = "chunked"  # `Attention.impl`
     dtype: Any = jnp.float32
 
     def _drop_path(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -190,6 +243,7 @@ class Block(nn.Module):
             use_rel_pos=self.use_rel_pos,
             input_size=self.input_size if self.window_size == 0 else (self.window_size, self.window_size),
             query_block=self.query_block,
+            impl=self.attention,
             dtype=self.dtype,
             name="attn",
         )(x)
@@ -253,6 +307,7 @@ class ImageEncoderViT(nn.Module):
                 window_size=0 if i in cfg.global_attn_indexes else cfg.window_size,
                 input_size=(g, g),
                 drop_path=rate,
+                attention=cfg.attention,
                 dtype=self.dtype,
                 name=f"blocks_{i}",
             )(x, deterministic)
