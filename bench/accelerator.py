@@ -68,15 +68,10 @@ def torch_matmul_tflops(n: int, iters: int) -> float:
 
 
 def encoder_gflop(model: str) -> float:
-    """FLOPs of one image through the encoder, from XLA's cost analysis of the lowered HLO
-    (the "xla" attention: no loop whose body would be counted once)."""
-    cfg = get_config(model)
-    cfg = dataclasses.replace(cfg, image_encoder=dataclasses.replace(cfg.image_encoder, attention="xla"))
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    cost = jax.jit(functools.partial(encode, config=cfg)).lower(params, images).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) / 1e9
+    """GFLOP of one image through the encoder (`bench.cases.encoder_flops`: the official count)."""
+    from bench.cases import encoder_flops
+
+    return encoder_flops(get_config(model), 1) / 1e9
 
 
 def ours_encoder(model: str, dtype: str, attention: str, batch: int, iters: int, params=None) -> dict[str, Any]:
@@ -152,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--attention", default="cudnn,chunked,xla", help="kernels timed for the first model (bf16)")
+    p.add_argument("--fp32-attention", default="chunked", help="kernels timed for the first model in float32")
+    p.add_argument("--no-official", action="store_true", help="skip the official model's timings")
     p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--agreement", type=int, default=32, help="point prompts of the bf16/f32 mask check (0: skip)")
     p.add_argument("--budget-s", type=float, default=420.0)
@@ -163,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        has_torch_gpu = torch.cuda.is_available()
+        has_torch_gpu = torch.cuda.is_available() and not args.no_official
     except ImportError:
         has_torch_gpu = False
     device = jax.devices()[0]
@@ -191,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, results)
         return results["items"][name]
 
-    mm = item("matmul_bf16_jax", lambda: {"tflops": jax_matmul_tflops(args.matmul_n, "bfloat16", args.iters)})
-    mm_torch = item("matmul_bf16_torch", lambda: {"tflops": torch_matmul_tflops(args.matmul_n, args.iters)}) if has_torch_gpu else {}
+    mm = {} if not args.matmul_n else item("matmul_bf16_jax", lambda: {"tflops": jax_matmul_tflops(args.matmul_n, "bfloat16", args.iters)})
+    mm_torch = item("matmul_bf16_torch", lambda: {"tflops": torch_matmul_tflops(args.matmul_n, args.iters)}) if has_torch_gpu and args.matmul_n else {}
     gflop = {m: item(f"gflop_{m}", lambda m=m: {"gflop_per_image": encoder_gflop(m)}).get("gflop_per_image") for m in models}
 
     def with_rate(r: dict, model: str, mm_rate: dict) -> dict:
@@ -213,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         del params
     if has_torch_gpu:
         item(f"official_{models[0]}_fp32", lambda: official_encoder(models[0], args.batch, args.iters, False))
-    item(f"ours_{models[0]}_fp32_chunked", lambda: ours_encoder(models[0], "float32", "chunked", args.batch, args.iters))
+    for impl in [a for a in args.fp32_attention.split(",") if a]:
+        item(f"ours_{models[0]}_fp32_{impl}", lambda: ours_encoder(models[0], "float32", impl, args.batch, args.iters))
     if args.agreement:
         item(f"agreement_{models[0]}_bf16_vs_fp32", lambda: mask_agreement(models[0], best.get("impl", "chunked"), args.agreement))
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s", flush=True)

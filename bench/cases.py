@@ -134,13 +134,21 @@ def official_encode(model, x) -> np.ndarray:
         return model.image_encoder(x).permute(0, 2, 3, 1).numpy()
 
 
-def encoder_flops(ctx: Context, batch: int) -> float:
-    """FLOPs of the image encoder on `batch` images."""
-    from sam_jax.model import encode
+def encoder_flops(config, batch: int) -> float:
+    """FLOPs of the image encoder of `config` on `batch` images: the official model's count.
 
-    s = ctx.config.image_size
+    Counted with the whole score matrix in one chunk (`attention_query_block` = grid
+    size^2), as a chunk loop's body would be counted once; the other kernels do the same
+    work in another shape ("cudnn" folds the relative positions into wider q and k).
+    """
+    from sam_jax.model import abstract_params, encode
+
+    enc = config.image_encoder
+    enc = dataclasses.replace(enc, attention="chunked", attention_query_block=enc.grid_size**2)
+    config = dataclasses.replace(config, image_encoder=enc)
+    s = config.image_size
     images = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
-    return xla_flops(jax.jit(functools.partial(encode, config=ctx.config)), ctx.pair.ours.params, images)
+    return xla_flops(jax.jit(functools.partial(encode, config=config)), abstract_params(config), images)
 
 
 def case_encoder(ctx: Context) -> list[Row]:
@@ -153,7 +161,7 @@ def case_encoder(ctx: Context) -> list[Row]:
         a, o, out = ctx.time_both(
             lambda: np.asarray(ctx.pair.ours.encode(xj)), lambda: official_encode(ctx.pair.official, xt)
         )
-        flop = encoder_flops(ctx, b)
+        flop = encoder_flops(ctx.config, b)
         rows.append(
             timed_row(
                 f"encoder_b{b}", "encoder", f"image encoder, batch {b}", a, o,
@@ -257,7 +265,7 @@ def _amg_flops(ctx: Context, gen, image: np.ndarray) -> float:
         jax.ShapeDtypeStruct((p, 2), jnp.float32), jax.ShapeDtypeStruct((p,), jnp.bool_),
         input_size=get_preprocess_shape(h, w, s), crop_box=(0, 0, w, h), orig_size=(h, w),
     )
-    return encoder_flops(ctx, 1) + math.ceil(len(gen.point_grids[0]) / p) * one
+    return encoder_flops(ctx.config, 1) + math.ceil(len(gen.point_grids[0]) / p) * one
 
 
 def case_amg(ctx: Context) -> list[Row]:

@@ -49,6 +49,8 @@ class ImageEncoderConfig:
     # relative positions folded into q and k; NVIDIA GPUs, bfloat16/float16 compute) or
     # "xla" (that formulation through XLA, any backend).
     attention: str = "chunked"
+    # "chunked": queries per chunk of a global block (whole grid rows; at least one row).
+    attention_query_block: int = 64
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:

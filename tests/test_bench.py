@@ -134,3 +134,23 @@ def test_bad_arguments_are_refused(capsys, tmp_path):
             main(argv)
         assert e.value.code == 2
         assert words in capsys.readouterr().err
+
+
+def test_accelerator_script_runs_every_item(tmp_path):
+    """`python -m bench.accelerator` on tiny: every item present, numbers positive, FLOPs the
+    official count, and the bf16-vs-float32 mask check within its range."""
+    from bench import accelerator
+    from bench.cases import encoder_flops
+    from sam_jax.config import get_config
+
+    out = tmp_path / "gpu.json"
+    assert accelerator.main(["--models", "tiny", "--batch", "1", "--iters", "1", "--attention", "chunked,xla",
+                             "--fp32-attention", "xla", "--matmul-n", "256", "--agreement", "2", "--out", str(out)]) == 0
+    items = json.loads(out.read_text())["items"]
+    assert not [k for k, v in items.items() if "error" in v or "skipped" in v]
+    assert items["gflop_tiny"]["gflop_per_image"] == pytest.approx(encoder_flops(get_config("tiny"), 1) / 1e9)
+    for name in ("ours_tiny_bf16_chunked", "ours_tiny_bf16_xla", "ours_tiny_fp32_xla"):
+        assert items[name]["images_per_s"] > 0
+    assert items["ours_tiny_bf16_xla"]["tflops"] > 0 and items["matmul_bf16_jax"]["tflops"] > 0
+    agreement = items["agreement_tiny_bf16_vs_fp32"]
+    assert agreement["masks"] == 6 and 0.9 < agreement["mean_iou"] <= 1.0

@@ -308,6 +308,7 @@ class ImageEncoderViT(nn.Module):
                 input_size=(g, g),
                 drop_path=rate,
                 attention=cfg.attention,
+                query_block=cfg.attention_query_block,
                 dtype=self.dtype,
                 name=f"blocks_{i}",
             )(x, deterministic)
