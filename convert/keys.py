@@ -141,6 +141,10 @@ def _prompt_encoder(cfg: SamConfig) -> Iterator[Row]:
     yield from _norm(f"{o}.mask_downscaling.4", f"{h}.mask_embed.layer_norm2", (*f, "mask_downscaling_4"))
     yield from _conv(f"{o}.mask_downscaling.6", f"{h}.mask_embed.conv3", (*f, "mask_downscaling_6"))
     yield from _embedding(f"{o}.no_mask_embed", f"{h}.no_mask_embed", (*f, "no_mask_embed"))
+    if cfg.prompt_encoder.text_embed_dim is not None:  # sam-jax's text prompts: no official counterpart
+        for i in range(2):
+            yield from _linear(f"{o}.text_proj.{i}", f"{h}.text_proj.{i}", (*f, f"text_proj_{i}"))
+        yield from _embedding(f"{o}.text_embed", f"{h}.text_embed", (*f, "text_embed"))
 
 
 def _attention(o: str, h: str, f: Path) -> Iterator[Row]:

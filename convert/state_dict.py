@@ -16,14 +16,13 @@ import jax
 import numpy as np
 
 from sam_jax.config import CONFIGS, SamConfig, get_config
-from sam_jax.convert.errors import CheckpointError
+from sam_jax.convert.errors import CheckpointError, check_keys, set_path
 from sam_jax.convert.keys import Row, key_table
 
 KeyStyle = Literal["official", "hf"]
 # Hugging Face ties the positional-encoding matrix to a second name; some files hold both.
 HF_PE_KEY = "shared_image_embedding.positional_embedding"
 HF_PE_ALIAS = "prompt_encoder.shared_embedding.positional_embedding"
-_SHOWN = 4  # how many keys of each kind an error message lists
 
 
 def key_style(state_dict: Mapping[str, Any]) -> KeyStyle:
@@ -67,10 +66,6 @@ def _expected_shapes(config: SamConfig) -> dict[tuple[str, ...], tuple[int, ...]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _listing(kind: str, items: list[str]) -> str:
-    more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
-    return f"{len(items)} {kind} ({', '.join(items[:_SHOWN])}{more})"
-
 
 def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig) -> dict[str, Any]:
     """Convert an official or Hugging Face state dict to Flax params for `config`, strictly."""
@@ -97,17 +92,8 @@ def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig) -> dict[str
         if value.shape != expected[row.flax]:
             misshaped.append(f"{key} {tuple(np.shape(state_dict[key]))}")
             continue
-        node = params
-        for part in row.flax[:-1]:
-            node = node.setdefault(part, {})
-        node[row.flax[-1]] = value
-    if missing or unexpected or misshaped:
-        problems = [
-            _listing(kind, items)
-            for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-            if items
-        ]
-        raise CheckpointError(f"checkpoint does not match the {config.name} model: " + "; ".join(problems))
+        set_path(params, row.flax, value)
+    check_keys(f"checkpoint does not match the {config.name} model", missing, unexpected, misshaped)
     return params
 
 

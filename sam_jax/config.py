@@ -75,6 +75,13 @@ class PromptEncoderConfig:
     # Std of the random spatial frequencies at init (`PositionEmbeddingRandom(scale=...)`;
     # the official models use 1.0). A loaded checkpoint brings its own frozen matrix.
     pe_scale: float = 1.0
+    # Width of the CLIP embeddings taken as text prompts (the CLIP model's `projection_dim`:
+    # 768 for ViT-L/14@336, 512 for ViT-B/32); None: no text path (the official models).
+    text_embed_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.text_embed_dim is not None and self.text_embed_dim < 1:
+            raise ValueError(f"text_embed_dim must be a positive width or None, got {self.text_embed_dim!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,9 @@ A batch of B prompts, each any mix of points, a box and a mask:
                                bottom-right corner, -1 padding
   mask_input (B, S, S) float32 low-resolution mask logits (S = 4 x embedding side, 256)
   has_mask  (B,)      bool     whether mask_input is used (else the no-mask embedding)
+  text      (B, M, Dt) float32 optional: CLIP embeddings used as text prompts (M per
+                               prompt, Dt the CLIP projection width), or None
+  text_mask (B, M)    bool     which of the M text slots are used (others are padding)
 
 This is the convention of the official decoder-only ONNX export, with one
 addition that keeps any padding exact: only the first -1 of a row with points
@@ -48,6 +51,8 @@ class Prompts:
     labels: jax.Array | np.ndarray
     mask_input: jax.Array | np.ndarray
     has_mask: jax.Array | np.ndarray
+    text: jax.Array | np.ndarray | None = None
+    text_mask: jax.Array | np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -67,11 +72,14 @@ def make_prompts(
     boxes: np.ndarray | None = None,
     mask_input: np.ndarray | None = None,
     num_points: int | None = None,
+    text: np.ndarray | None = None,
+    text_mask: np.ndarray | None = None,
 ) -> Prompts:
     """Build a padded `Prompts` batch on the host from official-style arguments.
 
     point_coords (B, n, 2) and point_labels (B, n) in the model-input frame; boxes
-    (B, 4) as x0, y0, x1, y1; mask_input (B, S, S) or (B, 1, S, S). Each is optional.
+    (B, 4) as x0, y0, x1, y1; mask_input (B, S, S) or (B, 1, S, S); text (B, Dt) or
+    (B, M, Dt) CLIP embeddings, with text_mask (B, M) (default: all used). Each is optional.
     The point axis is padded with -1 to `num_points` (default: the bucket for the
     slots used: n points, 2 box corners, and the official padding point when there
     are points without a box).
@@ -101,4 +109,12 @@ def make_prompts(
     else:
         masks = np.asarray(mask_input, np.float32).reshape(batch_size, mask_size, mask_size)
         has_mask = np.ones((batch_size,), bool)
-    return Prompts(points=xy, labels=lab, mask_input=masks, has_mask=has_mask)
+    if text is not None:
+        text = np.asarray(text, np.float32)
+        text = text[:, None] if text.ndim == 2 else text
+        if text.ndim != 3 or text.shape[0] != batch_size:
+            raise ValueError(f"text must be (B, Dt) or (B, M, Dt) CLIP embeddings with B={batch_size}, got shape {text.shape}")
+        text_mask = np.ones(text.shape[:2], bool) if text_mask is None else np.asarray(text_mask, bool).reshape(text.shape[:2])
+    elif text_mask is not None:
+        raise ValueError("text_mask was given without text")
+    return Prompts(points=xy, labels=lab, mask_input=masks, has_mask=has_mask, text=text, text_mask=text_mask)

@@ -6,6 +6,13 @@ bottom-right corner, -1 padding. As in the official encoder, a prompt with
 points but no box carries exactly one "not a point" token; the first -1 of
 such a row becomes that token and every other -1 is masked out of attention
 (`token_mask`), so any padding length gives the official result.
+
+Text prompts (an addition: the paper's section 7.5, never released) are CLIP embeddings,
+(B, M, Dt): each is L2-normalized (CLIP's joint space is one of directions, so an image
+embedding at training and a text embedding at inference are interchangeable), scaled by
+sqrt(Dt), projected to the prompt width by a 2-layer MLP, and given a learned text type
+embedding. They follow the point and box tokens; unused slots are masked out like padding.
+A model whose config has no `text_embed_dim` has no such layers and refuses text.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sam_jax.modeling.common import LayerNorm, conv, embedding, gelu
+from sam_jax.modeling.common import LayerNorm, conv, dense, embedding, gelu
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -80,6 +87,7 @@ class PromptEncoder(nn.Module):
     input_image_size: tuple[int, int]
     mask_in_chans: int
     pe_scale: float = 1.0
+    text_embed_dim: int | None = None
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
@@ -96,6 +104,10 @@ class PromptEncoder(nn.Module):
         self.mask_downscaling_3 = conv(c, 2, stride=2, dtype=self.dtype)
         self.mask_downscaling_4 = LayerNorm(1e-6)
         self.mask_downscaling_6 = conv(self.embed_dim, 1, dtype=self.dtype)
+        if self.text_embed_dim is not None:
+            self.text_proj_0 = dense(self.embed_dim, (None, "embed"), dtype=self.dtype)
+            self.text_proj_1 = dense(self.embed_dim, ("embed", "embed"), dtype=self.dtype)
+            self.text_embed = embedding(1, self.embed_dim)
 
     def get_dense_pe(self) -> jax.Array:
         """Positional encoding of the image embedding grid: (h, w, C)."""
@@ -116,6 +128,20 @@ class PromptEncoder(nn.Module):
         pe = jnp.where((labels == -1)[..., None], 0.0, pe)
         return pe + table[jnp.clip(labels + 1, 0, 4)]
 
+    def embed_text(self, text: jax.Array) -> jax.Array:
+        """CLIP embeddings (B, M, Dt) -> text tokens (B, M, C)."""
+        if self.text_embed_dim is None:
+            raise ValueError(
+                "this model has no text projection (prompt_encoder.text_embed_dim is None): its checkpoint was "
+                "not trained with text prompts"
+            )
+        if text.shape[-1] != self.text_embed_dim:
+            raise ValueError(f"text embeddings have width {text.shape[-1]}; this model takes CLIP embeddings of width {self.text_embed_dim}")
+        x = text.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12)) * np.sqrt(self.text_embed_dim)
+        x = self.text_proj_1(gelu(self.text_proj_0(x.astype(self.dtype))))
+        return x + self.text_embed.embedding.astype(x.dtype)
+
     def embed_masks(self, masks: jax.Array) -> jax.Array:
         """masks (B, 4h, 4w) logits -> (B, h, w, C)."""
         x = masks[..., None].astype(self.dtype)
@@ -124,14 +150,28 @@ class PromptEncoder(nn.Module):
         return self.mask_downscaling_6(x)
 
     def __call__(
-        self, points: jax.Array, labels: jax.Array, mask_input: jax.Array, has_mask: jax.Array
+        self,
+        points: jax.Array,
+        labels: jax.Array,
+        mask_input: jax.Array,
+        has_mask: jax.Array,
+        text: jax.Array | None = None,
+        text_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Embed one fixed-shape prompt batch.
 
-        points (B, N, 2), labels (B, N), mask_input (B, 4h, 4w), has_mask (B,) ->
-        sparse (B, N, C), dense (B, h, w, C), and the token mask (B, N) bool.
+        points (B, N, 2), labels (B, N), mask_input (B, 4h, 4w), has_mask (B,), optional
+        text (B, M, Dt) with text_mask (B, M) -> sparse (B, N + M, C), dense (B, h, w, C),
+        and the token mask (B, N + M) bool.
         """
         sparse = self.embed_points(points, labels)
+        mask = token_mask(labels)
+        if text is not None and text.shape[1] > 0:
+            text_mask = jnp.ones(text.shape[:2], bool) if text_mask is None else text_mask.astype(bool)
+            sparse = jnp.concatenate([sparse, self.embed_text(text).astype(sparse.dtype)], axis=1)
+            mask = jnp.concatenate([mask, text_mask], axis=1)
+        elif self.text_embed_dim is not None and self.is_initializing():
+            self.embed_text(jnp.zeros((1, 1, self.text_embed_dim), jnp.float32))  # create the text layers
         no_mask = self.no_mask_embed.embedding.reshape(1, 1, 1, -1)
         dense = jnp.where(has_mask[:, None, None, None], self.embed_masks(mask_input), no_mask)
-        return sparse, dense, token_mask(labels)
+        return sparse, dense, mask

@@ -35,6 +35,7 @@ class Sam(nn.Module):
             input_image_size=(cfg.image_size, cfg.image_size),
             mask_in_chans=cfg.prompt_encoder.mask_in_chans,
             pe_scale=cfg.prompt_encoder.pe_scale,
+            text_embed_dim=cfg.prompt_encoder.text_embed_dim,
             dtype=dtype,
         )
         self.mask_decoder = MaskDecoder(cfg.mask_decoder, transformer_dim=cfg.prompt_embed_dim, dtype=dtype)
@@ -48,7 +49,9 @@ class Sam(nn.Module):
 
     def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
         """embeddings (B, h, w, C) and a prompt batch of size B -> masks (B, M, 4h, 4w), iou (B, M)."""
-        sparse, dense, mask = self.prompt_encoder(prompts.points, prompts.labels, prompts.mask_input, prompts.has_mask)
+        sparse, dense, mask = self.prompt_encoder(
+            prompts.points, prompts.labels, prompts.mask_input, prompts.has_mask, prompts.text, prompts.text_mask
+        )
         image_pe = self.prompt_encoder.get_dense_pe()[None]
         return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output)
 
