@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -127,28 +128,59 @@ def _segment(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from sam_jax.predictor import SamPredictor
-    from sam_jax.visualize import overlay
+    from sam_jax.visualize import mask_colors, overlay
 
-    if not args.point and args.box is None:
-        raise CliError("give at least one --point X,Y[,LABEL] or a --box X0,Y0,X1,Y1")
+    texts = args.text
+    if not args.point and args.box is None and not texts:
+        raise CliError("give at least one --point X,Y[,LABEL], a --box X0,Y0,X1,Y1 or a --text TEXT")
+    if texts and args.clip is None:
+        raise CliError(
+            "--text needs --clip FOLDER: the Hugging Face CLIP folder (config.json, model.safetensors, "
+            "tokenizer.json) the checkpoint was trained with"
+        )
+    if args.clip is not None and not texts:
+        raise CliError("--clip is only used with --text")
     image_path = Path(args.image)
     image = read_image(image_path)
-    predictor = SamPredictor(_load(args))
+    model = _load(args)
+    text_encoder = None
+    if texts:
+        if model.config.prompt_encoder.text_embed_dim is None:
+            raise CliError(f"--text: {args.checkpoint} has no text projection: it was not trained with text prompts")
+        from sam_jax.text import TextEncoder
+
+        text_encoder = TextEncoder.from_folder(args.clip)
+    predictor = SamPredictor(model, text_encoder=text_encoder)
     predictor.set_image(image)
     points = np.array([p[:2] for p in args.point], np.float32) if args.point else None
     labels = np.array([p[2] for p in args.point], np.int32) if args.point else None
     box = np.array(args.box, np.float32) if args.box is not None else None
-    masks, scores, _ = predictor.predict(point_coords=points, point_labels=labels, box=box, multimask_output=args.multimask)
+    # One prompt per --text, each with the points and box; without --text (or with one), one prompt.
+    n = max(len(texts), 1)
+    kwargs = dict(point_coords=points, point_labels=labels, box=box)
+    if n > 1:
+        kwargs = {k: None if v is None else np.repeat(v[None], n, axis=0) for k, v in kwargs.items()}
+    text = None if not texts else texts[0] if n == 1 else list(texts)
+    masks, scores, _ = predictor.predict(**kwargs, text=text, multimask_output=args.multimask)
+    if n == 1:
+        masks, scores = masks[None], scores[None]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = image_path.stem
-    files = []
-    for i, mask in enumerate(masks):
-        name = f"{stem}_mask{i}.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(out / name)
-        files.append(name)
-    best = int(np.argmax(scores))
-    overlay(image, [masks[best]], points=points, labels=labels, box=box).save(out / f"{stem}_overlay.png")
+    files = [
+        [f"{stem}_mask{i}.png" if n == 1 else f"{stem}_text{j}_mask{i}.png" for i in range(masks.shape[1])] for j in range(n)
+    ]
+    for j in range(n):
+        for mask, name in zip(masks[j], files[j]):
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / name)
+    best = [int(np.argmax(s)) for s in scores]
+    overlay(
+        image, [masks[j][best[j]] for j in range(n)], colors=mask_colors(n), points=points, labels=labels, box=box
+    ).save(out / f"{stem}_overlay.png")
+
+    def per_prompt(values: list) -> Any:  # one prompt: as without --text; several: one entry per --text
+        return values[0] if n == 1 else values
+
     write_json(
         out / f"{stem}_scores.json",
         {
@@ -157,12 +189,15 @@ def _segment(args: argparse.Namespace) -> None:
             "points": None if points is None else points.tolist(),
             "labels": None if labels is None else labels.tolist(),
             "box": None if box is None else box.tolist(),
-            "scores": [float(s) for s in scores],
-            "masks": files,
-            "best": best,
+            "text": list(texts) if texts else None,
+            "scores": per_prompt([[float(v) for v in s] for s in scores]),
+            "masks": per_prompt(files),
+            "best": per_prompt(best),
         },
     )
-    print(f"{image_path}: {len(masks)} mask(s), scores {np.round(scores, 3).tolist()} -> {out}")
+    for j in range(n):
+        what = f"{len(masks[j])} mask(s)" + (f" for {texts[j]!r}" if texts else "")
+        print(f"{image_path}: {what}, scores {np.round(scores[j], 3).tolist()} -> {out}")
 
 
 def _auto(args: argparse.Namespace) -> None:
@@ -293,11 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output .safetensors file")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("segment", help="masks for point / box prompts on one image")
+    p = sub.add_parser("segment", help="masks for point / box / text prompts on one image")
     p.add_argument("image")
     _add_model_args(p)
     p.add_argument("--point", action="append", type=parse_point, default=[], help="X,Y[,LABEL] (repeatable; LABEL 1 fg / 0 bg)")
     p.add_argument("--box", type=parse_box, default=None, help="X0,Y0,X1,Y1")
+    p.add_argument(
+        "--text", action="append", default=[], metavar="TEXT",
+        help="a text prompt (repeatable: one prompt per --text, each with the points and box); needs --clip and a checkpoint trained with text",
+    )
+    p.add_argument(
+        "--clip", default=None, metavar="FOLDER",
+        help="the Hugging Face CLIP folder for --text (config.json, model.safetensors, tokenizer.json)",
+    )
     p.add_argument("--multimask", action="store_true", help="three masks instead of one")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_segment)

@@ -1,6 +1,7 @@
 """`make demo`: train a small SAM on synthetic shapes, then segment held-out images with it.
 
     python -m sam_jax.demo [--out DIR] [--steps N]             # train, evaluate, segment
+    python -m sam_jax.demo --text [--out DIR]                  # the same with text prompts
     python -m sam_jax.demo --checkpoint CKPT [--image PATH] [--point X,Y] [--out DIR]
 
 Without a checkpoint (the default; no official weights can be downloaded here) the demo
@@ -9,6 +10,11 @@ is the whole project in one run: it writes a synthetic SA-1B-layout data set of 
 resumes from the checkpoints in DIR/train), reports the 1-click and 5-click mIoU on held-out
 images (`sam-jax eval`), and writes overlays of point-prompted and automatic masks of
 held-out images. With a checkpoint it segments a photo with one point prompt.
+
+`--text` trains the `shapes_text_tiny` recipe instead (text prompts in caption mode: "a
+circle", "a rectangle", "a triangle", embedded by a small random-weight CLIP written to
+DIR/clip, as no CLIP weights can be downloaded here), reports what each caption alone selects
+on the held-out images and writes text-prompted overlays too.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from sam_jax.checkpoint import load_model
 from sam_jax.predictor import SamPredictor
 from sam_jax.visualize import mask_colors, overlay
 
-RECIPE = Path(__file__).resolve().parent.parent / "train" / "configs" / "shapes_tiny.py"
+CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
+RECIPE = CONFIGS / "shapes_tiny.py"
+TEXT_RECIPE = CONFIGS / "shapes_text_tiny.py"
 
 
 def load_image(path: str | None) -> np.ndarray:
@@ -53,8 +61,17 @@ def train_and_segment(args: argparse.Namespace) -> dict:
             make_shapes(d, n, seed=seed)
     print(f"data: {args.train_images} training and {args.eval_images} held-out shape images in {out / 'data'}")
 
-    cfg = load_config_file(RECIPE)
+    cfg = load_config_file(TEXT_RECIPE if args.text else RECIPE)
     cfg.data.train_dir = str(train_dir)
+    text_encoder = None
+    if args.text:
+        from sam_jax.clip_folder import make_random_clip
+        from sam_jax.text import TextEncoder
+        from sam_jax.train.shapes import CATEGORIES
+
+        clip = make_random_clip(out / "clip", [cfg.text.template.format(c) for c in CATEGORIES], seed=0)
+        cfg.text.clip = str(clip)
+        text_encoder = TextEncoder.from_folder(clip)
     if args.steps is not None:
         cfg.steps = args.steps
     trainer = Trainer(cfg, out / "train")
@@ -69,7 +86,16 @@ def train_and_segment(args: argparse.Namespace) -> dict:
     results = evaluate(model.params, model.config, heldout_dir, num_clicks=5)
     print(format_table(results))
 
-    predictor = SamPredictor(model)
+    text_results = None
+    if text_encoder is not None:
+        from sam_jax.train.text import caption_embeddings, evaluate_text
+
+        captions = caption_embeddings(cfg, text_encoder)
+        text_results = evaluate_text(model.params, model.config, heldout_dir, captions)
+        print("text prompt alone -> mIoU against all shapes of that kind, held-out: "
+              + ", ".join(f"{cfg.text.template.format(c)!r} {v:.3f}" for c, v in text_results["per_category"].items())
+              + f"; all {text_results['miou_text']:.3f} ({text_results['num_queries']} queries)")
+    predictor = SamPredictor(model, text_encoder=text_encoder)
     # Minutes of training leave the IoU head uncalibrated (it predicts ~0.1-0.3) and the logits
     # soft: keep masks by stability alone, at a lower bar than the official 0.95.
     generator = SamAutomaticMaskGenerator(model, points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=0.6)
@@ -88,15 +114,24 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         records = sorted(generator.generate(image), key=lambda r: -r["area"])
         overlay(image, [r["segmentation"] for r in records], colors=mask_colors(len(records), seed=1)).save(out / f"auto_{i}.png")
         shown.append({"image": image_path.name, "point_scores": scores[:, 0].round(3).tolist(), "auto_masks": len(records)})
+        if text_encoder is not None:
+            texts = [cfg.text.template.format(c) for c in captions]
+            masks, scores, _ = predictor.predict(text=texts)  # (3 texts, 3 masks, H, W): keep each one's best
+            best = masks[np.arange(len(texts)), scores.argmax(axis=1)]
+            overlay(image, list(best), colors=mask_colors(len(texts), seed=2)).save(out / f"text_{i}.png")
+            shown[-1]["text_masks"] = dict(zip(texts, (best.reshape(len(texts), -1).sum(1)).tolist()))
     elapsed = time.perf_counter() - t0
     print(f"trained {trainer.step} steps in {train_seconds:.0f} s; held-out 1-click mIoU {results['miou_1click']:.3f}, "
           f"5-click {results['miou_5click']:.3f}, box {results['miou_box']:.3f}")
-    print(f"wrote {out}/points_*.png (point prompts), {out}/auto_*.png (segment everything), {out / 'result.json'} in {elapsed:.0f} s")
+    print(f"wrote {out}/points_*.png (point prompts), {out}/auto_*.png (segment everything)"
+          + (f", {out}/text_*.png (text prompts: {', '.join(texts)})" if text_encoder is not None else "")
+          + f", {out / 'result.json'} in {elapsed:.0f} s")
     return {
         "model": model.config.name,
         "steps": trainer.step,
         "train_seconds": round(train_seconds, 1),
         "heldout": {k: v for k, v in results.items() if k != "per_click"},
+        **({"heldout_text": text_results} if text_results is not None else {}),
         "images": shown,
         "seconds": round(elapsed, 1),
     }
@@ -111,8 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-images", type=int, default=400)
     ap.add_argument("--eval-images", type=int, default=20)
     ap.add_argument("--out", default="demo_out")
+    ap.add_argument("--text", action="store_true", help="train with text prompts too (the shapes_text_tiny recipe)")
     ap.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
     args = ap.parse_args(argv)
+    if args.text and args.checkpoint:
+        ap.error("--text trains a model with text prompts; it does not combine with --checkpoint")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from sam_jax.cli import enable_compilation_cache

@@ -1,5 +1,5 @@
-"""`SamPredictor`: the official predictor's API (plus SAM 2's batched prompts and images)
-over the jitted functional core.
+"""`SamPredictor`: the official predictor's API (plus SAM 2's batched prompts and images, and
+text prompts) over the jitted functional core.
 
     predictor = SamPredictor(sam)
     predictor.set_image(image)                       # HxWx3 uint8 RGB
@@ -10,16 +10,31 @@ low-res logits (C, 256, 256); B prompts at once (point_coords (B, N, 2), box (B,
 mask_input (B, 1, 256, 256)) give (B, C, H, W), (B, C), (B, C, 256, 256); a batch of one
 is squeezed, as SAM 2 does. C = 3 with `multimask_output`, else 1.
 
+Text prompts (a checkpoint trained with them: `PromptEncoderConfig.text_embed_dim`) need a
+CLIP `TextEncoder` of the same width:
+
+    predictor = SamPredictor(sam, text_encoder=TextEncoder.from_folder("clip-vit-large-patch14-336"))
+    masks, scores, logits = predictor.predict(text="a dog")                  # text alone
+    predictor.predict(text="a dog", point_coords=[[500, 375]], point_labels=[1])
+    predictor.predict(text=["a dog", "a cat"])                               # B = 2 prompts
+
+`text` is a string (one text, added to every prompt of the call: with B boxes, B prompts
+that share it) or a list of B strings (one per prompt: B prompts, so B must equal the
+number of prompts given by point_coords / box / mask_input, if any). Each prompt gets one
+text token: its CLIP embedding (`TextEncoder.embed_text`). A list of one string is one
+prompt, like a string.
+
 Compilation: one decoder per bucket of point counts (4, 8, 16, ...) and of prompt
 counts (1, 2, 4, ..., 64, then multiples of 64), and per original image size (for the
-upsampling). Points outside the image are allowed, as upstream: they are encoded like
-any other coordinate.
+upsampling), each with and without text; texts are embedded in the same prompt-count
+buckets (padded with copies of the first). Points outside the image are allowed, as
+upstream: they are encoded like any other coordinate.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +44,9 @@ from sam_jax.model import Params, SamModel, decode
 from sam_jax.prompts import bucket_size, make_prompts, Prompts
 from sam_jax.config import SamConfig
 from sam_jax.transforms import ResizeLongestSide, postprocess_masks, preprocess
+
+if TYPE_CHECKING:
+    from sam_jax.text import TextEncoder
 
 PROMPT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -80,9 +98,34 @@ def check_image(image: Any, image_format: str = "RGB", name: str = "image") -> n
     return np.ascontiguousarray(image[..., ::-1] if image_format == "BGR" else image)
 
 
+def check_text(text: Any, name: str = "text") -> list[str] | str:
+    """Validate a text prompt: a non-empty string, or a non-empty list (or tuple) of them."""
+    form = "a string or a list of strings"
+    if isinstance(text, str):
+        if not text.strip():
+            raise ValueError(f"{name} is empty: give {form} with words in them")
+        return text
+    if not isinstance(text, (list, tuple)):
+        raise ValueError(f"{name} must be {form}, got {type(text).__name__}")
+    if not text:
+        raise ValueError(f"{name} is an empty list: give {form}")
+    for i, t in enumerate(text):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{i}] must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise ValueError(f"{name}[{i}] is empty: each text needs words in it")
+    return list(text)
+
+
 class SamPredictor:
-    def __init__(self, sam_model: SamModel) -> None:
+    def __init__(self, sam_model: SamModel, text_encoder: "TextEncoder | None" = None) -> None:
+        """sam_model: a `SamModel`; text_encoder: a CLIP `TextEncoder` for `predict(text=...)`
+        (needs a model with a text projection of the encoder's width)."""
         self.model = sam_model
+        self.text_encoder = text_encoder
+        width = sam_model.config.prompt_encoder.text_embed_dim
+        if text_encoder is not None and width is not None and text_encoder.embed_dim != width:
+            self._check_text_support()  # raises: the widths differ
         self.transform = ResizeLongestSide(sam_model.image_size)
         self._predict = jax.jit(
             functools.partial(predict_masks, config=sam_model.config),
@@ -141,11 +184,33 @@ class SamPredictor:
 
     # ------------------------------------------------------------------ prompts
 
+    def _check_text_support(self) -> None:
+        """Text is asked for: the model must have a text projection and a text encoder of its width."""
+        width = self.model.config.prompt_encoder.text_embed_dim
+        if width is None:
+            raise ValueError(
+                "text: this checkpoint has no text projection: it was not trained with text prompts "
+                "(its config has prompt_encoder.text_embed_dim = None)"
+            )
+        if self.text_encoder is None:
+            raise ValueError(
+                "text: this predictor has no text encoder; create it as "
+                "SamPredictor(sam, text_encoder=TextEncoder.from_folder(CLIP_FOLDER))"
+            )
+        if self.text_encoder.embed_dim != width:
+            raise ValueError(
+                f"text: the text encoder gives embeddings of width {self.text_encoder.embed_dim}, but this checkpoint "
+                f"takes CLIP embeddings of width {width} (prompt_encoder.text_embed_dim): use the CLIP it was trained with"
+            )
+
     def _prepare_prompts(
-        self, point_coords, point_labels, box, mask_input, original_size: tuple[int, int]
+        self, point_coords, point_labels, box, mask_input, original_size: tuple[int, int], text=None
     ) -> tuple[Prompts, int, bool]:
         """Validate official-style prompts -> (padded Prompts, number of prompts B, batched?)."""
         sizes, batched = [], False
+        if text is not None:
+            text = check_text(text)
+            self._check_text_support()
         coords = labels = boxes = masks = None
         if (point_coords is None) != (point_labels is None):
             raise ValueError("point_coords and point_labels must be given together")
@@ -184,11 +249,25 @@ class SamPredictor:
             sizes.append(masks.shape[0])
         if len(set(sizes)) > 1:
             raise ValueError(f"point_coords, box and mask_input give different numbers of prompts: {sizes}")
+        if isinstance(text, list):
+            if sizes and len(text) != sizes[0]:
+                raise ValueError(
+                    f"text has {len(text)} strings for {sizes[0]} prompts (point_coords / box / mask_input): give one "
+                    "text per prompt, or a single string to use for every prompt"
+                )
+            batched |= len(text) > 1
+            sizes.append(len(text))
         n = sizes[0] if sizes else 1
         padded = bucket_size(n, PROMPT_BATCH_BUCKETS)
 
         def pad(x):
             return None if x is None else np.concatenate([x, np.repeat(x[:1], padded - n, axis=0)])
+
+        embeddings = None
+        if isinstance(text, str):  # one text for every prompt: embedded once
+            embeddings = np.broadcast_to(self.text_encoder.embed_text([text]), (padded, self.text_encoder.embed_dim))
+        elif text is not None:  # one per prompt, embedded in the prompt bucket (a bounded set of CLIP shapes)
+            embeddings = self.text_encoder.embed_text(text + [text[0]] * (padded - n))
 
         prompts = make_prompts(
             batch_size=padded,
@@ -197,12 +276,13 @@ class SamPredictor:
             point_labels=pad(labels),
             boxes=pad(boxes),
             mask_input=pad(masks),
+            text=embeddings,  # (padded, Dt): one text token per prompt
         )
         return prompts, n, batched
 
-    def _run(self, index, point_coords, point_labels, box, mask_input, multimask_output, return_logits):
+    def _run(self, index, point_coords, point_labels, box, mask_input, multimask_output, return_logits, text=None):
         orig, inp = self._orig_hw[index], self._input_hw[index]
-        prompts, n, _ = self._prepare_prompts(point_coords, point_labels, box, mask_input, orig)
+        prompts, n, _ = self._prepare_prompts(point_coords, point_labels, box, mask_input, orig, text)
         masks, iou, low = self._predict(
             self.model.params,
             self.features[index : index + 1],
@@ -223,12 +303,17 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: str | Sequence[str] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Masks for prompts on the image given to `set_image` (see the module docstring for shapes)."""
+        """Masks for prompts on the image given to `set_image` (see the module docstring for shapes).
+
+        text: a string (added to every prompt; alone, one prompt) or a list of B strings (one
+        per prompt); needs a checkpoint with a text projection and the predictor's `text_encoder`.
+        """
         self._require_image()
         if self._is_batch:
             raise RuntimeError("An image batch is set: use predict_batch(...) (or set_image(...) for one image).")
-        return self._run(0, point_coords, point_labels, box, mask_input, multimask_output, return_logits)
+        return self._run(0, point_coords, point_labels, box, mask_input, multimask_output, return_logits, text)
 
     def predict_batch(
         self,
@@ -238,9 +323,11 @@ class SamPredictor:
         mask_input_batch: Sequence[np.ndarray | None] | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text_batch: Sequence[str | Sequence[str] | None] | None = None,
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """`predict` for each image of `set_image_batch`: one entry per image in each list argument
-        (each entry as `predict` takes it, possibly with B prompts). Returns three lists."""
+        (each entry as `predict` takes it, possibly with B prompts; a `text_batch` entry as
+        `predict`'s `text`). Returns three lists."""
         self._require_image()
         if not self._is_batch:
             raise RuntimeError("No image batch is set: call set_image_batch(...) first.")
@@ -251,11 +338,19 @@ class SamPredictor:
             ("point_labels_batch", point_labels_batch),
             ("box_batch", box_batch),
             ("mask_input_batch", mask_input_batch),
+            ("text_batch", text_batch),
         ):
             if value is None:
                 value = [None] * num
+            if name == "text_batch" and (isinstance(value, str) or not isinstance(value, (list, tuple))):
+                raise ValueError(
+                    "text_batch must be a list with one entry per image (a string, a list of strings or None), "
+                    f"got {type(value).__name__}"
+                )
             if len(value) != num:
                 raise ValueError(f"{name} has {len(value)} entries for {num} images")
             args.append(value)
-        outs = [self._run(i, *a, multimask_output, return_logits) for i, a in enumerate(zip(*args))]
+        outs = [
+            self._run(i, pc, pl, bx, mi, multimask_output, return_logits, tx) for i, (pc, pl, bx, mi, tx) in enumerate(zip(*args))
+        ]
         return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]

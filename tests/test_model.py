@@ -128,6 +128,26 @@ def test_demo_trains_evaluates_and_segments(tmp_path):
             assert Image.open(out / f"{kind}_{i}.png").size == (256, 192)
 
 
+def test_demo_with_text_prompts(tmp_path):
+    """`python -m sam_jax.demo --text`, shortened: a random CLIP, the text recipe, the text
+    mIoU of each caption on the held-out images, text-prompted overlays."""
+    from PIL import Image
+
+    from sam_jax.demo import main
+
+    out = tmp_path / "demo"
+    main(["--text", "--out", str(out), "--steps", "2", "--train-images", "8", "--eval-images", "2", "--cache-dir", ""])
+    result = json.loads((out / "result.json").read_text())
+    text = result["heldout_text"]
+    assert set(text["per_category"]) <= {"circle", "rectangle", "triangle"} and 0.0 <= text["miou_text"] <= 1.0
+    assert (out / "clip" / "tokenizer.json").is_file() and (out / "clip" / "model.safetensors").is_file()
+    for i in range(2):
+        assert Image.open(out / f"text_{i}.png").size == (256, 192)
+        assert set(result["images"][i]["text_masks"]) == {"a circle", "a rectangle", "a triangle"}
+    with pytest.raises(SystemExit):
+        main(["--text", "--checkpoint", str(out / "train" / "model")])
+
+
 @pytest.mark.parametrize("use_rel_pos", [True, False])
 def test_attention_query_chunks_give_the_same_result(use_rel_pos):
     """Global attention over a large grid runs in chunks of query rows; any chunking

@@ -27,6 +27,11 @@ def small_config(data_dir: str, **overrides):
     cfg.log_every = 1
     cfg.checkpoint.every = 2
     cfg.checkpoint.keep = 10
+    return set_keys(cfg, overrides)
+
+
+def set_keys(cfg, overrides: dict):
+    """cfg with each dotted key ("loss.text_prob") of `overrides` set to its value."""
     for k, v in overrides.items():
         node = cfg
         *parents, leaf = k.split(".")

@@ -8,6 +8,8 @@ the image dropped, as in the paper), resized the same way and reduced to the low
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 from PIL import Image
 
@@ -42,10 +44,19 @@ def normalize_and_pad(image: np.ndarray, config: SamConfig) -> np.ndarray:
 
 
 def prepare_example(
-    record: dict, config: SamConfig, *, masks_per_image: int, max_mask_fraction: float, rng: np.random.Generator
+    record: dict,
+    config: SamConfig,
+    *,
+    masks_per_image: int,
+    max_mask_fraction: float,
+    rng: np.random.Generator,
+    text_prompts: Callable[..., dict[str, np.ndarray]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """record (`image` (H, W, 3) uint8, `masks` (M, H, W) bool) -> images (S, S, 3) float32,
-    masks (K, m, m) bool, valid (K,) bool."""
+    """record (`image` (H, W, 3) uint8, `masks` (M, H, W) bool, `categories` [str] * M) ->
+    images (S, S, 3) float32, masks (K, m, m) bool, valid (K,) bool; with `text_prompts`
+    (`sam_jax.train.text.CaptionPrompts` or `CropPrompts`) also the text prompt of each mask
+    slot: text (K, Dt) float32 CLIP embeddings, text_valid (K,) bool and text_masks (K, m, m)
+    bool, what each text asks for."""
     image, masks = record["image"], np.asarray(record["masks"], bool)
     h, w = image.shape[:2]
     area = masks.reshape(len(masks), -1).sum(1)
@@ -60,7 +71,10 @@ def prepare_example(
         low = to_low_res(resize_masks(masks[chosen], (nh, nw)), config.image_size, m)
         out_masks[: len(chosen)] = low
         valid[: len(chosen)] = low.reshape(len(chosen), -1).any(1)  # a mask lost at low-res is not trained
-    return {"images": normalize_and_pad(resized, config), "masks": out_masks, "valid": valid}
+    out = {"images": normalize_and_pad(resized, config), "masks": out_masks, "valid": valid}
+    if text_prompts is not None:
+        out.update(text_prompts(record, chosen=chosen, usable=usable, config=config, k=masks_per_image, hw=(nh, nw), rng=rng))
+    return out
 
 
 def make_train_dataset(
@@ -74,12 +88,14 @@ def make_train_dataset(
     shard_index: int,
     shard_count: int,
     num_threads: int = 2,
+    text_prompts: Callable[..., dict[str, np.ndarray]] | None = None,
 ):
     """The training pipeline of one process over `source` (a folder or an `SA1BSource`): a grain ``IterDataset`` of batches
     ``images (b, S, S, 3)``, ``masks (b, K, m, m)``, ``valid (b, K)``, ``ids (b,)``.
 
     Process ``shard_index`` of ``shard_count`` reads every ``shard_count``-th record of the
-    shuffled stream, ``b = batch_size`` at a time, so step ``s`` of all processes together
+    shuffled stream, ``b = batch_size`` at a time (with ``text_prompts``, also
+    ``text``, ``text_valid`` and ``text_masks``: see `prepare_example`), so step ``s`` of all processes together
     covers records ``[s * B, (s + 1) * B)`` of the stream (``B = b * shard_count``): the same
     examples as one process reading ``B`` at a time. An example's id is its position in the
     stream and seeds its mask sampling, so nothing depends on how the batch is split.
@@ -97,7 +113,9 @@ def make_train_dataset(
             return None
         example_id = shard_index + shard_count * index
         rng = np.random.default_rng([seed, example_id])
-        ex = prepare_example(record, config, masks_per_image=masks_per_image, max_mask_fraction=max_mask_fraction, rng=rng)
+        ex = prepare_example(
+            record, config, masks_per_image=masks_per_image, max_mask_fraction=max_mask_fraction, rng=rng, text_prompts=text_prompts
+        )
         ex["ids"] = np.int32(example_id % np.iinfo(np.int32).max)
         return ex
 

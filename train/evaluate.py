@@ -60,12 +60,16 @@ def mask_iou(pred: jax.Array | np.ndarray, gt: jax.Array | np.ndarray) -> jax.Ar
     return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0).astype(jnp.float32)
 
 
-def usable_masks(masks: np.ndarray, limit: int | None = None) -> np.ndarray:
-    """(M, H, W) bool -> (M', H, W): the non-empty masks covering at most 90% of the image,
+def usable_indices(masks: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """(M, H, W) bool -> indices of the non-empty masks covering at most 90% of the image,
     the first `limit` of them in file order."""
     area = masks.reshape(len(masks), -1).sum(1)
-    keep = np.flatnonzero((area > 0) & (area <= MAX_MASK_FRACTION * masks.shape[1] * masks.shape[2]))
-    return masks[keep[:limit]]
+    return np.flatnonzero((area > 0) & (area <= MAX_MASK_FRACTION * masks.shape[1] * masks.shape[2]))[:limit]
+
+
+def usable_masks(masks: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """(M, H, W) bool -> (M', H, W): the masks of `usable_indices`."""
+    return masks[usable_indices(masks, limit)]
 
 
 def farthest_point(region: np.ndarray) -> np.ndarray:

@@ -7,6 +7,8 @@ batch:
   masks  (B, K, m, m) bool ground-truth masks on the low-res grid (m = 4 x embedding side)
   valid  (B, K) bool  which of the K mask slots hold a real mask
   ids    (B,) int32   a unique id per example (its position in the data stream)
+  text, text_valid, text_masks (optional: text prompts on, `sam_jax.train.text`):
+         (B, K, Dt) CLIP embeddings, (B, K) bool, (B, K, m, m) bool the masks the texts ask for
 
 The random prompts of a mask depend only on (seed, step, example id, mask slot), never on
 where the example sits in the batch or on which device: the same examples give the same
@@ -17,6 +19,10 @@ Each image is encoded once; each of its masks runs the interactive simulation
 masks trained), then correction iterations with the single-mask output, each feeding back
 the previous low-res logits (without gradient) as the mask prompt. The loss is the mean
 over iterations of `losses.sam_loss`.
+
+With text in the batch, a captioned mask is prompted by its text with probability
+`cfg.text_prob`: the first prompt is the text token alone, the target is `text_masks` (all
+shapes of that category), and the correction points that follow keep the text token.
 """
 
 from __future__ import annotations
@@ -65,9 +71,19 @@ def simulate_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, 
     n = sim.num_slots(cfg.num_point_iters)
     s = model_config.image_size
 
+    text = text_mask = None
+    if "text" in batch:
+        draw = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(r, 1 << 20)))(row_keys)
+        use_text = batch["text_valid"].reshape(b * k) & (draw < cfg.text_prob)
+        gt = jnp.where(use_text[:, None, None], batch["text_masks"].reshape(b * k, m, m), gt)
+        targets = gt.astype(jnp.float32)
+        text = batch["text"].reshape(b * k, 1, -1)
+        text_mask = use_text[:, None]
     points, labels = sim.initial_prompt(row_keys, gt, image_size=s, num_slots=n, box_prob=cfg.box_prob)
+    if text is not None:  # a text-prompted mask starts from its text alone
+        labels = jnp.where(text_mask, -1, labels)
     no_mask = jnp.zeros((b * k, m, m), jnp.float32)
-    prompts = Prompts(points=points, labels=labels, mask_input=no_mask, has_mask=jnp.zeros((b * k,), bool))
+    prompts = Prompts(points=points, labels=labels, mask_input=no_mask, has_mask=jnp.zeros((b * k,), bool), text=text, text_mask=text_mask)
     logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=True)
     loss0, metrics0, best = sam_loss(logits, iou, targets, valid, **loss_kw)
     # The mask prompt fed forward: the trained (lowest-loss) output, without gradient.
@@ -86,14 +102,14 @@ def simulate_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, 
         points = points.at[jnp.arange(b * k), idx].set(jnp.where((label >= 0)[:, None], point, points[jnp.arange(b * k), idx]))
         labels = labels.at[jnp.arange(b * k), idx].set(jnp.where(label >= 0, label, labels[jnp.arange(b * k), idx]))
         slot = slot + (label >= 0).astype(jnp.int32)
-        prompts = Prompts(points=points, labels=labels, mask_input=prev, has_mask=jnp.ones((b * k,), bool))
+        prompts = Prompts(points=points, labels=labels, mask_input=prev, has_mask=jnp.ones((b * k,), bool), text=text, text_mask=text_mask)
         logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False)
         loss, metrics, _ = sam_loss(logits, iou, targets, valid, **loss_kw)
         return (points, labels, jax.lax.stop_gradient(logits[:, 0]), slot), (loss, metrics)
 
     if num_later:
         # Correction points go after the first prompt: slot 1 for a point, slot 2 after a box.
-        first_slot = jnp.where(labels[:, 1] == sim.LABEL_BOX_BOTTOM_RIGHT, 2, 1).astype(jnp.int32)
+        first_slot = jnp.where(labels[:, 1] == sim.LABEL_BOX_BOTTOM_RIGHT, 2, jnp.where(labels[:, 0] == -1, 0, 1)).astype(jnp.int32)
         _, (losses, metrics) = jax.lax.scan(body, (points, labels, prev, first_slot), (schedule, jnp.arange(num_later)))
         total = (loss0 + losses.sum()) / (1 + num_later)
         final = jax.tree.map(lambda x: x[-1], metrics)

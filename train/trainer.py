@@ -75,13 +75,19 @@ def model_config(cfg: ml_collections.ConfigDict) -> SamConfig:
     extra = {k: cfg.get(k) for k in ("drop_path_rate", "remat") if k in enc and cfg.get(k) is not None}
     if extra:
         mc = dataclasses.replace(mc, image_encoder=dataclasses.replace(mc.image_encoder, **extra))
-    return mc
+    from sam_jax.train.text import with_text_projection
+
+    try:
+        return with_text_projection(mc, cfg)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
 
 def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any) -> Params:
     """Params to start from, placed with `shardings`: `cfg.init` is "scratch",
     "checkpoint:PATH" (any form `load_model` reads) or "encoder:PATH" (that checkpoint's
-    image encoder, the rest from scratch, e.g. an MAE-pretrained ViT)."""
+    image encoder, the rest from scratch, e.g. an MAE-pretrained ViT). A checkpoint without
+    text layers (an official SAM) starts a text-prompt model: its text layers are new."""
     kind, _, path = str(cfg.init).partition(":")
     if kind not in ("scratch", "checkpoint", "encoder") or (kind != "scratch") != bool(path):
         raise TrainingError(f"init must be 'scratch', 'checkpoint:PATH' or 'encoder:PATH', got {cfg.init!r}")
@@ -93,6 +99,10 @@ def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any
     loaded = load_model(path).params
     if kind == "encoder":  # the image encoder from the checkpoint, the rest from scratch
         loaded = {**init(jax.random.key(cfg.seed)), "image_encoder": loaded["image_encoder"]}
+    elif mc.prompt_encoder.text_embed_dim is not None and "text_embed" not in loaded["prompt_encoder"]:
+        fresh = init(jax.random.key(cfg.seed))["prompt_encoder"]  # the text layers, new
+        text_layers = {k: v for k, v in fresh.items() if k.startswith("text")}
+        loaded = {**loaded, "prompt_encoder": {**loaded["prompt_encoder"], **text_layers}}
     want = jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(init, jax.random.key(cfg.seed)))
     got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), loaded)
     if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
@@ -209,6 +219,12 @@ class Trainer:
 
         from sam_jax.train.sa1b import SA1BSource
 
+        self.text_prompts = None  # with text prompts on: each mask's, in the data pipeline
+        if self.model_config.prompt_encoder.text_embed_dim is not None:
+            from sam_jax.text import TextEncoder
+            from sam_jax.train.text import text_prompts
+
+            self.text_prompts = text_prompts(cfg, TextEncoder.from_folder(cfg.text.clip))
         self.source = SA1BSource(cfg.data.train_dir)
         self.dataset = make_train_dataset(
             self.source,
@@ -219,6 +235,7 @@ class Trainer:
             max_mask_fraction=cfg.data.max_mask_fraction,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
+            text_prompts=self.text_prompts,
         )
         self.data_iter = iter(self.dataset)
 
@@ -387,6 +404,12 @@ class Trainer:
         params = shd.fetch(self.state.params, self.mesh)
         r = evaluate(params, self.model_config, self.cfg.data.eval_dir, num_clicks=3, max_images=self.cfg.eval_images or None)
         out = {f"eval_{k}": r[k] for k in ("miou_1click", "miou_1click_predicted", "miou_3click", "miou_box")}
+        if getattr(self.text_prompts, "captions", None):  # caption mode: what each caption alone selects
+            from sam_jax.train.text import evaluate_text
+
+            t = evaluate_text(params, self.model_config, self.cfg.data.eval_dir, self.text_prompts.captions, max_images=self.cfg.eval_images or None)
+            out["eval_miou_text"] = t["miou_text"]
+            out.update({f"eval_miou_text_{c}": v for c, v in t["per_category"].items()})
         if jax.process_index() == 0:
             with open(self.workdir / METRICS_FILE, "a") as f:
                 f.write(json.dumps({"step": self.step, **out}) + "\n")

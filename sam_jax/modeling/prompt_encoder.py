@@ -106,7 +106,7 @@ class PromptEncoder(nn.Module):
         self.mask_downscaling_6 = conv(self.embed_dim, 1, dtype=self.dtype)
         if self.text_embed_dim is not None:
             self.text_proj_0 = dense(self.embed_dim, (None, "embed"), dtype=self.dtype)
-            self.text_proj_1 = dense(self.embed_dim, ("embed", "embed"), dtype=self.dtype)
+            self.text_proj_1 = dense(self.embed_dim, (None, "embed"), dtype=self.dtype)
             self.text_embed = embedding(1, self.embed_dim)
 
     def get_dense_pe(self) -> jax.Array:

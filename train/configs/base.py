@@ -43,6 +43,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.num_point_iters = 8  # error-region points after the first prompt
     c.loss.num_no_point_iters = 2  # iterations with no new point (one random, one last)
     c.loss.box_prob = 0.5  # first prompt: a noisy box or a foreground point
+    c.loss.text_prob = 0.5  # with text prompts on: the fraction of captioned masks whose first prompt is their text
+
+    # Text prompts (paper, section 7.5; off by default; sam_jax/train/text.py). "image" (the
+    # paper's): the CLIP image embedding of a crop around a large mask is its prompt. "caption":
+    # an annotation's `category` becomes `template.format(category)`, whose CLIP text embedding
+    # is the prompt, for the union of the image's masks of that category.
+    c.text = ml_collections.ConfigDict()
+    c.text.mode = ""  # "" (no text path), "image" or "caption"
+    c.text.clip = ""  # a Hugging Face CLIP folder (config.json, model.safetensors, tokenizer.json)
+    c.text.captions = ""  # comma-separated categories to prompt by text ("": every category of data.train_dir)
+    c.text.template = "{}"  # category -> text, e.g. "a photo of a {}"
+    c.text.min_mask_area = 100 * 100  # image mode: masks at least this large (pixels) are prompted by their crop
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp
