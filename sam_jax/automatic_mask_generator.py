@@ -53,13 +53,13 @@ def process_point_batch(
     boxes (3P, 4) int32 XYXY in the crop, keep (3P,) bool.
     """
     p = points.shape[0]
-    prompts = make_prompts(batch_size=p, mask_size=config.low_res_mask_size, num_points=2)
+    prompts = make_prompts(batch_size=p, mask_size=config.low_res_mask_size, num_points=2).without_masks()
     prompts = prompts.replace(
         points=jnp.zeros((p, 2, 2), jnp.float32).at[:, 0].set(points),
         labels=jnp.asarray(prompts.labels).at[:, 0].set(1),
     )
-    emb = jnp.broadcast_to(embedding, (p, *embedding.shape[1:]))
-    low_res, iou = decode(params, emb, prompts, config=config, multimask_output=True)
+    # No mask prompts: the (1, h, w, C) embedding is shared by the P prompts (`TwoWayTransformer`).
+    low_res, iou = decode(params, embedding, prompts, config=config, multimask_output=True)
     crop_hw = (crop_box[3] - crop_box[1], crop_box[2] - crop_box[0])
     logits = postprocess_masks(low_res, input_size, crop_hw, config.image_size)
     m = logits.shape[1]

@@ -69,7 +69,9 @@ def decode(
 ) -> tuple[jax.Array, jax.Array]:
     """embeddings (B, h, w, C), prompts of batch B -> low-res mask logits (B, M, 4h, 4w), IoU (B, M).
 
-    M is 3 with `multimask_output` (masks 1..3), else 1 (mask 0), as officially.
+    M is 3 with `multimask_output` (masks 1..3), else 1 (mask 0), as officially. One image's
+    embeddings (1, h, w, C) serve all B prompts; with `prompts.without_masks()` the decoder
+    then runs the image side of its first layer once instead of B times.
     """
     return Sam(config).apply({"params": params}, embeddings, prompts, multimask_output, method=Sam.decode)
 

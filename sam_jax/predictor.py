@@ -65,7 +65,9 @@ def predict_masks(
     """One image's embedding (1, h, w, C) with B prompts -> masks at the original size
     (B, M, H, W) (bool, or logits with `return_logits`), IoU (B, M), low-res logits (B, M, 4h, 4w)."""
     b = prompts.labels.shape[0]
-    emb = jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
+    # Without mask prompts the embedding stays (1, h, w, C): the decoder's first layer runs its
+    # image side once for the B prompts (`TwoWayTransformer`); with them, one copy per prompt.
+    emb = embedding if prompts.mask_input is None else jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
     low_res, iou = decode(params, emb, prompts, config=config, multimask_output=multimask_output)
     masks = postprocess_masks(low_res, input_size, original_size, config.image_size)
     if not return_logits:
@@ -278,6 +280,8 @@ class SamPredictor:
             mask_input=pad(masks),
             text=embeddings,  # (padded, Dt): one text token per prompt
         )
+        if masks is None:
+            prompts = prompts.without_masks()
         return prompts, n, batched
 
     def _run(self, index, point_coords, point_labels, box, mask_input, multimask_output, return_logits, text=None):

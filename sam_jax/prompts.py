@@ -8,6 +8,8 @@ A batch of B prompts, each any mix of points, a box and a mask:
                                bottom-right corner, -1 padding
   mask_input (B, S, S) float32 low-resolution mask logits (S = 4 x embedding side, 256)
   has_mask  (B,)      bool     whether mask_input is used (else the no-mask embedding)
+                               (mask_input and has_mask may both be None: no row has a mask
+                               prompt, and the decoder shares the image side between rows)
   text      (B, M, Dt) float32 optional: CLIP embeddings used as text prompts (M per
                                prompt, Dt the CLIP projection width), or None
   text_mask (B, M)    bool     which of the M text slots are used (others are padding)
@@ -49,10 +51,17 @@ def bucket_size(n: int, buckets: Sequence[int] = POINT_BUCKETS) -> int:
 class Prompts:
     points: jax.Array | np.ndarray
     labels: jax.Array | np.ndarray
-    mask_input: jax.Array | np.ndarray
-    has_mask: jax.Array | np.ndarray
+    mask_input: jax.Array | np.ndarray | None
+    has_mask: jax.Array | np.ndarray | None
     text: jax.Array | np.ndarray | None = None
     text_mask: jax.Array | np.ndarray | None = None
+
+    def without_masks(self) -> "Prompts":
+        """The same prompts with mask_input and has_mask None, when no row has a mask prompt
+        (the decoder then runs the image side once for all rows): host arrays only."""
+        if self.has_mask is not None and np.any(np.asarray(self.has_mask)):
+            raise ValueError("without_masks: some prompts have a mask input")
+        return self.replace(mask_input=None, has_mask=None)
 
     @property
     def batch_size(self) -> int:

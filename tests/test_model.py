@@ -49,7 +49,7 @@ def test_one_compile_per_bucket(tiny_params, tiny_config):
     for n in (1, 2, 3):
         model.decode(emb, make_prompts(**kw, point_coords=np.ones((1, n, 2)), point_labels=np.ones((1, n))))
     model.decode(emb, make_prompts(**kw, boxes=np.array([[1.0, 2, 30, 40]])))
-    model.decode(emb, make_prompts(**kw, boxes=np.array([[1.0, 2, 30, 40]]), mask_input=np.zeros((1, 64, 64))))
+    model.decode(emb, make_prompts(**kw, boxes=np.array([[1.0, 2, 30, 40]]), mask_input=np.zeros((1, tiny_config.low_res_mask_size, tiny_config.low_res_mask_size))))
     assert model._decode._cache_size() == 1  # noqa: SLF001
     model.decode(emb, make_prompts(**kw, point_coords=np.ones((1, 5, 2)), point_labels=np.ones((1, 5))))
     assert model._decode._cache_size() == 2  # noqa: SLF001  (bucket 8)
@@ -206,3 +206,25 @@ def test_encoder_with_xla_attention_matches_chunked(tiny_config, tiny_params, ph
     cfg = dataclasses.replace(tiny_config, image_encoder=dataclasses.replace(tiny_config.image_encoder, attention="xla"))
     images = jax.random.normal(jax.random.key(3), (1, cfg.image_size, cfg.image_size, 3))
     np.testing.assert_allclose(encode(tiny_params, images, config=cfg), encode(tiny_params, images, config=tiny_config), atol=2e-5, rtol=1e-4)
+
+
+def test_shared_embedding_without_masks_equals_one_copy_per_prompt(tiny_config, tiny_params):
+    """One image's embedding for B prompts without mask inputs (the image side of the decoder's
+    first layer run once) gives the masks of B copies with has_mask False."""
+    from sam_jax.model import decode, encode
+
+    emb = encode(tiny_params, jax.random.normal(jax.random.key(0), (1, tiny_config.image_size, tiny_config.image_size, 3)), config=tiny_config)
+    rng = np.random.default_rng(0)
+    prompts = make_prompts(
+        batch_size=5, mask_size=tiny_config.low_res_mask_size,
+        point_coords=rng.uniform(0, tiny_config.image_size, (5, 2, 2)), point_labels=np.array([[1, 0]] * 5),
+    )
+    copies = jnp.broadcast_to(emb, (5, *emb.shape[1:]))
+    for multimask in (True, False):
+        ref_masks, ref_iou = decode(tiny_params, copies, jax.tree.map(jnp.asarray, prompts), config=tiny_config, multimask_output=multimask)
+        masks, iou = decode(tiny_params, emb, jax.tree.map(jnp.asarray, prompts.without_masks()), config=tiny_config, multimask_output=multimask)
+        np.testing.assert_allclose(masks, ref_masks, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(iou, ref_iou, atol=2e-6)
+    with_mask = make_prompts(batch_size=1, mask_size=tiny_config.low_res_mask_size, mask_input=np.zeros((1, tiny_config.low_res_mask_size, tiny_config.low_res_mask_size)))
+    with pytest.raises(ValueError, match="have a mask input"):
+        with_mask.without_masks()

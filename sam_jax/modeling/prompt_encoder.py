@@ -162,7 +162,8 @@ class PromptEncoder(nn.Module):
 
         points (B, N, 2), labels (B, N), mask_input (B, 4h, 4w), has_mask (B,), optional
         text (B, M, Dt) with text_mask (B, M) -> sparse (B, N + M, C), dense (B, h, w, C),
-        and the token mask (B, N + M) bool.
+        and the token mask (B, N + M) bool. mask_input and has_mask None (no row has a mask
+        prompt) give dense (1, h, w, C), the no-mask embedding shared by all rows.
         """
         sparse = self.embed_points(points, labels)
         mask = token_mask(labels)
@@ -173,5 +174,8 @@ class PromptEncoder(nn.Module):
         elif self.text_embed_dim is not None and self.is_initializing():
             self.embed_text(jnp.zeros((1, 1, self.text_embed_dim), jnp.float32))  # create the text layers
         no_mask = self.no_mask_embed.embedding.reshape(1, 1, 1, -1)
+        if mask_input is None:  # no mask prompt in the batch: one dense embedding for all rows
+            h, w = self.image_embedding_size
+            return sparse, jnp.broadcast_to(no_mask, (1, h, w, no_mask.shape[-1])), mask
         dense = jnp.where(has_mask[:, None, None, None], self.embed_masks(mask_input), no_mask)
         return sparse, dense, mask

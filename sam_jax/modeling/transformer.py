@@ -3,6 +3,10 @@
 Tokens (B, N, C) attend to the image (B, HW, C) and the image attends back.
 `token_mask` (B, N) removes padding tokens from every attention in which tokens
 are keys, so padded prompts give the same result as unpadded ones.
+
+The image may come with batch 1 for B prompts (one image, no mask prompts): the first
+layer's image-side projections then run once, not once per prompt, and the image side
+becomes per-prompt where the tokens first update it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-        """q (B, Nq, C), k and v (B, Nk, C), key_mask (B, Nk) bool or None -> (B, Nq, C)."""
+        """q (B, Nq, C), k and v (B, Nk, C), key_mask (B, Nk) bool or None -> (B, Nq, C).
+
+        q or k/v may have batch 1 for all B rows (then projected once and broadcast)."""
         dim = q.shape[-1]
         internal = dim // self.downsample_rate
         assert internal % self.num_heads == 0, "num_heads must divide embedding_dim // downsample_rate"
@@ -36,11 +42,11 @@ class Attention(nn.Module):
         v = dense(internal, ("embed", "qkv"), dtype=self.dtype, name="v_proj")(v)
         split = lambda x: x.reshape(*x.shape[:2], self.num_heads, hd)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
-        attn = jnp.einsum("bqnc,bknc->bnqk", q, k, preferred_element_type=accum_dtype(self.dtype)) / np.sqrt(hd)
+        attn = jnp.einsum("...qnc,...knc->...nqk", q, k, preferred_element_type=accum_dtype(self.dtype)) / np.sqrt(hd)
         if key_mask is not None:
             attn = jnp.where(key_mask[:, None, None, :], attn, -jnp.inf)
         attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bnqk,bknc->bqnc", attn, v).reshape(*attn.shape[:1], attn.shape[2], internal)
+        out = jnp.einsum("...nqk,...knc->...qnc", attn, v).reshape(*attn.shape[:1], attn.shape[2], internal)
         return dense(dim, ("qkv", "embed"), dtype=self.dtype, name="out_proj")(out)
 
 
@@ -95,7 +101,7 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """image_embedding and image_pe (B, h, w, C), point_embedding (B, N, C), token_mask (B, N)
         -> processed tokens (B, N, C) and image (B, hw, C)."""
-        b, h, w, c = image_embedding.shape
+        b, h, w, c = image_embedding.shape  # b: 1 (shared by every prompt) or B
         keys = image_embedding.reshape(b, h * w, c)
         key_pe = image_pe.reshape(image_pe.shape[0], h * w, c)
         queries = point_embedding
