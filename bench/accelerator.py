@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.config import get_config
-from sam_jax.model import SamModel, encode, init_params
+from sam_jax.model import SamModel, init_params
 
 
 def _median_time(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:

@@ -33,7 +33,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer split (HF's `CLIPTokenizerFast` tokenizer.json): contractions, letters,
 # single digits, runs of other non-space characters.
 SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-_INVERSE = {keys.identity: keys.identity, keys.linear: keys.linear_inv, keys.conv: keys.conv_inv}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -131,8 +130,7 @@ def hf_state_dict(params: Any, config: CLIPConfig) -> dict[str, np.ndarray]:
         value = params
         for k in row.flax:
             value = value[k]
-        value = np.asarray(value)  # (np.ascontiguousarray would make the 0-d logit_scale 1-d)
-        out[row.hf] = value.copy() if value.ndim == 0 else np.ascontiguousarray(_INVERSE[row.transform](value))
+        out[row.hf] = keys.INVERSE[row.transform](np.asarray(value))
     return out
 
 

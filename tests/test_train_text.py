@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 import pytest

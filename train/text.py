@@ -25,6 +25,7 @@ measures what a caption alone selects on held-out images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +39,7 @@ from sam_jax.config import SamConfig
 from sam_jax.model import Params
 from sam_jax.predictor import predict_masks
 from sam_jax.prompts import make_prompts
-from sam_jax.train.evaluate import _check_args, _jitted, mask_iou, usable_indices
+from sam_jax.train.evaluate import _check_args, _jitted, _pad_rows, mask_iou, usable_indices
 from sam_jax.train.sa1b import list_records, load_record
 from sam_jax.transforms import ResizeLongestSide
 
@@ -191,7 +192,6 @@ def evaluate_text(
     """
     records = _check_args(data_dir, 1, max_images, None)
     encode_fn = _jitted(config)[0]
-    scored = jax.jit(_text_scores, static_argnames=("config", "input_size", "original_size"))
     transform = ResizeLongestSide(config.image_size)
     ious: dict[str, list[float]] = {c: [] for c in captions}
     images = 0
@@ -206,11 +206,11 @@ def evaluate_text(
         gt = np.stack([record["masks"][usable[categories == c]].any(axis=0) for c in present])
         resized = transform.apply_image(record["image"])
         embedding = encode_fn(params, jnp.asarray(resized)[None])
-        prompts = make_prompts(
-            batch_size=len(present), mask_size=config.low_res_mask_size, text=np.stack([captions[c] for c in present])
-        )
-        iou = scored(params, embedding, jax.tree.map(jnp.asarray, prompts), jnp.asarray(gt), config=config,
-                     input_size=tuple(resized.shape[:2]), original_size=tuple(record["image"].shape[:2]))
+        # Rows padded to one per caption: one compiled decoder per image size, whatever is present.
+        text = _pad_rows(np.stack([captions[c] for c in present]), len(captions))
+        prompts = make_prompts(batch_size=len(captions), mask_size=config.low_res_mask_size, text=text).without_masks()
+        iou = _text_scores(params, embedding, jax.tree.map(jnp.asarray, prompts), jnp.asarray(_pad_rows(gt, len(captions))),
+                           config=config, input_size=tuple(resized.shape[:2]), original_size=tuple(record["image"].shape[:2]))
         for c, v in zip(present, np.asarray(iou)):
             ious[c].append(float(v))
     if not images:
@@ -220,6 +220,7 @@ def evaluate_text(
     return {"num_images": images, "num_queries": len(every), "miou_text": float(np.mean(every)), "per_category": per_category}
 
 
+@functools.partial(jax.jit, static_argnames=("config", "input_size", "original_size"))
 def _text_scores(params, embedding, prompts, gt, *, config, input_size, original_size):
     """B text prompts on one image -> IoU (B,) of the highest-predicted-IoU mask with gt (B, H, W)."""
     masks, iou_pred, _ = predict_masks(
