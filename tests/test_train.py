@@ -177,6 +177,61 @@ def test_iteration_schedule_ends_without_a_point():
     assert s.shape == (10,) and s.sum() == 8 and not s[-1]
 
 
+def test_upsample_logits_is_torch_bilinear():
+    import torch
+
+    from sam_jax.train.step import upsample_logits
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(x), (64, 64), mode="bilinear", align_corners=False).numpy()
+    np.testing.assert_allclose(np.asarray(upsample_logits(jnp.asarray(x), 64)), want, atol=1e-5)
+    assert upsample_logits(x, 16) is x
+
+
+def test_targets_at_input_resolution(shapes):
+    """`mask_size`: the targets at the input size are the resized, zero-padded masks; the
+    low-res targets are their block averages."""
+    from sam_jax.config import get_config
+    from sam_jax.train.data import prepare_example, resize_masks
+    from sam_jax.train.sa1b import list_records, load_record
+
+    config = get_config("tiny")
+    s, low = config.image_size, config.low_res_mask_size
+    record = load_record(*list_records(shapes)[0])
+    kw = dict(masks_per_image=3, max_mask_fraction=0.9)
+    full = prepare_example(record, config, **kw, rng=np.random.default_rng(0), mask_size=s)
+    coarse = prepare_example(record, config, **kw, rng=np.random.default_rng(0))
+    assert full["masks"].shape == (3, s, s) and coarse["masks"].shape == (3, low, low)
+    f = s // low
+    np.testing.assert_array_equal(full["masks"].reshape(3, low, f, low, f).mean(axis=(2, 4)) >= 0.5, coarse["masks"])
+    resized = resize_masks(np.asarray(record["masks"], bool), (192, 256))  # 96 x 128 -> longest side 256
+    assert full["valid"].sum() == min(3, len(resized)) and np.array_equal(full["valid"], coarse["valid"])
+    for m, valid in zip(full["masks"], full["valid"]):
+        assert not m[192:].any()  # the padding
+        assert any(np.array_equal(m[:192], r) for r in resized) if valid else not m.any()
+    with pytest.raises(ValueError, match="must divide the image size"):
+        prepare_example(record, config, **kw, rng=np.random.default_rng(0), mask_size=100)
+
+
+def test_trainer_loss_at_input_resolution(shapes, tmp_path):
+    """loss.mask_size = the input size: full-size targets reach the step and it trains; sizes
+    off the grid are refused with a clear error."""
+    from sam_jax.train.trainer import Trainer, TrainingError, loss_mask_size, model_config
+
+    cfg = small_config(str(shapes), **{"loss.mask_size": 256, "checkpoint.async_save": False})
+    mc = model_config(cfg)
+    for bad in (32, 100, 512):
+        with pytest.raises(TrainingError, match="loss.mask_size"):
+            loss_mask_size(small_config(str(shapes), **{"loss.mask_size": bad}), mc)
+    assert loss_mask_size(small_config(str(shapes), **{"loss.mask_size": 0}), mc) == 64
+    tr = Trainer(cfg, tmp_path / "work", quiet=True)
+    batch = tr._next_batch()
+    assert batch["masks"].shape == (8, 2, 256, 256)
+    last = tr.train(steps=2)
+    assert np.isfinite(last["loss"]) and 0.0 <= last["first_iou"] <= 1.0
+    tr.close()
+
+
 # ----------------------------------------------------------------------------- trainer
 
 

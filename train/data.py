@@ -2,8 +2,10 @@
 
 An example: the image resized (longest side to `image_size`, as at inference), normalized
 and zero-padded; up to K of its masks (masks covering more than `max_mask_fraction` of
-the image dropped, as in the paper), resized the same way and reduced to the low-res grid
-(m = 4 x embedding side) by block averaging (a cell is inside when at least half of it is).
+the image dropped, as in the paper), resized the same way and reduced to the loss grid by
+block averaging (a cell is inside when at least half of it is): by default the decoder's
+low-res grid (m = 4 x embedding side), or a finer one (`loss.mask_size`, up to the input
+size) where the losses are computed on upsampled logits.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def to_low_res(masks: np.ndarray, image_size: int, low_res: int) -> np.ndarray:
     return padded.reshape(m_count, low_res, f, low_res, f).mean(axis=(2, 4)) >= 0.5
 
 
+def target_masks(masks: np.ndarray, hw: tuple[int, int], image_size: int, mask_size: int) -> np.ndarray:
+    """(M, H, W) bool at the original size -> (M, mask_size, mask_size) bool targets: resized
+    to the model's frame (h, w) = `hw`, zero-padded to `image_size` and block-averaged."""
+    if mask_size <= 0 or image_size % mask_size:
+        raise ValueError(f"mask size {mask_size} must divide the image size {image_size}")
+    return to_low_res(resize_masks(masks, hw), image_size, mask_size)
+
+
 def normalize_and_pad(image: np.ndarray, config: SamConfig) -> np.ndarray:
     """(h, w, 3) uint8 resized -> (S, S, 3) float32, as `transforms.preprocess`."""
     s = config.image_size
@@ -51,9 +61,11 @@ def prepare_example(
     max_mask_fraction: float,
     rng: np.random.Generator,
     text_prompts: Callable[..., dict[str, np.ndarray]] | None = None,
+    mask_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """record (`image` (H, W, 3) uint8, `masks` (M, H, W) bool, `categories` [str] * M) ->
-    images (S, S, 3) float32, masks (K, m, m) bool, valid (K,) bool; with `text_prompts`
+    images (S, S, 3) float32, masks (K, m, m) bool, valid (K,) bool, with m = `mask_size`
+    (default: the decoder's low-res size); with `text_prompts`
     (`sam_jax.train.text.CaptionPrompts` or `CropPrompts`) also the text prompt of each mask
     slot: text (K, Dt) float32 CLIP embeddings, text_valid (K,) bool and text_masks (K, m, m)
     bool, what each text asks for."""
@@ -64,16 +76,16 @@ def prepare_example(
     chosen = rng.permutation(usable)[:masks_per_image]
     nh, nw = get_preprocess_shape(h, w, config.image_size)
     resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-    k, m = masks_per_image, config.low_res_mask_size
+    k, m = masks_per_image, mask_size or config.low_res_mask_size
     out_masks = np.zeros((k, m, m), bool)
     valid = np.zeros((k,), bool)
     if len(chosen):
-        low = to_low_res(resize_masks(masks[chosen], (nh, nw)), config.image_size, m)
+        low = target_masks(masks[chosen], (nh, nw), config.image_size, m)
         out_masks[: len(chosen)] = low
-        valid[: len(chosen)] = low.reshape(len(chosen), -1).any(1)  # a mask lost at low-res is not trained
+        valid[: len(chosen)] = low.reshape(len(chosen), -1).any(1)  # a mask lost on the grid is not trained
     out = {"images": normalize_and_pad(resized, config), "masks": out_masks, "valid": valid}
     if text_prompts is not None:
-        out.update(text_prompts(record, chosen=chosen, usable=usable, config=config, k=masks_per_image, hw=(nh, nw), rng=rng))
+        out.update(text_prompts(record, chosen=chosen, usable=usable, config=config, k=masks_per_image, hw=(nh, nw), rng=rng, mask_size=m))
     return out
 
 
@@ -89,9 +101,10 @@ def make_train_dataset(
     shard_count: int,
     num_threads: int = 2,
     text_prompts: Callable[..., dict[str, np.ndarray]] | None = None,
+    mask_size: int | None = None,
 ):
     """The training pipeline of one process over `source` (a folder or an `SA1BSource`): a grain ``IterDataset`` of batches
-    ``images (b, S, S, 3)``, ``masks (b, K, m, m)``, ``valid (b, K)``, ``ids (b,)``.
+    ``images (b, S, S, 3)``, ``masks (b, K, m, m)`` (m = ``mask_size``, default the low-res size), ``valid (b, K)``, ``ids (b,)``.
 
     Process ``shard_index`` of ``shard_count`` reads every ``shard_count``-th record of the
     shuffled stream, ``b = batch_size`` at a time (with ``text_prompts``, also
@@ -114,7 +127,8 @@ def make_train_dataset(
         example_id = shard_index + shard_count * index
         rng = np.random.default_rng([seed, example_id])
         ex = prepare_example(
-            record, config, masks_per_image=masks_per_image, max_mask_fraction=max_mask_fraction, rng=rng, text_prompts=text_prompts
+            record, config, masks_per_image=masks_per_image, max_mask_fraction=max_mask_fraction, rng=rng, text_prompts=text_prompts,
+            mask_size=mask_size,
         )
         ex["ids"] = np.int32(example_id % np.iinfo(np.int32).max)
         return ex

@@ -89,11 +89,11 @@ def caption_embeddings(cfg: ml_collections.ConfigDict, text_encoder) -> dict[str
     return dict(zip(categories, text_encoder.embed_text(texts)))
 
 
-def _low_res(masks: np.ndarray, config: SamConfig, hw: tuple[int, int]) -> np.ndarray:
+def _targets(masks: np.ndarray, config: SamConfig, hw: tuple[int, int], mask_size: int | None) -> np.ndarray:
     """(n, H, W) bool at the original size -> (n, m, m) bool on the training grid."""
-    from sam_jax.train.data import resize_masks, to_low_res
+    from sam_jax.train.data import target_masks
 
-    return to_low_res(resize_masks(masks, hw), config.image_size, config.low_res_mask_size)
+    return target_masks(masks, hw, config.image_size, mask_size or config.low_res_mask_size)
 
 
 @dataclasses.dataclass
@@ -104,9 +104,9 @@ class CaptionPrompts:
     captions: dict[str, np.ndarray]
 
     def __call__(self, record: dict, *, chosen: np.ndarray, usable: np.ndarray, config: SamConfig, k: int,
-                 hw: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+                 hw: tuple[int, int], rng: np.random.Generator, mask_size: int | None = None) -> dict[str, np.ndarray]:
         """-> text (k, Dt) float32, text_valid (k,) bool, text_masks (k, m, m) bool."""
-        out = _empty(k, len(next(iter(self.captions.values()))), config)
+        out = _empty(k, len(next(iter(self.captions.values()))), mask_size or config.low_res_mask_size)
         categories = np.asarray(record.get("categories") or [""] * len(record["masks"]), dtype=object)
         unions: dict[str, np.ndarray] = {}
         for slot, index in enumerate(chosen):
@@ -115,7 +115,7 @@ class CaptionPrompts:
                 continue
             if category not in unions:
                 same = usable[categories[usable] == category]
-                unions[category] = _low_res(np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), config, hw)[0]
+                unions[category] = _targets(np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), config, hw, mask_size)[0]
             out["text"][slot], out["text_masks"][slot] = self.captions[category], unions[category]
             out["text_valid"][slot] = unions[category].any()
         return out
@@ -148,21 +148,20 @@ class CropPrompts:
     min_area: int = 100 * 100
 
     def __call__(self, record: dict, *, chosen: np.ndarray, usable: np.ndarray, config: SamConfig, k: int,
-                 hw: tuple[int, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+                 hw: tuple[int, int], rng: np.random.Generator, mask_size: int | None = None) -> dict[str, np.ndarray]:
         """-> text (k, Dt) float32, text_valid (k,) bool, text_masks (k, m, m) bool."""
-        out = _empty(k, self.dim, config)
+        out = _empty(k, self.dim, mask_size or config.low_res_mask_size)
         masks = np.asarray(record["masks"], bool)
         slots = np.array([s for s, i in enumerate(chosen) if masks[i].sum() >= self.min_area], np.int64)
         if len(slots):
             crops = [mask_crop(record["image"], masks[chosen[s]], rng) for s in slots]
             out["text"][slots] = self.embed_images(crops)
-            out["text_masks"][slots] = _low_res(masks[chosen[slots]], config, hw)
+            out["text_masks"][slots] = _targets(masks[chosen[slots]], config, hw, mask_size)
             out["text_valid"][slots] = out["text_masks"][slots].reshape(len(slots), -1).any(1)
         return out
 
 
-def _empty(k: int, dim: int, config: SamConfig) -> dict[str, np.ndarray]:
-    m = config.low_res_mask_size
+def _empty(k: int, dim: int, m: int) -> dict[str, np.ndarray]:
     return {"text": np.zeros((k, dim), np.float32), "text_valid": np.zeros((k,), bool), "text_masks": np.zeros((k, m, m), bool)}
 
 

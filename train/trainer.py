@@ -83,6 +83,20 @@ def model_config(cfg: ml_collections.ConfigDict) -> SamConfig:
         raise TrainingError(str(e)) from None
 
 
+def loss_mask_size(cfg: ml_collections.ConfigDict, mc: SamConfig) -> int:
+    """The side of the grid the mask losses are computed on: `loss.mask_size`, or the
+    decoder's low-res size when it is 0. It must lie between the two and divide the input size."""
+    low, size = mc.low_res_mask_size, int(cfg.loss.get("mask_size", 0) or 0)
+    if size == 0:
+        return low
+    if not low <= size <= mc.image_size or mc.image_size % size:
+        raise TrainingError(
+            f"loss.mask_size={size} must be 0 (the low-res size, {low}) or a divisor of the input size "
+            f"{mc.image_size} of at least {low}"
+        )
+    return size
+
+
 def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any) -> Params:
     """Params to start from, placed with `shardings`: `cfg.init` is "scratch",
     "checkpoint:PATH" (any form `load_model` reads) or "encoder:PATH" (that checkpoint's
@@ -203,6 +217,7 @@ class Trainer:
             )
         if not cfg.data.train_dir:
             raise TrainingError("data.train_dir is not set")
+        self.mask_size = loss_mask_size(cfg, self.model_config)
 
         boxed = abstract_params(self.model_config, boxed=True)
         param_sh = shd.logical_shardings(boxed, self.mesh)
@@ -236,6 +251,7 @@ class Trainer:
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
             text_prompts=self.text_prompts,
+            mask_size=self.mask_size,
         )
         self.data_iter = iter(self.dataset)
 

@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.focal_weight = 20.0  # focal : dice = 20 : 1
     c.loss.dice_weight = 1.0
     c.loss.iou_weight = 1.0
+    # Side of the grid the mask losses are computed on: 0 = the decoder's low-res output (256
+    # for 1024 px input); up to the input size, the logits upsampled bilinearly as at inference
+    # (SAM 2's training computes its losses at the input size; costs memory at 1024 px).
+    c.loss.mask_size = 0
     c.loss.num_point_iters = 8  # error-region points after the first prompt
     c.loss.num_no_point_iters = 2  # iterations with no new point (one random, one last)
     c.loss.box_prob = 0.5  # first prompt: a noisy box or a foreground point
