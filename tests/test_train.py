@@ -213,6 +213,14 @@ def test_targets_at_input_resolution(shapes):
         prepare_example(record, config, **kw, rng=np.random.default_rng(0), mask_size=100)
 
 
+def test_grid_ceiling(shapes):
+    from sam_jax.train.evaluate import grid_ceiling
+
+    ceilings = [grid_ceiling(shapes, 256, m) for m in (256, 128, 64, 16)]
+    assert ceilings[0] == ceilings[1] == 1.0  # the input grid loses nothing; nor does 128 here (images upscaled 2x)
+    assert ceilings[1] > ceilings[2] > ceilings[3] > 0.0  # coarser grids lose the small shapes
+
+
 def test_trainer_loss_at_input_resolution(shapes, tmp_path):
     """loss.mask_size = the input size: full-size targets reach the step and it trains; sizes
     off the grid are refused with a clear error."""

@@ -319,6 +319,29 @@ def evaluate(
     }
 
 
+def grid_ceiling(data_dir: str | Path, image_size: int, mask_size: int, *, max_images: int | None = None) -> float:
+    """The best held-out mIoU a model trained on a `mask_size` grid can expect from binary
+    targets: each usable mask, in the model's frame (longest side `image_size`), block-averaged
+    to the grid (a cell is inside when at least half of it is), upsampled bilinearly as
+    inference upsamples logits, thresholded, and compared with the mask itself."""
+    from sam_jax.train.data import target_masks
+    from sam_jax.train.step import upsample_logits
+    from sam_jax.transforms import get_preprocess_shape
+
+    ious = []
+    for image_path, json_path in _check_args(data_dir, 1, max_images, None):
+        masks = usable_masks(load_record(image_path, json_path)["masks"])
+        if not len(masks):
+            continue
+        h, w = get_preprocess_shape(*masks.shape[1:], image_size)
+        full = target_masks(masks, (h, w), image_size, image_size)
+        coarse = target_masks(masks, (h, w), image_size, mask_size).astype(np.float32) - 0.5
+        ious.append(np.asarray(mask_iou(upsample_logits(jnp.asarray(coarse), image_size) > 0, jnp.asarray(full))))
+    if not ious:
+        raise ValueError(f"data_dir {str(data_dir)!r} has no usable masks (non-empty, <= 90% of the image)")
+    return float(np.concatenate(ious).mean(dtype=np.float64))
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The results of `evaluate` as a small text table, one prompt kind a row."""
     rows = [("1 click (oracle)", results["miou_1click_oracle"])]
