@@ -5,7 +5,7 @@
 batch:
   images (B, S, S, 3) float32, normalized and zero-padded (`transforms.preprocess`)
   masks  (B, K, m, m) bool ground-truth masks on the loss grid: the decoder's low-res grid
-         (m = 4 x embedding side), or a finer one (`cfg.mask_size`, e.g. the input size), where
+         (m = 4 x embedding side), or a finer one (`loss.mask_size`, e.g. the input size), where
          the logits are upsampled bilinearly (as at inference) before the losses and the
          choice of correction points
   valid  (B, K) bool  which of the K mask slots hold a real mask
@@ -23,9 +23,10 @@ masks trained), then correction iterations with the single-mask output, each fee
 the previous low-res logits (without gradient) as the mask prompt. The loss is the mean
 over iterations of `losses.sam_loss`.
 
-Computing the losses at the input resolution (SAM 2's training does) rather than on the
-low-res grid matters for small objects: a 20 px shape is 5 cells of a 4x coarser grid, and
-the best binary low-res target, upsampled, reaches only IoU ~0.8 on the synthetic shapes.
+Losses at the input resolution (SAM 2's training computes them so) rather than on the
+low-res grid bound what small objects can reach: a 20 px shape is 5 cells of a 4x coarser
+grid, and the best binary low-res targets, upsampled, reach only mIoU 0.80 on the synthetic
+shapes (`train.evaluate.grid_ceiling`). On the demo's short runs they were not better yet.
 
 With text in the batch, a captioned mask is prompted by its text with probability
 `cfg.text_prob`: the first prompt is the text token alone, the target is `text_masks` (all
