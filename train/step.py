@@ -106,18 +106,21 @@ def simulate_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, 
     no_mask = jnp.zeros((b * k, low, low), jnp.float32)
     prompts = Prompts(points=points, labels=labels, mask_input=no_mask, has_mask=jnp.zeros((b * k,), bool), text=text, text_mask=text_mask)
     logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=True)
-    loss0, metrics0, best = sam_loss(up(logits), iou, targets, valid, **loss_kw)
-    # The mask prompt fed forward: the trained (lowest-loss) output, without gradient.
-    prev = jax.lax.stop_gradient(jnp.take_along_axis(logits, best[:, None, None, None], axis=1)[:, 0])
+    up_logits = up(logits)
+    loss0, metrics0, best = sam_loss(up_logits, iou, targets, valid, **loss_kw)
+    # The mask prompt fed forward: the trained (lowest-loss) output, without gradient; and
+    # its upsampled logits, which pick the next correction point (upsampled once, here).
+    pick = lambda x: jax.lax.stop_gradient(jnp.take_along_axis(x, best[:, None, None, None], axis=1)[:, 0])  # noqa: E731
+    prev, prev_up = pick(logits), pick(up_logits)
 
     schedule = sim.iteration_schedule(k_sched, cfg.num_point_iters, cfg.num_no_point_iters)
     num_later = schedule.shape[0]
 
     def body(carry, inputs):
-        points, labels, prev, slot = carry
+        points, labels, prev, prev_up, slot = carry
         add_point, it = inputs
         keys = jax.vmap(lambda r: jax.random.fold_in(r, it + 1))(row_keys)
-        point, label = sim.correction_point(keys, up(prev), gt, image_size=s)
+        point, label = sim.correction_point(keys, prev_up, gt, image_size=s)
         label = jnp.where(add_point, label, -1)
         idx = jnp.minimum(slot, n - 1)
         points = points.at[jnp.arange(b * k), idx].set(jnp.where((label >= 0)[:, None], point, points[jnp.arange(b * k), idx]))
@@ -125,13 +128,15 @@ def simulate_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, 
         slot = slot + (label >= 0).astype(jnp.int32)
         prompts = Prompts(points=points, labels=labels, mask_input=prev, has_mask=jnp.ones((b * k,), bool), text=text, text_mask=text_mask)
         logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False)
-        loss, metrics, _ = sam_loss(up(logits), iou, targets, valid, **loss_kw)
-        return (points, labels, jax.lax.stop_gradient(logits[:, 0]), slot), (loss, metrics)
+        up_logits = up(logits)
+        loss, metrics, _ = sam_loss(up_logits, iou, targets, valid, **loss_kw)
+        carry = (points, labels, jax.lax.stop_gradient(logits[:, 0]), jax.lax.stop_gradient(up_logits[:, 0]), slot)
+        return carry, (loss, metrics)
 
     if num_later:
         # Correction points go after the first prompt: slot 1 for a point, slot 2 after a box.
         first_slot = jnp.where(labels[:, 1] == sim.LABEL_BOX_BOTTOM_RIGHT, 2, jnp.where(labels[:, 0] == -1, 0, 1)).astype(jnp.int32)
-        _, (losses, metrics) = jax.lax.scan(body, (points, labels, prev, first_slot), (schedule, jnp.arange(num_later)))
+        _, (losses, metrics) = jax.lax.scan(body, (points, labels, prev, prev_up, first_slot), (schedule, jnp.arange(num_later)))
         total = (loss0 + losses.sum()) / (1 + num_later)
         final = jax.tree.map(lambda x: x[-1], metrics)
     else:

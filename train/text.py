@@ -89,11 +89,11 @@ def caption_embeddings(cfg: ml_collections.ConfigDict, text_encoder) -> dict[str
     return dict(zip(categories, text_encoder.embed_text(texts)))
 
 
-def _targets(masks: np.ndarray, config: SamConfig, hw: tuple[int, int], mask_size: int | None) -> np.ndarray:
+def _targets(masks: np.ndarray, config: SamConfig, hw: tuple[int, int], m: int) -> np.ndarray:
     """(n, H, W) bool at the original size -> (n, m, m) bool on the training grid."""
     from sam_jax.train.data import target_masks
 
-    return target_masks(masks, hw, config.image_size, mask_size or config.low_res_mask_size)
+    return target_masks(masks, hw, config.image_size, m)
 
 
 @dataclasses.dataclass
@@ -106,7 +106,8 @@ class CaptionPrompts:
     def __call__(self, record: dict, *, chosen: np.ndarray, usable: np.ndarray, config: SamConfig, k: int,
                  hw: tuple[int, int], rng: np.random.Generator, mask_size: int | None = None) -> dict[str, np.ndarray]:
         """-> text (k, Dt) float32, text_valid (k,) bool, text_masks (k, m, m) bool."""
-        out = _empty(k, len(next(iter(self.captions.values()))), mask_size or config.low_res_mask_size)
+        m = mask_size or config.low_res_mask_size
+        out = _empty(k, len(next(iter(self.captions.values()))), m)
         categories = np.asarray(record.get("categories") or [""] * len(record["masks"]), dtype=object)
         unions: dict[str, np.ndarray] = {}
         for slot, index in enumerate(chosen):
@@ -115,7 +116,7 @@ class CaptionPrompts:
                 continue
             if category not in unions:
                 same = usable[categories[usable] == category]
-                unions[category] = _targets(np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), config, hw, mask_size)[0]
+                unions[category] = _targets(np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), config, hw, m)[0]
             out["text"][slot], out["text_masks"][slot] = self.captions[category], unions[category]
             out["text_valid"][slot] = unions[category].any()
         return out
@@ -150,13 +151,14 @@ class CropPrompts:
     def __call__(self, record: dict, *, chosen: np.ndarray, usable: np.ndarray, config: SamConfig, k: int,
                  hw: tuple[int, int], rng: np.random.Generator, mask_size: int | None = None) -> dict[str, np.ndarray]:
         """-> text (k, Dt) float32, text_valid (k,) bool, text_masks (k, m, m) bool."""
-        out = _empty(k, self.dim, mask_size or config.low_res_mask_size)
+        m = mask_size or config.low_res_mask_size
+        out = _empty(k, self.dim, m)
         masks = np.asarray(record["masks"], bool)
         slots = np.array([s for s, i in enumerate(chosen) if masks[i].sum() >= self.min_area], np.int64)
         if len(slots):
             crops = [mask_crop(record["image"], masks[chosen[s]], rng) for s in slots]
             out["text"][slots] = self.embed_images(crops)
-            out["text_masks"][slots] = _targets(masks[chosen[slots]], config, hw, mask_size)
+            out["text_masks"][slots] = _targets(masks[chosen[slots]], config, hw, m)
             out["text_valid"][slots] = out["text_masks"][slots].reshape(len(slots), -1).any(1)
         return out
 
