@@ -213,6 +213,48 @@ def test_targets_at_input_resolution(shapes):
         prepare_example(record, config, **kw, rng=np.random.default_rng(0), mask_size=100)
 
 
+def test_low_res_targets_are_block_majorities():
+    """`to_low_res` (integer sums of strided slices) is the definition: the frame zero-padded
+    to the input size, averaged over f x f blocks, inside at >= 0.5."""
+    from sam_jax.train.data import to_low_res
+
+    rng = np.random.default_rng(0)
+    for h, w, low in [(192, 256, 64), (190, 250, 128), (256, 101, 16), (256, 256, 256), (3, 7, 8)]:
+        masks = rng.random((3, h, w)) < rng.random((3, 1, 1))
+        padded = np.zeros((3, 256, 256))
+        padded[:, :h, :w] = masks
+        f = 256 // low
+        want = padded.reshape(3, low, f, low, f).mean(axis=(2, 4)) >= 0.5
+        np.testing.assert_array_equal(to_low_res(masks, 256, low), want)
+
+
+def test_no_gradient_into_buffers_or_a_frozen_encoder(shapes):
+    """The positional frequencies are a buffer (never a gradient); a frozen encoder gets none
+    either, so its backward pass is not computed; the decoder is trained in both cases."""
+    from sam_jax.config import get_config
+    from sam_jax.model import init_params
+    from sam_jax.train.step import simulate_and_loss
+
+    config = get_config("tiny")
+    params = init_params(config, jax.random.key(0))
+    masks = np.zeros((1, 1, 64, 64), bool)
+    masks[0, 0, 20:40, 10:30] = True
+    batch = {
+        "images": jax.random.normal(jax.random.key(1), (1, 256, 256, 3)),
+        "masks": jnp.asarray(masks),
+        "valid": jnp.ones((1, 1), bool),
+        "ids": jnp.zeros((1,), jnp.int32),
+    }
+    cfg = small_config(str(shapes), **{"loss.num_point_iters": 0, "loss.num_no_point_iters": 0}).loss
+    for train_encoder in (True, False):
+        loss = lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=cfg, train_image_encoder=train_encoder)[0]  # noqa: E731
+        grads = jax.jit(jax.grad(loss))(params)
+        assert not np.any(grads["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"])
+        encoder = [np.abs(g).sum() for g in jax.tree.leaves(grads["image_encoder"])]
+        assert (sum(encoder) > 0) == train_encoder
+        assert np.abs(grads["mask_decoder"]["iou_token"]["embedding"]).sum() > 0
+
+
 def test_grid_ceiling(shapes):
     from sam_jax.train.evaluate import grid_ceiling
 

@@ -28,12 +28,21 @@ def resize_masks(masks: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def to_low_res(masks: np.ndarray, image_size: int, low_res: int) -> np.ndarray:
-    """(M, h, w) bool in the resized frame -> (M, m, m) bool on the padded low-res grid."""
+    """(M, h, w) bool in the resized frame -> (M, m, m) bool on the padded low-res grid: a cell
+    is inside when at least half of its f x f pixels are (f = image_size / m; the padding is
+    outside). The f^2 strided slices are summed as small integers, not averaged in float."""
     m_count, h, w = masks.shape
-    padded = np.zeros((m_count, image_size, image_size), np.float32)
-    padded[:, :h, :w] = masks
     f = image_size // low_res
-    return padded.reshape(m_count, low_res, f, low_res, f).mean(axis=(2, 4)) >= 0.5
+    hc, wc = min(-(-h // f), low_res), min(-(-w // f), low_res)  # the cells the frame touches
+    frame = np.zeros((m_count, hc * f, wc * f), np.uint8)
+    frame[:, :h, :w] = masks[:, : hc * f, : wc * f]
+    counts = np.zeros((m_count, hc, wc), np.int32)
+    for i in range(f):
+        for j in range(f):
+            counts += frame[:, i::f, j::f]
+    out = np.zeros((m_count, low_res, low_res), bool)
+    out[:, :hc, :wc] = 2 * counts >= f * f
+    return out
 
 
 def target_masks(masks: np.ndarray, hw: tuple[int, int], image_size: int, mask_size: int) -> np.ndarray:

@@ -72,8 +72,12 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> Trai
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def simulate_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model_config: SamConfig, cfg: Any):
-    """The interactive-simulation loss of one batch -> (loss, metrics)."""
+def simulate_and_loss(
+    params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model_config: SamConfig, cfg: Any, train_image_encoder: bool = True
+):
+    """The interactive-simulation loss of one batch -> (loss, metrics). With
+    `train_image_encoder=False` (a frozen encoder) no gradient flows into the embeddings, so
+    the encoder's backward pass is never computed."""
     images, gt, valid = batch["images"], batch["masks"], batch["valid"]
     b, k, m, _ = gt.shape
     k_sched, k_rows, k_drop = jax.random.split(rng, 3)
@@ -82,6 +86,8 @@ def simulate_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, 
         batch["ids"]
     ).reshape(b * k)
     emb = encode(params, images, config=model_config, drop_path_rng=k_drop)  # drop path: config's rate
+    if not train_image_encoder:
+        emb = jax.lax.stop_gradient(emb)
     emb = jnp.repeat(emb, k, axis=0)  # (B*K, h, w, C): one row per mask
     gt = gt.reshape(b * k, m, m).astype(bool)
     valid = valid.reshape(b * k)
@@ -145,12 +151,23 @@ def simulate_and_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array, 
     return total, out
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model_config: SamConfig, cfg: Any, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model_config: SamConfig,
+    cfg: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    train_image_encoder: bool = True,
+):
     """One optimizer step -> (new state, metrics). Non-finite steps are skipped (state kept,
-    `finite` = 0 in the metrics); the caller decides whether to stop."""
+    `finite` = 0 in the metrics); the caller decides whether to stop. `train_image_encoder=False`
+    goes with an optimizer that freezes the encoder (`optim.freeze_image_encoder`): its
+    gradient, which the optimizer would discard, is then not computed at all."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(simulate_and_loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, rng, model_config=model_config, cfg=cfg)
+    (loss, metrics), grads = grad_fn(state.params, batch, rng, model_config=model_config, cfg=cfg, train_image_encoder=train_image_encoder)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)

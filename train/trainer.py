@@ -226,7 +226,14 @@ class Trainer:
         self.state_sharding = _state_shardings(self.tx, abstract, param_sh, self.mesh)
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self._step = jax.jit(
-            functools.partial(train_step, model_config=self.model_config, cfg=cfg.loss, tx=self.tx, schedule=self.schedule),
+            functools.partial(
+                train_step,
+                model_config=self.model_config,
+                cfg=cfg.loss,
+                tx=self.tx,
+                schedule=self.schedule,
+                train_image_encoder=not cfg.optim.freeze_image_encoder,
+            ),
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
             donate_argnums=0,

@@ -28,7 +28,10 @@ from sam_jax.modeling.common import LayerNorm, conv, dense, embedding, gelu
 
 
 class PositionEmbeddingRandom(nn.Module):
-    """Positional encoding with random spatial frequencies (a stored, loaded buffer)."""
+    """Positional encoding with random spatial frequencies (a stored, loaded buffer).
+
+    The frequencies are a buffer in the official model (`register_buffer`): stored in the
+    params but never trained, so no gradient flows into them (`frequencies`)."""
 
     num_pos_feats: int = 64
     scale: float = 1.0  # std of the frequencies at init
@@ -39,10 +42,16 @@ class PositionEmbeddingRandom(nn.Module):
             "positional_encoding_gaussian_matrix", init, (2, self.num_pos_feats), jnp.float32
         )
 
+    @property
+    def frequencies(self) -> jax.Array:
+        """The (2, num_pos_feats) matrix, without gradient: a training step then never
+        computes the gradient of the dense encoding (summed over every prompt row)."""
+        return jax.lax.stop_gradient(self.positional_encoding_gaussian_matrix)
+
     def _pe_encoding(self, coords: jax.Array) -> jax.Array:
         """Coordinates in [0, 1] (..., 2) as (x, y) -> (..., 2 * num_pos_feats)."""
         coords = 2 * coords - 1
-        coords = coords @ self.positional_encoding_gaussian_matrix
+        coords = coords @ self.frequencies
         coords = 2 * np.pi * coords
         return jnp.concatenate([jnp.sin(coords), jnp.cos(coords)], axis=-1)
 
