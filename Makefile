@@ -19,7 +19,7 @@ $(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 demo: $(VENV)/.demo-installed
-	$(PY) -m sam_jax.demo --out demo_out
+	XLA_FLAGS="--xla_force_host_platform_device_count=2 $$XLA_FLAGS" $(PY) -m sam_jax.demo --out demo_out
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q

@@ -186,7 +186,16 @@ def tiny() -> SamConfig:
     )
 
 
-CONFIGS = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h, "tiny": tiny}
+def tiny_p8() -> SamConfig:
+    """`tiny` with 8-px patches: a 32x32 grid (128x128 mask logits), 2 blocks of windowed
+    attention (windows of 8, no global block). The `make demo` model (shapes_p8 recipe): small
+    shapes need the finer grid, and at 32x32 global attention costs 3x the step on a CPU."""
+    base = tiny()
+    encoder = dataclasses.replace(base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=())
+    return dataclasses.replace(base, name="tiny_p8", image_encoder=encoder)
+
+
+CONFIGS = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h, "tiny": tiny, "tiny_p8": tiny_p8}
 
 
 def get_config(name: str) -> SamConfig:

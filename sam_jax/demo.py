@@ -6,8 +6,8 @@
 
 Without a checkpoint (the default; no official weights can be downloaded here) the demo
 is the whole project in one run: it writes a synthetic SA-1B-layout data set of shapes
-(`sam-jax make-shapes`), trains the `shapes_tiny` recipe on it (`sam-jax train`; a rerun
-resumes from the checkpoints in DIR/train), reports the 1-click and 5-click mIoU on held-out
+(`sam-jax make-shapes`), trains the `shapes_p8` recipe on it (`sam-jax train`; a rerun
+resumes from the checkpoints in DIR/train/shapes_p8), reports the 1-click and 5-click mIoU on held-out
 images (`sam-jax eval`), and writes overlays of point-prompted and automatic masks of
 held-out images. With a checkpoint it segments a photo with one point prompt.
 
@@ -33,7 +33,7 @@ from sam_jax.predictor import SamPredictor
 from sam_jax.visualize import mask_colors, overlay
 
 CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
-RECIPE = CONFIGS / "shapes_tiny.py"
+RECIPE = CONFIGS / "shapes_p8.py"
 TEXT_RECIPE = CONFIGS / "shapes_text_tiny.py"
 
 
@@ -61,7 +61,8 @@ def train_and_segment(args: argparse.Namespace) -> dict:
             make_shapes(d, n, seed=seed)
     print(f"data: {args.train_images} training and {args.eval_images} held-out shape images in {out / 'data'}")
 
-    cfg = load_config_file(TEXT_RECIPE if args.text else RECIPE)
+    recipe = TEXT_RECIPE if args.text else RECIPE
+    cfg = load_config_file(recipe)
     cfg.data.train_dir = str(train_dir)
     text_encoder = None
     if args.text:
@@ -74,15 +75,16 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         text_encoder = TextEncoder.from_folder(clip)
     if args.steps is not None:
         cfg.steps = args.steps
-    trainer = Trainer(cfg, out / "train")
+    workdir = out / "train" / recipe.stem  # one per recipe: a rerun resumes only its own checkpoints
+    trainer = Trainer(cfg, workdir)
     if trainer.resumed_from is not None:
-        print(f"resuming the training in {out / 'train'} from step {trainer.resumed_from}")
+        print(f"resuming the training in {workdir} from step {trainer.resumed_from}")
     t_train = time.perf_counter()
     trainer.train()
     trainer.close()
     train_seconds = time.perf_counter() - t_train
 
-    model = load_model(out / "train" / "model")
+    model = load_model(workdir / "model")
     results = evaluate(model.params, model.config, heldout_dir, num_clicks=5)
     print(format_table(results))
 

@@ -71,9 +71,12 @@ def test_bfloat16_compute_keeps_float32_params(tiny_params, tiny_config, photo):
 
 
 def test_config_round_trip():
-    for name in ("vit_b", "vit_l", "vit_h", "tiny"):
+    for name in ("vit_b", "vit_l", "vit_h", "tiny", "tiny_p8"):
         cfg = get_config(name)
         assert SamConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        hash(cfg)  # frozen and hashable: a static argument of jitted functions
+    p8 = get_config("tiny_p8")  # the demo model: a 32x32 grid, 128x128 logits, windowed attention only
+    assert (p8.embedding_size, p8.low_res_mask_size, p8.image_encoder.global_attn_indexes) == (32, 128, ())
     with pytest.raises(ValueError, match="unknown model type 'vit_x'"):
         get_config("vit_x")
 
@@ -120,9 +123,10 @@ def test_demo_trains_evaluates_and_segments(tmp_path):
     out = tmp_path / "demo"
     main(["--out", str(out), "--steps", "2", "--train-images", "8", "--eval-images", "2", "--cache-dir", ""])
     result = json.loads((out / "result.json").read_text())
-    assert result["steps"] == 2 and result["model"] == "tiny"
+    assert result["steps"] == 2 and result["model"] == "tiny_p8"
     assert result["heldout"]["num_images"] == 2 and 0.0 <= result["heldout"]["miou_1click"] <= 1.0
-    assert (out / "train" / "model").is_dir() and (out / "train" / "metrics.jsonl").is_file()
+    work = out / "train" / "shapes_p8"  # the recipe's own work directory
+    assert (work / "model").is_dir() and (work / "metrics.jsonl").is_file()
     for i in range(2):
         for kind in ("points", "auto"):
             assert Image.open(out / f"{kind}_{i}.png").size == (256, 192)
@@ -145,7 +149,7 @@ def test_demo_with_text_prompts(tmp_path):
         assert Image.open(out / f"text_{i}.png").size == (256, 192)
         assert set(result["images"][i]["text_masks"]) == {"a circle", "a rectangle", "a triangle"}
     with pytest.raises(SystemExit):
-        main(["--text", "--checkpoint", str(out / "train" / "model")])
+        main(["--text", "--checkpoint", str(out / "train" / "shapes_text_tiny" / "model")])
 
 
 @pytest.mark.parametrize("use_rel_pos", [True, False])
