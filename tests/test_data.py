@@ -246,6 +246,23 @@ def test_source_skips_corrupt_records_with_a_warning(mixed_dir):
     assert len(clone) == 7 and clone[0] is not None
 
 
+def test_source_cache_keeps_decoded_records(mixed_dir):
+    """cache=True: a record is decoded once and shared read-only; corrupt records still count
+    at every read; a pickled source (a grain worker) starts with an empty cache."""
+    src = SA1BSource(mixed_dir, cache=True)
+    first = src[0]
+    assert src[0] is first and not first["image"].flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        first["image"][0, 0] = 0
+    np.testing.assert_array_equal(first["image"], SA1BSource(mixed_dir)[0]["image"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert src[4] is None and src[4] is None
+    assert src.num_skipped == 2
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone.cache and clone[0] is not first
+
+
 def test_dataset_drops_corrupt_records(mixed_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

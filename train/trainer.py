@@ -247,7 +247,7 @@ class Trainer:
             from sam_jax.train.text import text_prompts
 
             self.text_prompts = text_prompts(cfg, TextEncoder.from_folder(cfg.text.clip))
-        self.source = SA1BSource(cfg.data.train_dir)
+        self.source = SA1BSource(cfg.data.train_dir, cache=bool(cfg.data.get("cache_records", False)))
         self.dataset = make_train_dataset(
             self.source,
             self.model_config,
