@@ -40,6 +40,7 @@ from sam_jax.model import Params
 from sam_jax.predictor import predict_masks
 from sam_jax.prompts import make_prompts
 from sam_jax.train.evaluate import _check_args, _jitted, _pad_rows, mask_iou, usable_indices
+from sam_jax.train.data import target_masks
 from sam_jax.train.sa1b import list_records, load_record
 from sam_jax.transforms import ResizeLongestSide
 
@@ -89,13 +90,6 @@ def caption_embeddings(cfg: ml_collections.ConfigDict, text_encoder) -> dict[str
     return dict(zip(categories, text_encoder.embed_text(texts)))
 
 
-def _targets(masks: np.ndarray, config: SamConfig, hw: tuple[int, int], m: int) -> np.ndarray:
-    """(n, H, W) bool at the original size -> (n, m, m) bool on the training grid."""
-    from sam_jax.train.data import target_masks
-
-    return target_masks(masks, hw, config.image_size, m)
-
-
 @dataclasses.dataclass
 class CaptionPrompts:
     """Caption mode: a mask whose category has a caption gets its embedding; the target is the
@@ -116,7 +110,7 @@ class CaptionPrompts:
                 continue
             if category not in unions:
                 same = usable[categories[usable] == category]
-                unions[category] = _targets(np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), config, hw, m)[0]
+                unions[category] = target_masks(np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), hw, config.image_size, m)[0]
             out["text"][slot], out["text_masks"][slot] = self.captions[category], unions[category]
             out["text_valid"][slot] = unions[category].any()
         return out
@@ -158,7 +152,7 @@ class CropPrompts:
         if len(slots):
             crops = [mask_crop(record["image"], masks[chosen[s]], rng) for s in slots]
             out["text"][slots] = self.embed_images(crops)
-            out["text_masks"][slots] = _targets(masks[chosen[slots]], config, hw, m)
+            out["text_masks"][slots] = target_masks(masks[chosen[slots]], hw, config.image_size, m)
             out["text_valid"][slots] = out["text_masks"][slots].reshape(len(slots), -1).any(1)
         return out
 
