@@ -24,7 +24,7 @@ from sam_jax.train.configs import shapes_tiny
 def get_config():
     c = shapes_tiny.get_config()
     c.model = "tiny_p8"
-    c.batch_size = 2  # 4 masks each: 8 prompt rows a step (below)
+    c.batch_size = 2  # x 4 masks (shapes_tiny): 8 prompt rows a step
     c.steps = 3400  # ~600 s of training in `make demo` (~0.17 s a step on 2 CPU devices)
     c.optim.lr = 2e-3
     c.optim.decay_steps = (2720, 3200)
