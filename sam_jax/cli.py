@@ -245,11 +245,12 @@ def _auto(args: argparse.Namespace) -> None:
 
 
 def _make_shapes(args: argparse.Namespace) -> None:
-    from sam_jax.train.shapes import make_shapes
+    from sam_jax.train.shapes import SIZE_RANGE, make_shapes
 
     if args.n < 1:
         raise CliError(f"--n must be >= 1, got {args.n}")
-    make_shapes(args.out, args.n, seed=args.seed, image_size=(args.height, args.width))
+    lo, hi = args.min_size or SIZE_RANGE[0], args.max_size or SIZE_RANGE[1]
+    make_shapes(args.out, args.n, seed=args.seed, image_size=(args.height, args.width), size_range=(lo, hi))
     print(f"wrote {args.n} images with masks (SA-1B layout) to {args.out}")
 
 
@@ -365,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=192)
     p.add_argument("--width", type=int, default=256)
+    p.add_argument("--min-size", type=float, help="smallest shape extent, a fraction of the image's shorter side (default 0.04)")
+    p.add_argument("--max-size", type=float, help="largest shape extent, a fraction of the image's shorter side (default 0.4)")
     p.set_defaults(func=_make_shapes)
 
     p = sub.add_parser("train", help="train (or resume) from a config file; extra --config.KEY=VALUE override it")

@@ -91,6 +91,15 @@ def test_bad_inputs(workspace, capsys):
     assert "no such file" in _one_line_error([*seg[:1], str(root / "cat.png"), "--checkpoint", str(root / "none.pth"), "--out", "x", "--point", "1,2"], capsys)
 
 
+def test_make_shapes(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert main(["make-shapes", str(out), "--n", "2", "--height", "64", "--width", "96", "--min-size", "0.3", "--max-size", "0.5"]) == 0
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert len(records) == 2 and all(r["image"]["height"] == 64 and r["image"]["width"] == 96 for r in records)
+    assert np.median([max(a["bbox"][2:]) for r in records for a in r["annotations"]]) >= 0.3 * 64 * 0.7  # rectangles: 0.7 r
+    assert "size_range" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--min-size", "0.5", "--max-size", "0.2"], capsys)
+
+
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "sam_jax.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "segment" in proc.stdout and "auto" in proc.stdout

@@ -14,7 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sam_jax.train.sa1b import DataError, SA1BSource, list_records, load_record, make_dataset
-from sam_jax.train.shapes import CATEGORIES, MIN_VISIBLE_AREA, make_shapes
+from sam_jax.train.shapes import CATEGORIES, MIN_VISIBLE_AREA, _shape_window, make_shapes
 
 # pycocotools 2.0.x under numpy 2 warns on every decode; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -100,6 +100,34 @@ def test_make_shapes_is_deterministic(tmp_path):
     assert short[0].read_bytes() == a[0].read_bytes()
     assert short[0].with_suffix(".jpg").read_bytes() == a[0].with_suffix(".jpg").read_bytes()
     assert c[0].with_suffix(".jpg").read_bytes() != a[0].with_suffix(".jpg").read_bytes()
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_shape_fits_its_window(category):
+    """Each shape lies within radius r of its centre, so the window around it never cuts it
+    (rectangles once reached 1.41 r and came out as octagons)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[-40:41, -40:41].astype(np.float32) + np.float32(0.5)
+    for _ in range(50):
+        r = float(rng.uniform(5, 35))
+        mask = _shape_window(rng, x, y, category, r, float(rng.uniform(0, 2 * np.pi)))
+        assert mask.any() and np.sqrt(x[mask] ** 2 + y[mask] ** 2).max() <= r + 1e-3
+
+
+def test_make_shapes_size_range(tmp_path):
+    """`size_range` bounds each shape's extent (a fraction of the shorter side)."""
+    side = min(SIZE)
+
+    def extents(size_range):
+        paths = make_shapes(tmp_path / str(size_range), 6, seed=3, image_size=SIZE, size_range=size_range)
+        return np.array([max(a["bbox"][2:]) for p in paths for a in json.loads(p.read_text())["annotations"]])
+
+    small, large = extents((0.05, 0.1)), extents((0.3, 0.4))
+    assert small.max() <= 0.1 * side + 2 and large.max() <= 0.4 * side + 2
+    assert np.median(large) > 2 * np.median(small)
+    for bad in ((0.0, 0.1), (0.3, 0.2), (0.1, 1.5)):
+        with pytest.raises(ValueError, match="size_range"):
+            make_shapes(tmp_path / "bad", 1, size_range=bad)
 
 
 # --------------------------------------------------------------------------- load_record

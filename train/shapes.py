@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 CATEGORIES = ("circle", "ellipse", "rectangle", "triangle", "star", "pentagon", "hexagon", "ring")
+SIZE_RANGE = (0.04, 0.4)  # a shape's extent, as fractions of the image's shorter side
 MIN_VISIBLE_AREA = 40  # pixels: a shape whose visible part is smaller is not kept
 MIN_VISIBLE_FRACTION = 0.25  # of the shape's own (unoccluded, in-image) area
 _PLACEMENT_TRIES = 12
@@ -40,10 +41,12 @@ def make_shapes(
     image_size: tuple[int, int] = (192, 256),
     min_shapes: int = 2,
     max_shapes: int = 6,
+    size_range: tuple[float, float] = SIZE_RANGE,
 ) -> list[Path]:
     """Write ``n`` synthetic images (``NAME.jpg`` + SA-1B ``NAME.json``) to ``out_dir``.
 
-    Returns the JSON paths, in order. ``image_size`` is ``(H, W)``.
+    Returns the JSON paths, in order. ``image_size`` is ``(H, W)``. A shape's extent is
+    log-uniform in ``size_range``, as fractions of the image's shorter side.
     """
     h, w = (int(v) for v in image_size)
     if n < 0:
@@ -52,13 +55,16 @@ def make_shapes(
         raise ValueError(f"image_size must be at least 16 x 16, got {image_size}")
     if not 1 <= min_shapes <= max_shapes <= 999:
         raise ValueError(f"need 1 <= min_shapes <= max_shapes <= 999, got {min_shapes}, {max_shapes}")
+    lo, hi = (float(v) for v in size_range)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"size_range must satisfy 0 < low <= high <= 1 (fractions of the shorter side), got {size_range}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = _Grid(h, w)
     paths = []
     for i in range(n):
         rng = np.random.default_rng([int(seed), i])
-        image, shapes = _make_image(rng, grid, min_shapes, max_shapes)
+        image, shapes = _make_image(rng, grid, min_shapes, max_shapes, (lo, hi))
         name = _NAME.format(i)
         Image.fromarray(image).save(out / f"{name}.jpg", format="JPEG", quality=95)
         record = {
@@ -113,7 +119,7 @@ class _Grid:
         self.y, self.x = np.mgrid[0:h, 0:w].astype(np.float32) + np.float32(0.5)
 
 
-def _make_image(rng: np.random.Generator, grid: _Grid, min_shapes: int, max_shapes: int):
+def _make_image(rng: np.random.Generator, grid: _Grid, min_shapes: int, max_shapes: int, size_range: tuple[float, float]):
     canvas = _background(rng, grid)
     owner = np.full((grid.h, grid.w), -1, np.int16)  # which kept shape each pixel shows
     full_area: list[int] = []  # each kept shape's own area
@@ -125,7 +131,7 @@ def _make_image(rng: np.random.Generator, grid: _Grid, min_shapes: int, max_shap
             category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
             # Four times in ten, aim at a kept shape: plenty of occlusion.
             near = centres[int(rng.integers(len(centres)))] if centres and rng.random() < 0.4 else None
-            win, mask, centre = _shape_mask(rng, grid, category, near)  # mask: the shape on canvas[win]
+            win, mask, centre = _shape_mask(rng, grid, category, size_range, near)  # mask: the shape on canvas[win]
             area = int(np.count_nonzero(mask))
             if area < MIN_VISIBLE_AREA:
                 continue
@@ -237,14 +243,16 @@ def _paint(rng: np.random.Generator, canvas: np.ndarray, grid: _Grid, win: tuple
 # --------------------------------------------------------------------------- geometry
 
 
-def _shape_mask(rng: np.random.Generator, grid: _Grid, category: str, near: tuple[float, float] | None = None):
+def _shape_mask(
+    rng: np.random.Generator, grid: _Grid, category: str, size_range: tuple[float, float], near: tuple[float, float] | None = None
+):
     """A random shape: ``(win, mask, (cx, cy))``, ``mask`` its pixels within the window ``win``.
 
     With ``near``, the centre lies within about a shape's size of that point.
     """
     h, w = grid.h, grid.w
     side = min(h, w)
-    size = float(np.exp(rng.uniform(np.log(0.04), np.log(0.4)))) * side  # log-uniform extent
+    size = float(np.exp(rng.uniform(np.log(size_range[0]), np.log(size_range[1])))) * side  # log-uniform extent
     r = size / 2
     if near is None:
         cx = rng.uniform(0.05 * w, 0.95 * w)
@@ -276,7 +284,11 @@ def _shape_window(
         v = -np.sin(angle) * x + np.cos(angle) * y
         return (u / r) ** 2 + (v / b) ** 2 <= 1
     if category == "rectangle":
-        hw, hh = r, r * rng.uniform(0.35, 1.0)
+        # Half-diagonal r: the corners stay inside the window (a half-width of r put them at up
+        # to 1.41 r, where the window cut them off: octagons labelled "rectangle").
+        aspect = rng.uniform(0.35, 1.0)
+        hw = r / np.sqrt(1.0 + aspect * aspect)
+        hh = hw * aspect
         corners = np.array([[-hw, -hh], [hw, -hh], [hw, hh], [-hw, hh]])
         return _convex(x, y, _rotate(corners, angle))
     if category == "triangle":
