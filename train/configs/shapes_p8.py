@@ -8,8 +8,9 @@
   steps of a run this short), one correction point and no point-free iteration.
 - Batches of 2 images (x 4 masks), lr 2e-3: in a fixed time, what counts is how many examples
   the model sees, and a small batch sees them in more updates. A step costs ~0.16 s here,
-  against 0.61 for 8 images. 3400 steps (6800 images) give held-out 1-click 0.669 in 582 s
-  (100 held-out images; 0.698 on their first 20, where 950 steps of 8 images at lr 4e-3 gave 0.672).
+  against 0.61 for 8 images. 3400 steps (6800 images) give held-out 1-click 0.649 in 625 s
+  (100 held-out images, 2026-11-26; 0.669 in 582 s on the data before the rectangle fix, 0.698
+  on its first 20 images, where 950 steps of 8 images at lr 4e-3 gave 0.672).
 - `make demo` runs it data parallel over the 2 cores as 2 CPU devices (the Makefile sets
   `--xla_force_host_platform_device_count=2`), one image per device.
 
