@@ -125,11 +125,40 @@ def test_demo_trains_evaluates_and_segments(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 2 and result["model"] == "tiny_p8"
     assert result["heldout"]["num_images"] == 2 and 0.0 <= result["heldout"]["miou_1click"] <= 1.0
+    auto = result["heldout_auto"]
+    assert auto["num_images"] == 2 and auto["gt_per_image"] > 0 and auto["masks_per_image"] >= 0
+    assert 0.0 <= auto["gt_recall"] <= 1.0 and 0.0 <= auto["precision"] <= 1.0
     work = out / "train" / "shapes_p8"  # the recipe's own work directory
     assert (work / "model").is_dir() and (work / "metrics.jsonl").is_file()
     for i in range(2):
         for kind in ("points", "auto"):
             assert Image.open(out / f"{kind}_{i}.png").size == (256, 192)
+
+
+def test_demo_scores_segment_everything_against_ground_truth(tmp_path):
+    """`score_auto_masks`: a generator returning each image's ground-truth masks plus one
+    empty-of-shapes mask finds every shape (recall 1) and matches all but that one."""
+    from sam_jax.demo import score_auto_masks
+    from sam_jax.train.evaluate import usable_masks
+    from sam_jax.train.sa1b import list_records, load_record
+    from sam_jax.train.shapes import make_shapes
+
+    make_shapes(tmp_path, 3, seed=0, image_size=(64, 96))
+    records = list_records(tmp_path)
+    loaded = [load_record(*r) for r in records]
+
+    class Oracle:
+        def generate(self, image):
+            gt = next(usable_masks(r["masks"]) for r in loaded if np.array_equal(r["image"], image))
+            stray = np.zeros(image.shape[:2], bool)
+            stray[:2, :2] = True
+            return [{"segmentation": m} for m in gt] + [{"segmentation": stray}]
+
+    got = score_auto_masks(Oracle(), records)
+    num_gt = sum(len(usable_masks(r["masks"])) for r in loaded)
+    assert got["num_images"] == 3 and got["gt_per_image"] == pytest.approx(num_gt / 3)
+    assert got["masks_per_image"] == pytest.approx((num_gt + 3) / 3)
+    assert got["gt_recall"] == 1.0 and got["precision"] == pytest.approx(num_gt / (num_gt + 3))
 
 
 def test_demo_with_text_prompts(tmp_path):
