@@ -249,7 +249,8 @@ def _make_shapes(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise CliError(f"--n must be >= 1, got {args.n}")
-    lo, hi = args.min_size or SIZE_RANGE[0], args.max_size or SIZE_RANGE[1]
+    lo = SIZE_RANGE[0] if args.min_size is None else args.min_size
+    hi = SIZE_RANGE[1] if args.max_size is None else args.max_size
     make_shapes(args.out, args.n, seed=args.seed, image_size=(args.height, args.width), size_range=(lo, hi))
     print(f"wrote {args.n} images with masks (SA-1B layout) to {args.out}")
 

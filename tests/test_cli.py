@@ -98,6 +98,7 @@ def test_make_shapes(tmp_path, capsys):
     assert len(records) == 2 and all(r["image"]["height"] == 64 and r["image"]["width"] == 96 for r in records)
     assert np.median([max(a["bbox"][2:]) for r in records for a in r["annotations"]]) >= 0.3 * 64 * 0.7  # rectangles: 0.7 r
     assert "size_range" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--min-size", "0.5", "--max-size", "0.2"], capsys)
+    assert "size_range" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--min-size", "0"], capsys)
 
 
 def test_console_script_is_installed():
