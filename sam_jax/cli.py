@@ -245,13 +245,14 @@ def _auto(args: argparse.Namespace) -> None:
 
 
 def _make_shapes(args: argparse.Namespace) -> None:
-    from sam_jax.train.shapes import SIZE_RANGE, make_shapes
+    from sam_jax.train.shapes import CATEGORIES, SIZE_RANGE, make_shapes
 
     if args.n < 1:
         raise CliError(f"--n must be >= 1, got {args.n}")
     lo = SIZE_RANGE[0] if args.min_size is None else args.min_size
     hi = SIZE_RANGE[1] if args.max_size is None else args.max_size
-    make_shapes(args.out, args.n, seed=args.seed, image_size=(args.height, args.width), size_range=(lo, hi))
+    kinds = CATEGORIES if args.categories is None else tuple(k.strip() for k in args.categories.split(",") if k.strip())
+    make_shapes(args.out, args.n, seed=args.seed, image_size=(args.height, args.width), size_range=(lo, hi), categories=kinds)
     print(f"wrote {args.n} images with masks (SA-1B layout) to {args.out}")
 
 
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--min-size", type=float, help="smallest shape extent, a fraction of the image's shorter side (default 0.04)")
     p.add_argument("--max-size", type=float, help="largest shape extent, a fraction of the image's shorter side (default 0.4)")
+    p.add_argument("--categories", help="comma-separated shape kinds to draw from (default: all 8, circle ... ring)")
     p.set_defaults(func=_make_shapes)
 
     p = sub.add_parser("train", help="train (or resume) from a config file; extra --config.KEY=VALUE override it")

@@ -99,6 +99,21 @@ def test_make_shapes(tmp_path, capsys):
     assert np.median([max(a["bbox"][2:]) for r in records for a in r["annotations"]]) >= 0.3 * 64 * 0.7  # rectangles: 0.7 r
     assert "size_range" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--min-size", "0.5", "--max-size", "0.2"], capsys)
     assert "size_range" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--min-size", "0"], capsys)
+    assert main(["make-shapes", str(tmp_path / "rings"), "--n", "1", "--height", "64", "--width", "96", "--categories", "ring"]) == 0
+    assert {a["category"] for a in json.loads(next((tmp_path / "rings").glob("*.json")).read_text())["annotations"]} == {"ring"}
+    assert "blob" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--categories", "circle,blob"], capsys)
+
+
+def test_make_shapes_help_states_the_library_defaults(capsys):
+    """The help text writes the size defaults out (argparse does not import the data module):
+    they must be `SIZE_RANGE`'s."""
+    from sam_jax.train.shapes import SIZE_RANGE
+
+    with pytest.raises(SystemExit) as e:
+        main(["make-shapes", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {SIZE_RANGE[0]})" in text and f"(default {SIZE_RANGE[1]})" in text
 
 
 def test_console_script_is_installed():

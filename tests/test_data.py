@@ -130,6 +130,18 @@ def test_make_shapes_size_range(tmp_path):
             make_shapes(tmp_path / "bad", 1, size_range=bad)
 
 
+def test_make_shapes_categories(tmp_path):
+    """`categories` restricts the kinds drawn; the default is every kind; bad names are errors."""
+    paths = make_shapes(tmp_path / "two", 6, seed=3, image_size=SIZE, categories=("circle", "triangle"))
+    kinds = {a["category"] for p in paths for a in json.loads(p.read_text())["annotations"]}
+    assert kinds == {"circle", "triangle"}
+    every = make_shapes(tmp_path / "all", 30, seed=3, image_size=SIZE)
+    assert {a["category"] for p in every for a in json.loads(p.read_text())["annotations"]} == set(CATEGORIES)
+    for bad in ((), ("circle", "blob"), ("circle", "circle")):
+        with pytest.raises(ValueError, match="categories"):
+            make_shapes(tmp_path / "bad", 1, categories=bad)
+
+
 # --------------------------------------------------------------------------- load_record
 
 

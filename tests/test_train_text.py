@@ -176,17 +176,23 @@ def test_training_with_text_moves_the_text_miou_up(clip, shapes, tmp_path):
 
     trainer = Trainer(_text_config(shapes, clip), tmp_path / "run", quiet=True)
 
-    def text_miou() -> float:
+    def text_miou(data=shapes) -> dict:
         params = shd.fetch(trainer.state.params, trainer.mesh)
-        return evaluate_text(params, trainer.model_config, shapes, trainer.text_prompts.captions)["miou_text"]
+        return evaluate_text(params, trainer.model_config, data, trainer.text_prompts.captions)
 
-    before = text_miou()
-    for _ in range(200):
-        metrics = trainer.run_step()
-    after = text_miou()
+    first = text_miou()
+    before = first["miou_text"]
+    # The text-blind reference (all of an image's shapes as every answer) is 1 where every shape is a circle.
+    make_shapes(tmp_path / "circles", 2, seed=0, image_size=(96, 128), categories=("circle",))
+    assert text_miou(tmp_path / "circles")["miou_all_shapes"] == 1.0 and 0.0 < first["miou_all_shapes"] < 1.0
+    logged = [trainer.run_step() for _ in range(200)]
+    after = text_miou()["miou_text"]
     trainer.close()
-    assert bool(metrics["finite"])
+    assert bool(logged[-1]["finite"])
     assert before < 0.1 and after > 0.3, (before, after)
+    # The training metric of the text-prompted masks climbs with it.
+    text_iou = np.array([float(m["text_iou"]) for m in logged])
+    assert ((0.0 <= text_iou) & (text_iou <= 1.0)).all() and text_iou[-40:].mean() > text_iou[:40].mean() + 0.1, text_iou
 
 
 def test_image_mode_trains_on_crop_embeddings(clip, shapes, tmp_path):

@@ -56,12 +56,12 @@ def list_records(root: str | Path) -> list[tuple[Path, Path]]:
     return sorted(pairs, key=lambda pair: pair[0].name)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: Any, *, indent: int | None = None) -> None:
     """Write `obj` as JSON atomically (a temporary file, then `os.replace`): a crash never
     leaves a half-written file under the final name."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
+    tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
 
 

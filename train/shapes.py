@@ -17,13 +17,14 @@ is byte-for-byte deterministic for a seed, and image ``i`` does not depend on ``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
+
+from sam_jax.train.sa1b import write_json
 
 CATEGORIES = ("circle", "ellipse", "rectangle", "triangle", "star", "pentagon", "hexagon", "ring")
 SIZE_RANGE = (0.04, 0.4)  # a shape's extent, as fractions of the image's shorter side
@@ -42,11 +43,13 @@ def make_shapes(
     min_shapes: int = 2,
     max_shapes: int = 6,
     size_range: tuple[float, float] = SIZE_RANGE,
+    categories: tuple[str, ...] = CATEGORIES,
 ) -> list[Path]:
     """Write ``n`` synthetic images (``NAME.jpg`` + SA-1B ``NAME.json``) to ``out_dir``.
 
     Returns the JSON paths, in order. ``image_size`` is ``(H, W)``. A shape's extent is
-    log-uniform in ``size_range``, as fractions of the image's shorter side.
+    log-uniform in ``size_range``, as fractions of the image's shorter side. Each shape's
+    category is drawn uniformly from ``categories`` (a subset of ``CATEGORIES``, in any order).
     """
     h, w = (int(v) for v in image_size)
     if n < 0:
@@ -58,13 +61,17 @@ def make_shapes(
     lo, hi = (float(v) for v in size_range)
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"size_range must satisfy 0 < low <= high <= 1 (fractions of the shorter side), got {size_range}")
+    categories = tuple(categories)
+    unknown = sorted(set(categories) - set(CATEGORIES))
+    if not categories or unknown or len(set(categories)) != len(categories):
+        raise ValueError(f"categories must be distinct names from {CATEGORIES}, got {categories}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = _Grid(h, w)
     paths = []
     for i in range(n):
         rng = np.random.default_rng([int(seed), i])
-        image, shapes = _make_image(rng, grid, min_shapes, max_shapes, (lo, hi))
+        image, shapes = _make_image(rng, grid, min_shapes, max_shapes, (lo, hi), categories)
         name = _NAME.format(i)
         Image.fromarray(image).save(out / f"{name}.jpg", format="JPEG", quality=95)
         record = {
@@ -74,7 +81,7 @@ def make_shapes(
             ],
         }
         path = out / f"{name}.json"
-        path.write_text(json.dumps(record))
+        write_json(path, record)  # atomic, and after the image: a crash leaves no record half-written
         paths.append(path)
     return paths
 
@@ -119,7 +126,9 @@ class _Grid:
         self.y, self.x = np.mgrid[0:h, 0:w].astype(np.float32) + np.float32(0.5)
 
 
-def _make_image(rng: np.random.Generator, grid: _Grid, min_shapes: int, max_shapes: int, size_range: tuple[float, float]):
+def _make_image(
+    rng: np.random.Generator, grid: _Grid, min_shapes: int, max_shapes: int, size_range: tuple[float, float], kinds: tuple[str, ...]
+):
     canvas = _background(rng, grid)
     owner = np.full((grid.h, grid.w), -1, np.int16)  # which kept shape each pixel shows
     full_area: list[int] = []  # each kept shape's own area
@@ -128,7 +137,7 @@ def _make_image(rng: np.random.Generator, grid: _Grid, min_shapes: int, max_shap
     centres: list[tuple[float, float]] = []
     for _ in range(int(rng.integers(min_shapes, max_shapes + 1))):
         for _ in range(_PLACEMENT_TRIES):
-            category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+            category = kinds[int(rng.integers(len(kinds)))]
             # Four times in ten, aim at a kept shape: plenty of occlusion.
             near = centres[int(rng.integers(len(centres)))] if centres and rng.random() < 0.4 else None
             win, mask, centre = _shape_mask(rng, grid, category, size_range, near)  # mask: the shape on canvas[win]

@@ -30,7 +30,8 @@ shapes (`train.evaluate.grid_ceiling`). On the demo's short runs they were not b
 
 With text in the batch, a captioned mask is prompted by its text with probability
 `cfg.text_prob`: the first prompt is the text token alone, the target is `text_masks` (all
-shapes of that category), and the correction points that follow keep the text token.
+shapes of that category), and the correction points that follow keep the text token. The
+metrics then include `text_iou`: the first output's IoU over the text-prompted masks.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from sam_jax.config import SamConfig
 from sam_jax.model import decode, encode
 from sam_jax.prompts import Prompts
 from sam_jax.train import prompt_simulation as sim
-from sam_jax.train.losses import sam_loss
+from sam_jax.train.losses import mask_iou, sam_loss
 from sam_jax.transforms import linear_resize_matrix
 
 
@@ -148,6 +149,12 @@ def simulate_and_loss(
     else:
         total, final = loss0, metrics0
     out = {"loss": total, "first_iou": metrics0["mask_iou"], "last_iou": final["mask_iou"], **{f"first_{k}": v for k, v in metrics0.items() if k != "mask_iou"}}
+    if text is not None:
+        # What the text alone selects: the IoU of the trained first output of the text-prompted
+        # rows (0 in a batch without one).
+        chosen = jnp.take_along_axis(jax.lax.stop_gradient(mask_iou(up_logits, targets[:, None])), best[:, None], axis=1)[:, 0]
+        w = (text_mask[:, 0] & valid).astype(jnp.float32)
+        out["text_iou"] = (chosen * w).sum() / jnp.maximum(w.sum(), 1.0)
     return total, out
 
 

@@ -183,12 +183,15 @@ def evaluate_text(
     text's mask (multimask output, the one with the highest predicted IoU) against the union of
     the image's usable masks of that category, at the original size.
 
-    Returns {"num_images", "num_queries", "miou_text", "per_category": {category: mIoU}}.
+    Returns {"num_images", "num_queries", "miou_text", "per_category": {category: mIoU},
+    "miou_all_shapes"}: the last, the mIoU of answering every query with the union of all the
+    image's usable masks, is the level a model that ignores the text can reach.
     """
     records = _check_args(data_dir, 1, max_images, None)
     encode_fn = _jitted(config)[0]
     transform = ResizeLongestSide(config.image_size)
     ious: dict[str, list[float]] = {c: [] for c in captions}
+    all_shapes: list[float] = []  # the text-blind answer's IoU per query
     images = 0
     for image_path, json_path in records:
         record = load_record(image_path, json_path)
@@ -199,6 +202,8 @@ def evaluate_text(
             continue
         images += 1
         gt = np.stack([record["masks"][usable[categories == c]].any(axis=0) for c in present])
+        every_shape = record["masks"][usable].any(axis=0)
+        all_shapes.extend((gt & every_shape).sum((1, 2)) / (gt | every_shape).sum((1, 2)))
         resized = transform.apply_image(record["image"])
         embedding = encode_fn(params, jnp.asarray(resized)[None])
         # Rows padded to one per caption: one compiled decoder per image size, whatever is present.
@@ -212,7 +217,13 @@ def evaluate_text(
         raise ValueError(f"{data_dir}: no held-out image has a mask of the categories {sorted(captions)}")
     per_category = {c: float(np.mean(v)) for c, v in ious.items() if v}
     every = [v for vs in ious.values() for v in vs]
-    return {"num_images": images, "num_queries": len(every), "miou_text": float(np.mean(every)), "per_category": per_category}
+    return {
+        "num_images": images,
+        "num_queries": len(every),
+        "miou_text": float(np.mean(every)),
+        "per_category": per_category,
+        "miou_all_shapes": float(np.mean(all_shapes)),
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("config", "input_size", "original_size"))

@@ -452,7 +452,8 @@ class Trainer:
                 f.write(json.dumps(out) + "\n")
         out["line"] = (
             f"step {step}: loss {out['loss']:.4f} first-iou {out['first_iou']:.3f} last-iou {out['last_iou']:.3f} "
-            f"lr {out['lr']:.2e} grad-norm {out['grad_norm']:.3f} {steps_per_s:.2f} steps/s "
+            + (f"text-iou {out['text_iou']:.3f} " if "text_iou" in out else "")
+            + f"lr {out['lr']:.2e} grad-norm {out['grad_norm']:.3f} {steps_per_s:.2f} steps/s "
             f"{out['examples_per_s']:.1f} ex/s" + (f" skipped-records {self.source.num_skipped}" if self.source.num_skipped else "")
         )
         return out
