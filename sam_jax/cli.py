@@ -294,11 +294,36 @@ def _engine(args: argparse.Namespace, overrides: list[str]) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from sam_jax.train.evaluate import evaluate, format_table
 
+    categories = [c.strip() for c in (args.text_categories or "").split(",") if c.strip()]
+    if args.text_categories is not None and not categories:
+        raise CliError("--text-categories is empty: give comma-separated annotation categories, e.g. circle,triangle")
+    if categories and args.clip is None:
+        raise CliError(
+            "--text-categories needs --clip FOLDER: the Hugging Face CLIP folder the checkpoint was trained with"
+        )
+    if args.clip is not None and not categories:
+        raise CliError("--clip is only used with --text-categories")
+    if categories and "{}" not in args.template:
+        raise CliError(f"--template must contain {{}} (where the category goes), got {args.template!r}")
     model = _load(args)
+    if categories and model.config.prompt_encoder.text_embed_dim is None:
+        raise CliError(f"--text-categories: {args.checkpoint} has no text projection: it was not trained with text prompts")
     results = evaluate(
         model.params, model.config, args.data, num_clicks=args.clicks, max_images=args.max_images, max_masks_per_image=args.max_masks
     )
     print(format_table(results))
+    if categories:
+        from sam_jax.text import TextEncoder
+        from sam_jax.train.text import evaluate_text
+
+        texts = [args.template.format(c) for c in categories]
+        captions = dict(zip(categories, TextEncoder.from_folder(args.clip).embed_text(texts)))
+        text = evaluate_text(model.params, model.config, args.data, captions, max_images=args.max_images)
+        for c, t in zip(categories, texts):
+            print(f"text {t!r:<24} " + (f"{text['per_category'][c]:.4f}" if c in text["per_category"] else "(no image has one)"))
+        print(f"text, all {text['num_queries']} queries  {text['miou_text']:.4f}  (every query answered with all the shapes: "
+              f"{text['miou_all_shapes']:.4f})")
+        results["text"] = text
     if args.out:
         write_json(Path(args.out), results)
 
@@ -399,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--max-masks", type=int, default=None, help="per image")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--text-categories", default=None, metavar="A,B,...",
+        help="also score text prompts: each category's caption alone against all its masks in an image (needs --clip)",
+    )
+    p.add_argument("--clip", default=None, metavar="FOLDER", help="the Hugging Face CLIP folder for --text-categories")
+    p.add_argument("--template", default="{}", help="category -> caption, as the training config's text.template (default '{}')")
     p.set_defaults(func=_eval)
     return parser
 

@@ -222,3 +222,38 @@ def test_cli_segment_with_text(tmp_path, text_model, clip_folder, predictor, tin
     assert "has no text projection: it was not trained with text prompts" in err
     assert "is empty" in _one_line_error([*base, "--text", " ", "--clip", str(clip_folder), "--out", str(tmp_path / "x")], capsys)
     assert "no config.json" in _one_line_error([*base, "--text", "circle", "--clip", str(tmp_path), "--out", str(tmp_path / "x")], capsys)
+
+
+def test_cli_eval_with_text(tmp_path, text_model, clip_folder, text_encoder, tiny_config, tiny_params, capsys, monkeypatch):
+    """`sam-jax eval --text-categories`: the clicks, then each caption alone against all masks of
+    its category (`evaluate_text`), with the text-blind level; clear errors."""
+    from sam_jax.train.shapes import make_shapes
+    from sam_jax.train.text import evaluate_text
+
+    data = tmp_path / "shapes"
+    make_shapes(data, 2, seed=0, image_size=(64, 96), categories=("circle", "triangle", "star"))
+    ckpt = save_params(tmp_path / "text_ckpt", text_model.params, text_model.config)
+    base = ["eval", str(data), "--checkpoint", str(ckpt), "--clicks", "1", "--cache-dir", ""]
+    out = tmp_path / "eval.json"
+    assert main([*base, "--text-categories", "circle, triangle", "--clip", str(clip_folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "text 'circle'" in printed and "every query answered with all the shapes" in printed
+    result = json.loads(out.read_text())
+    captions = dict(zip(["circle", "triangle"], text_encoder.embed_text(["circle", "triangle"])))
+    want = evaluate_text(text_model.params, text_model.config, data, captions)
+    assert result["text"]["num_queries"] == want["num_queries"] > 0 and "miou_1click" in result
+    for key in ("miou_text", "miou_all_shapes"):
+        assert result["text"][key] == pytest.approx(want[key], abs=1e-6)
+    # Errors: no --clip; --clip alone; an empty list; a template without {}; no image with the category; no text layers.
+    assert "needs --clip FOLDER" in _one_line_error([*base, "--text-categories", "circle"], capsys)
+    assert "only used with --text-categories" in _one_line_error([*base, "--clip", str(clip_folder)], capsys)
+    assert "--text-categories is empty" in _one_line_error([*base, "--text-categories", " ,", "--clip", str(clip_folder)], capsys)
+    bad_template = [*base, "--text-categories", "circle", "--clip", str(clip_folder), "--template", "a shape"]
+    assert "--template must contain {}" in _one_line_error(bad_template, capsys)
+    assert "no held-out image has a mask of the categories" in _one_line_error(
+        [*base, "--text-categories", "rectangle", "--clip", str(clip_folder)], capsys
+    )
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_load", lambda args: SamModel(tiny_config, tiny_params))
+        err = _one_line_error([*base, "--text-categories", "circle", "--clip", str(clip_folder)], capsys)
+    assert "has no text projection" in err
