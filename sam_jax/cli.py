@@ -314,13 +314,13 @@ def _eval(args: argparse.Namespace) -> None:
     print(format_table(results))
     if categories:
         from sam_jax.text import TextEncoder
-        from sam_jax.train.text import evaluate_text
+        from sam_jax.train.text import embed_captions, evaluate_text
 
-        texts = [args.template.format(c) for c in categories]
-        captions = dict(zip(categories, TextEncoder.from_folder(args.clip).embed_text(texts)))
+        captions = embed_captions(categories, args.template, TextEncoder.from_folder(args.clip))
         text = evaluate_text(model.params, model.config, args.data, captions, max_images=args.max_images)
-        for c, t in zip(categories, texts):
-            print(f"text {t!r:<24} " + (f"{text['per_category'][c]:.4f}" if c in text["per_category"] else "(no image has one)"))
+        for c in categories:
+            score = f"{text['per_category'][c]:.4f}" if c in text["per_category"] else "(no image has one)"
+            print(f"text {args.template.format(c)!r:<24} {score}")
         print(f"text, all {text['num_queries']} queries  {text['miou_text']:.4f}  (every query answered with all the shapes: "
               f"{text['miou_all_shapes']:.4f})")
         results["text"] = text

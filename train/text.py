@@ -86,8 +86,12 @@ def caption_embeddings(cfg: ml_collections.ConfigDict, text_encoder) -> dict[str
     categories = [c.strip() for c in str(cfg.text.captions).split(",") if c.strip()] or dataset_categories(cfg.data.train_dir)
     if not categories:
         raise ValueError(f"text.mode='caption': no categories ({cfg.data.train_dir} has no annotation with a 'category')")
-    texts = [str(cfg.text.template).format(c) for c in categories]
-    return dict(zip(categories, text_encoder.embed_text(texts)))
+    return embed_captions(categories, str(cfg.text.template), text_encoder)
+
+
+def embed_captions(categories: list[str], template: str, text_encoder) -> dict[str, np.ndarray]:
+    """category -> CLIP text embedding (Dt,) of `template.format(category)`."""
+    return dict(zip(categories, text_encoder.embed_text([template.format(c) for c in categories])))
 
 
 @dataclasses.dataclass
