@@ -121,13 +121,48 @@ def test_sam_loss_trains_the_lowest_loss_mask_and_ignores_padding():
     good = jnp.where(t > 0, 10.0, -10.0)
     logits = jnp.stack([-good, good, -good], axis=1)  # (2, 3, 8, 8): output 1 is right
     iou_pred = jnp.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
-    loss, metrics, best = losses.sam_loss(logits, iou_pred, t, jnp.array([True, False]))
-    assert best.tolist() == [1, 1]
+    loss, metrics, best, chosen_iou = losses.sam_loss(logits, iou_pred, t, jnp.array([True, False]))
+    assert best.tolist() == [1, 1] and chosen_iou.tolist() == [1.0, 1.0]
     assert float(metrics["mask_iou"]) == 1.0 and float(metrics["iou_mse"]) < 1e-6
     assert float(loss) < 1e-3
     # The padded example contributes nothing, whatever its logits.
-    loss2, _, _ = losses.sam_loss(logits.at[1].set(0.0), iou_pred, t, jnp.array([True, False]))
+    loss2, _, _, chosen_iou2 = losses.sam_loss(logits.at[1].set(0.0), iou_pred, t, jnp.array([True, False]))
     assert float(loss2) == float(loss)
+    assert chosen_iou2.tolist() == [1.0, 0.0]  # per example, padding included: an empty prediction
+
+
+def test_sam_loss_focal_alpha_and_gamma(shapes):
+    # All logits 0 (p = 0.5): a foreground pixel's focal term is alpha * log 2 * 0.5**gamma, a
+    # background pixel's (1 - alpha) * log 2 * 0.5**gamma; alpha < 0 weights both by 1.
+    t = jnp.zeros((1, 4, 4)).at[0, 0].set(1.0)  # a quarter foreground
+    logits, iou_pred, valid = jnp.zeros((1, 3, 4, 4)), jnp.zeros((1, 3)), jnp.array([True])
+    for alpha, gamma, weight in ((0.25, 2.0, 0.625), (0.5, 2.0, 0.5), (-1.0, 2.0, 1.0), (0.75, 1.0, 0.375)):
+        _, metrics, _, _ = losses.sam_loss(logits, iou_pred, t, valid, focal_alpha=alpha, focal_gamma=gamma)
+        np.testing.assert_allclose(metrics["focal"], weight * np.log(2) * 0.5**gamma, rtol=1e-6)
+
+    # The training step takes them from the loss config (base.py: 0.25 and 2, the defaults
+    # of a config without them).
+    from sam_jax.config import get_config
+    from sam_jax.model import init_params
+    from sam_jax.train.step import simulate_and_loss
+
+    config = get_config("tiny")
+    params = init_params(config, jax.random.key(0))
+    masks = np.zeros((1, 1, 64, 64), bool)
+    masks[0, 0, 20:40, 10:30] = True
+    batch = {"images": jnp.zeros((1, 256, 256, 3)), "masks": jnp.asarray(masks), "valid": jnp.ones((1, 1), bool), "ids": jnp.zeros((1,), jnp.int32)}
+    cfg = small_config(str(shapes), **{"loss.num_point_iters": 0, "loss.num_no_point_iters": 0}).loss
+    assert (cfg.focal_alpha, cfg.focal_gamma) == (0.25, 2.0)
+    step = lambda c: jax.jit(lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[1]["first_focal"])(params)  # noqa: E731
+    focal = {}
+    for alpha in (0.25, 0.5, None):
+        c = cfg.copy_and_resolve_references()
+        if alpha is None:
+            del c["focal_alpha"], c["focal_gamma"]
+        else:
+            c.focal_alpha = alpha
+        focal[alpha] = float(step(c))
+    assert focal[None] == focal[0.25] != focal[0.5], focal
 
 
 # ----------------------------------------------------------------------------- prompt simulation

@@ -49,16 +49,19 @@ def sam_loss(
     dice_weight: float = 1.0,
     iou_weight: float = 1.0,
     supervise_all_iou: bool = True,
-) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+) -> tuple[jax.Array, dict[str, jax.Array], jax.Array, jax.Array]:
     """The SAM training loss of one decoder call.
 
     logits (B, M, H, W) mask logits; iou_pred (B, M); targets (B, H, W) in {0, 1};
     valid (B,) bool marks real examples (padding contributes nothing). Returns the mean
     loss over valid examples, metrics (focal, dice, iou_mse, actual mIoU of the chosen masks),
-    and the index of the trained output per example (B,).
+    the index of the trained output per example (B,), and that output's actual IoU (B,)
+    (without gradient; for metrics over a subset of the examples).
     """
     t = targets[:, None].astype(jnp.float32)
-    focal = sigmoid_focal_loss(logits, t)  # (B, M)
+    focal = sigmoid_focal_loss(logits, t, alpha=focal_alpha, gamma=focal_gamma)  # (B, M)
     dice = dice_loss(logits, t)
     mask_loss = focal_weight * focal + dice_weight * dice
     best = jnp.argmin(mask_loss, axis=1)  # only the lowest-loss output is trained
@@ -76,4 +79,4 @@ def sam_loss(
         "iou_mse": mean(iou_term),
         "mask_iou": mean(pick(actual_iou)),
     }
-    return mean(per_example), metrics, best
+    return mean(per_example), metrics, best, pick(actual_iou)

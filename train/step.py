@@ -47,7 +47,7 @@ from sam_jax.config import SamConfig
 from sam_jax.model import decode, encode
 from sam_jax.prompts import Prompts
 from sam_jax.train import prompt_simulation as sim
-from sam_jax.train.losses import mask_iou, sam_loss
+from sam_jax.train.losses import sam_loss
 from sam_jax.transforms import linear_resize_matrix
 
 
@@ -93,7 +93,10 @@ def simulate_and_loss(
     gt = gt.reshape(b * k, m, m).astype(bool)
     valid = valid.reshape(b * k)
     targets = gt.astype(jnp.float32)
-    loss_kw = dict(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight)
+    loss_kw = dict(
+        focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight,
+        focal_alpha=cfg.get("focal_alpha", 0.25), focal_gamma=cfg.get("focal_gamma", 2.0),
+    )
     n = sim.num_slots(cfg.num_point_iters)
     s = model_config.image_size
     low = model_config.low_res_mask_size
@@ -114,7 +117,7 @@ def simulate_and_loss(
     prompts = Prompts(points=points, labels=labels, mask_input=no_mask, has_mask=jnp.zeros((b * k,), bool), text=text, text_mask=text_mask)
     logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=True)
     up_logits = up(logits)
-    loss0, metrics0, best = sam_loss(up_logits, iou, targets, valid, **loss_kw)
+    loss0, metrics0, best, chosen_iou0 = sam_loss(up_logits, iou, targets, valid, **loss_kw)
     # The mask prompt fed forward: the trained (lowest-loss) output, without gradient; and
     # its upsampled logits, which pick the next correction point (upsampled once, here).
     pick = lambda x: jax.lax.stop_gradient(jnp.take_along_axis(x, best[:, None, None, None], axis=1)[:, 0])  # noqa: E731
@@ -136,7 +139,7 @@ def simulate_and_loss(
         prompts = Prompts(points=points, labels=labels, mask_input=prev, has_mask=jnp.ones((b * k,), bool), text=text, text_mask=text_mask)
         logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False)
         up_logits = up(logits)
-        loss, metrics, _ = sam_loss(up_logits, iou, targets, valid, **loss_kw)
+        loss, metrics, _, _ = sam_loss(up_logits, iou, targets, valid, **loss_kw)
         carry = (points, labels, jax.lax.stop_gradient(logits[:, 0]), jax.lax.stop_gradient(up_logits[:, 0]), slot)
         return carry, (loss, metrics)
 
@@ -152,9 +155,8 @@ def simulate_and_loss(
     if text is not None:
         # What the text alone selects: the IoU of the trained first output of the text-prompted
         # rows (0 in a batch without one).
-        chosen = jnp.take_along_axis(jax.lax.stop_gradient(mask_iou(up_logits, targets[:, None])), best[:, None], axis=1)[:, 0]
         w = (text_mask[:, 0] & valid).astype(jnp.float32)
-        out["text_iou"] = (chosen * w).sum() / jnp.maximum(w.sum(), 1.0)
+        out["text_iou"] = (chosen_iou0 * w).sum() / jnp.maximum(w.sum(), 1.0)
     return total, out
 
 

@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.focal_weight = 20.0  # focal : dice = 20 : 1
     c.loss.dice_weight = 1.0
     c.loss.iou_weight = 1.0
+    # The focal loss's class weight (on foreground pixels; background gets 1 - alpha; < 0: none)
+    # and focusing exponent, as in Lin et al. 2017 and SAM 2's training.
+    c.loss.focal_alpha = 0.25
+    c.loss.focal_gamma = 2.0
     # Side of the grid the mask losses are computed on: 0 = the decoder's low-res output (256
     # for 1024 px input); up to the input size, the logits upsampled bilinearly as at inference
     # (SAM 2's training computes its losses at the input size; costs memory at 1024 px).

@@ -6,11 +6,17 @@
   its 64x64 logits reach only mIoU 0.80 (`train.evaluate.grid_ceiling`), 0.89 on 128x128.
 - focal:dice at 20:5 (the paper's 20:1 leaves every mask background for the first ~250
   steps of a run this short), one correction point and no point-free iteration.
+- focal alpha 0.75, foreground pixels weighted 3:1 against the background (0.25, the
+  focal-loss paper's and SAM 2's, weights them 1:3): with 0.25 the model predicts no
+  foreground for the first ~300 steps, the focal term driving every logit into the sigmoid's
+  flat tail where dice has no gradient. 1-click +0.038 after 1200 steps, +0.008 / +0.014
+  after 3400 (two seeds); box -0.004 / -0.018 (2026-11-27).
 - Batches of 2 images (x 4 masks), lr 2e-3: in a fixed time, what counts is how many examples
   the model sees, and a small batch sees them in more updates. A step costs ~0.16 s here,
-  against 0.61 for 8 images. 3400 steps (6800 images) give held-out 1-click 0.649 in 625 s
-  (100 held-out images, 2026-11-26; 0.669 in 582 s on the data before the rectangle fix, 0.698
-  on its first 20 images, where 950 steps of 8 images at lr 4e-3 gave 0.672).
+  against 0.61 for 8 images. 3400 steps (6800 images) give held-out 1-click 0.663 in 510 s
+  (100 held-out images, 2026-11-27; 0.649 in 625 s with focal alpha 0.25; 0.669 in 582 s on
+  the data before the rectangle fix, 0.698 on its first 20 images, where 950 steps of 8 images
+  at lr 4e-3 gave 0.672).
 - `make demo` runs it data parallel over the 2 cores as 2 CPU devices (the Makefile sets
   `--xla_force_host_platform_device_count=2`), one image per device.
 
@@ -30,6 +36,7 @@ def get_config():
     c.optim.lr = 2e-3
     c.optim.decay_steps = (2720, 3200)
     c.loss.dice_weight = 5.0
+    c.loss.focal_alpha = 0.75  # foreground pixels weighted 3:1 (base.py's 0.25: 1:3); see the docstring
     c.loss.num_point_iters = 1
     c.loss.num_no_point_iters = 0
     c.data.cache_records = True  # 400 images: ~160 MB decoded; the 2 cores go to the step
