@@ -137,7 +137,8 @@ def train_and_segment(args: argparse.Namespace) -> dict:
     # recipe, on 20 held-out images (README, Training): 0.8 keeps 46 masks an image (ground truth
     # found at IoU >= 0.5: 0.86, masks matching one: 0.36), 0.85 keeps 27 (0.80, 0.45), 0.9 keeps
     # 12 (0.64, 0.59). With focal alpha 0.25 (until 2026-11-27), 0.6 kept 67 (0.88, 0.22), 0.8
-    # 27 (0.83, 0.39), 0.9 7 (0.61, 0.65). The text recipe's 16-px model has softer logits: 0.8 kept 1.1 (0.06, 0.38).
+    # 27 (0.83, 0.39), 0.9 7 (0.61, 0.65). The text recipe's 16-px model has softer logits: 0.8
+    # kept 1.1 (0.06, 0.38).
     stability = 0.6 if args.text else 0.85
     generator = SamAutomaticMaskGenerator(model, points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=stability)
     shown, auto_results = [], []

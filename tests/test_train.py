@@ -131,6 +131,26 @@ def test_sam_loss_trains_the_lowest_loss_mask_and_ignores_padding():
     assert chosen_iou2.tolist() == [1.0, 0.0]  # per example, padding included: an empty prediction
 
 
+def _one_mask_setup(shapes):
+    """The tiny model with random params, a batch of one random image with one mask, and a loss
+    config with the first decode only."""
+    from sam_jax.config import get_config
+    from sam_jax.model import init_params
+
+    config = get_config("tiny")
+    params = init_params(config, jax.random.key(0))
+    masks = np.zeros((1, 1, 64, 64), bool)
+    masks[0, 0, 20:40, 10:30] = True
+    batch = {
+        "images": jax.random.normal(jax.random.key(1), (1, 256, 256, 3)),
+        "masks": jnp.asarray(masks),
+        "valid": jnp.ones((1, 1), bool),
+        "ids": jnp.zeros((1,), jnp.int32),
+    }
+    cfg = small_config(str(shapes), **{"loss.num_point_iters": 0, "loss.num_no_point_iters": 0}).loss
+    return config, params, batch, cfg
+
+
 def test_sam_loss_focal_alpha_and_gamma(shapes):
     # All logits 0 (p = 0.5): a foreground pixel's focal term is alpha * log 2 * 0.5**gamma, a
     # background pixel's (1 - alpha) * log 2 * 0.5**gamma; alpha < 0 weights both by 1.
@@ -142,16 +162,9 @@ def test_sam_loss_focal_alpha_and_gamma(shapes):
 
     # The training step takes them from the loss config (base.py: 0.25 and 2, the defaults
     # of a config without them).
-    from sam_jax.config import get_config
-    from sam_jax.model import init_params
     from sam_jax.train.step import simulate_and_loss
 
-    config = get_config("tiny")
-    params = init_params(config, jax.random.key(0))
-    masks = np.zeros((1, 1, 64, 64), bool)
-    masks[0, 0, 20:40, 10:30] = True
-    batch = {"images": jnp.zeros((1, 256, 256, 3)), "masks": jnp.asarray(masks), "valid": jnp.ones((1, 1), bool), "ids": jnp.zeros((1,), jnp.int32)}
-    cfg = small_config(str(shapes), **{"loss.num_point_iters": 0, "loss.num_no_point_iters": 0}).loss
+    config, params, batch, cfg = _one_mask_setup(shapes)
     assert (cfg.focal_alpha, cfg.focal_gamma) == (0.25, 2.0)
     step = lambda c: jax.jit(lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[1]["first_focal"])(params)  # noqa: E731
     focal = {}
@@ -266,21 +279,9 @@ def test_low_res_targets_are_block_majorities():
 def test_no_gradient_into_buffers_or_a_frozen_encoder(shapes):
     """The positional frequencies are a buffer (never a gradient); a frozen encoder gets none
     either, so its backward pass is not computed; the decoder is trained in both cases."""
-    from sam_jax.config import get_config
-    from sam_jax.model import init_params
     from sam_jax.train.step import simulate_and_loss
 
-    config = get_config("tiny")
-    params = init_params(config, jax.random.key(0))
-    masks = np.zeros((1, 1, 64, 64), bool)
-    masks[0, 0, 20:40, 10:30] = True
-    batch = {
-        "images": jax.random.normal(jax.random.key(1), (1, 256, 256, 3)),
-        "masks": jnp.asarray(masks),
-        "valid": jnp.ones((1, 1), bool),
-        "ids": jnp.zeros((1,), jnp.int32),
-    }
-    cfg = small_config(str(shapes), **{"loss.num_point_iters": 0, "loss.num_no_point_iters": 0}).loss
+    config, params, batch, cfg = _one_mask_setup(shapes)
     for train_encoder in (True, False):
         loss = lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=cfg, train_image_encoder=train_encoder)[0]  # noqa: E731
         grads = jax.jit(jax.grad(loss))(params)

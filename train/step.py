@@ -93,10 +93,8 @@ def simulate_and_loss(
     gt = gt.reshape(b * k, m, m).astype(bool)
     valid = valid.reshape(b * k)
     targets = gt.astype(jnp.float32)
-    loss_kw = dict(
-        focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight,
-        focal_alpha=cfg.get("focal_alpha", 0.25), focal_gamma=cfg.get("focal_gamma", 2.0),
-    )
+    loss_kw = dict(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight)
+    loss_kw.update({k: cfg[k] for k in ("focal_alpha", "focal_gamma") if k in cfg})  # absent: sam_loss's defaults
     n = sim.num_slots(cfg.num_point_iters)
     s = model_config.image_size
     low = model_config.low_res_mask_size
