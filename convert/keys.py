@@ -188,4 +188,10 @@ def _mask_decoder(cfg: SamConfig) -> Iterator[Row]:
 
 def key_table(config: SamConfig) -> list[Row]:
     """Every tensor of a SAM with this config, in the official module order."""
+    if config.image_encoder.high_res_channels:
+        raise ValueError(
+            f"the {config.name} model has high-res features (image_encoder.high_res_channels="
+            f"{config.image_encoder.high_res_channels}), which the official SAM does not have: it cannot be "
+            "converted to or from official checkpoints (save_params / load_model keep it whole)"
+        )
     return [*_image_encoder(config), *_prompt_encoder(config), *_mask_decoder(config)]

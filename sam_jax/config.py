@@ -51,8 +51,20 @@ class ImageEncoderConfig:
     attention: str = "chunked"
     # "chunked": queries per chunk of a global block (whole grid rows; at least one row).
     attention_query_block: int = 64
+    # High-resolution features for the mask decoder's upscaling, as SAM 2's
+    # (`use_high_res_features_in_sam`), where a plain ViT has no early stages to take them
+    # from: a pixel stem of two convolutions, `high_res_channels` wide at the mask
+    # logits' resolution (stride patch/4) and twice that at twice the grid's (stride patch/2),
+    # each projected to the upscaling's width and added in it (`modeling.image_encoder.
+    # HighResFeatures`). 0: none, the official SAM.
+    high_res_channels: int = 0
 
     def __post_init__(self) -> None:
+        if self.high_res_channels < 0 or (self.high_res_channels and self.patch_size % 4):
+            raise ValueError(
+                f"high_res_channels must be >= 0, and needs a patch_size divisible by 4; got {self.high_res_channels!r} "
+                f"with patch_size {self.patch_size}"
+            )
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
@@ -188,10 +200,14 @@ def tiny() -> SamConfig:
 
 def tiny_p8() -> SamConfig:
     """`tiny` with 8-px patches: a 32x32 grid (128x128 mask logits), 2 blocks of windowed
-    attention (windows of 8, no global block). The `make demo` model (shapes_p8 recipe): small
-    shapes need the finer grid, and at 32x32 global attention costs 3x the step on a CPU."""
+    attention (windows of 8, no global block), high-res features from a 16-channel pixel stem.
+    The `make demo` model (shapes_p8 recipe): small shapes need the finer grid, at 32x32 global
+    attention costs 3x the step on a CPU, and the decoder's 4-channel upscaling alone draws
+    imprecise edges (the stem: held-out 1-click 0.632 against 0.602 after 1200 steps)."""
     base = tiny()
-    encoder = dataclasses.replace(base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=())
+    encoder = dataclasses.replace(
+        base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=(), high_res_channels=16
+    )
     return dataclasses.replace(base, name="tiny_p8", image_encoder=encoder)
 
 

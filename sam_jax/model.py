@@ -65,11 +65,12 @@ def encode(params: Params, images: jax.Array, *, config: SamConfig, drop_path_rn
 
 
 def decode(
-    params: Params, embeddings: jax.Array, prompts: Prompts, *, config: SamConfig, multimask_output: bool = True
+    params: Params, embeddings: jax.Array, prompts: Prompts, *, config: SamConfig, multimask_output: bool | None = True
 ) -> tuple[jax.Array, jax.Array]:
     """embeddings (B, h, w, C), prompts of batch B -> low-res mask logits (B, M, 4h, 4w), IoU (B, M).
 
-    M is 3 with `multimask_output` (masks 1..3), else 1 (mask 0), as officially. One image's
+    M is 3 with `multimask_output` (masks 1..3), else 1 (mask 0), as officially; None gives
+    all 4 (mask 0 first: training picks per prompt). One image's
     embeddings (1, h, w, C) serve all B prompts; with `prompts.without_masks()` the decoder
     then runs the image side of its first layer once instead of B times.
     """

@@ -176,9 +176,13 @@ class SamPredictor:
         return self._input_hw[0]
 
     def get_image_embedding(self) -> jax.Array:
-        """The image embeddings, (B, C, h, w) as the official predictor returns them (B = 1 for set_image)."""
+        """The image embeddings, (B, C, h, w) as the official predictor returns them (B = 1 for
+        set_image). A model with high-res features keeps them in `features` (SAM 2's predictor
+        returns its image embedding alone too)."""
+        from sam_jax.modeling.image_encoder import split_high_res
+
         self._require_image()
-        return jnp.transpose(self.features, (0, 3, 1, 2))
+        return jnp.transpose(split_high_res(self.features, self.model.config.prompt_embed_dim)[0], (0, 3, 1, 2))
 
     def _require_image(self) -> None:
         if not self.is_image_set:

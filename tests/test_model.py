@@ -81,6 +81,51 @@ def test_config_round_trip():
         get_config("vit_x")
 
 
+def test_high_res_features_land_on_their_pixels():
+    """SAM 2-style high-res features (`tiny_p8`): packed per grid cell by the encoder, each
+    stem pixel's stride-2 feature reaches exactly its own logit, through `decode`."""
+    from sam_jax.convert.keys import key_table
+    from sam_jax.model import decode, encode
+    from sam_jax.config import ImageEncoderConfig
+    from sam_jax.modeling.image_encoder import pack_high_res, split_high_res
+
+    rng = np.random.default_rng(0)
+    s1, s0 = rng.normal(size=(2, 6, 8, 3)).astype(np.float32), rng.normal(size=(2, 12, 16, 5)).astype(np.float32)
+    packed = pack_high_res(jnp.asarray(s1), jnp.asarray(s0))
+    assert packed.shape == (2, 3, 4, 4 * 3 + 16 * 5)
+    # The layout: s1's pixel (2i + a, 2j + b) and s0's (4i + 2a + x, 4j + 2b + y) in cell (i, j).
+    t1 = np.asarray(packed[..., :12]).reshape(2, 3, 4, 2, 2, 3)
+    t0 = np.asarray(packed[..., 12:]).reshape(2, 3, 4, 2, 2, 2, 2, 5)
+    np.testing.assert_array_equal(t1[1, 2, 3, 1, 0], s1[1, 5, 6])
+    np.testing.assert_array_equal(t0[1, 2, 1, 1, 0, 1, 1], s0[1, 11, 5])
+
+    config = get_config("tiny_p8")
+    c = config.prompt_embed_dim
+    params = init_params(config, jax.random.key(0))
+    emb = encode(params, jax.random.normal(jax.random.key(1), (1, 256, 256, 3)), config=config)
+    assert emb.shape == (1, 32, 32, 4 * c)
+    plain, (h1, h0) = split_high_res(emb, c)
+    assert plain.shape == (1, 32, 32, c) and h1.shape == (1, 32, 32, 2, 2, c // 4) and h0.shape == (1, 32, 32, 2, 2, 2, 2, c // 8)
+    assert split_high_res(plain, c)[1] is None  # an official-layout embedding passes through
+    prompts = make_prompts(batch_size=1, mask_size=128, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1)))
+    base = np.asarray(decode(params, emb, prompts, config=config)[0])
+    # Nudge the stride-2 feature of logit pixel (row 4*5 + 2*1 + 0, col 4*7 + 2*0 + 1) = (22, 29).
+    bumped = emb.at[0, 5, 7, 2 * c + (((1 * 2 + 0) * 2 + 0) * 2 + 1) * (c // 8)].add(5.0)
+    diff = np.abs(np.asarray(decode(params, bumped, prompts, config=config)[0]) - base).max(axis=1)[0]
+    assert diff[22, 29] > 0 and np.count_nonzero(diff) == 1
+    from sam_jax.predictor import SamPredictor
+
+    predictor = SamPredictor(SamModel(config, params))
+    predictor.set_image(np.zeros((192, 256, 3), np.uint8))
+    assert predictor.features.shape == (1, 32, 32, 4 * c)  # the decoder's input, high-res included
+    assert predictor.get_image_embedding().shape == (1, c, 32, 32)  # the official view
+
+    with pytest.raises(ValueError, match="patch_size divisible by 4"):
+        ImageEncoderConfig(patch_size=6, high_res_channels=8)
+    with pytest.raises(ValueError, match="cannot be converted"):
+        key_table(config)
+
+
 def test_checkpoint_directory_round_trip(tiny_params, tiny_config, tmp_path):
     path = save_params(tmp_path / "ckpt", tiny_params, tiny_config)
     config, params = load_params(path)

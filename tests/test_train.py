@@ -276,6 +276,38 @@ def test_low_res_targets_are_block_majorities():
         np.testing.assert_array_equal(to_low_res(masks, 256, low), want)
 
 
+def test_sam_loss_candidates_restrict_the_trained_output():
+    t = jnp.zeros((2, 8, 8)).at[:, 2:6, 2:6].set(1.0)
+    good = jnp.where(t > 0, 10.0, -10.0)
+    logits = jnp.stack([-good, good, -good, -good], axis=1)  # (2, 4, 8, 8): output 1 is right
+    iou_pred = jnp.zeros((2, 4))
+    candidates = jnp.array([[True, False, False, False], [False, True, True, True]])
+    loss, metrics, best, chosen_iou = losses.sam_loss(logits, iou_pred, t, jnp.array([True, True]), candidates=candidates)
+    assert best.tolist() == [0, 1] and chosen_iou.tolist() == [0.0, 1.0]
+    # The IoU head is supervised on the candidates only: row 0 on output 0 (actual IoU 0), row 1
+    # on outputs 1..3 (actual IoUs 1, 0, 0).
+    np.testing.assert_allclose(metrics["iou_mse"], (0.0 + 1 / 3) / 2, rtol=1e-6)
+
+
+def test_a_box_trains_the_single_output(shapes):
+    """With `loss.box_single_output`, a box's first decode trains output 0 (what a box gets at
+    inference), so with boxes only the multimask outputs' hypernetworks get no gradient;
+    without it, the best of outputs 1..3 is trained, as a lone point's."""
+    from sam_jax.train.step import simulate_and_loss
+
+    config, params, batch, cfg = _one_mask_setup(shapes)
+    cfg.box_prob = 1.0
+    norms = {}
+    for single in (True, False):
+        c = cfg.copy_and_resolve_references()
+        c.box_single_output = single
+        loss = lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[0]  # noqa: E731
+        grads = jax.jit(jax.grad(loss))(params)["mask_decoder"]
+        norms[single] = [float(sum(np.abs(g).sum() for g in jax.tree.leaves(grads[f"output_hypernetworks_mlps_{i}"]))) for i in range(4)]
+    assert norms[True][0] > 0 and norms[True][1:] == [0.0, 0.0, 0.0], norms
+    assert norms[False][0] == 0.0 and sum(norms[False][1:]) > 0, norms
+
+
 def test_no_gradient_into_buffers_or_a_frozen_encoder(shapes):
     """The positional frequencies are a buffer (never a gradient); a frozen encoder gets none
     either, so its backward pass is not computed; the decoder is trained in both cases."""

@@ -51,6 +51,7 @@ def sam_loss(
     supervise_all_iou: bool = True,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    candidates: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array, jax.Array]:
     """The SAM training loss of one decoder call.
 
@@ -64,11 +65,18 @@ def sam_loss(
     focal = sigmoid_focal_loss(logits, t, alpha=focal_alpha, gamma=focal_gamma)  # (B, M)
     dice = dice_loss(logits, t)
     mask_loss = focal_weight * focal + dice_weight * dice
+    if candidates is not None:
+        mask_loss = jnp.where(candidates, mask_loss, jnp.inf)
     best = jnp.argmin(mask_loss, axis=1)  # only the lowest-loss output is trained
     pick = lambda x: jnp.take_along_axis(x, best[:, None], axis=1)[:, 0]  # noqa: E731
     actual_iou = jax.lax.stop_gradient(mask_iou(logits, t))  # (B, M)
     iou_se = jnp.square(iou_pred.astype(jnp.float32) - actual_iou)
-    iou_term = iou_se.mean(axis=1) if supervise_all_iou else pick(iou_se)
+    if not supervise_all_iou:
+        iou_term = pick(iou_se)
+    elif candidates is None:
+        iou_term = iou_se.mean(axis=1)
+    else:
+        iou_term = (iou_se * candidates).sum(axis=1) / jnp.maximum(candidates.sum(axis=1), 1)
     per_example = pick(mask_loss) + iou_weight * iou_term
     w = valid.astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)

@@ -113,9 +113,17 @@ def simulate_and_loss(
         labels = jnp.where(text_mask, -1, labels)
     no_mask = jnp.zeros((b * k, low, low), jnp.float32)
     prompts = Prompts(points=points, labels=labels, mask_input=no_mask, has_mask=jnp.zeros((b * k,), bool), text=text, text_mask=text_mask)
-    logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=True)
+    if cfg.get("box_single_output", False):  # absent in older config files
+        # As SAM 2's training: a lone point (or text) is ambiguous and trains the best of the
+        # multimask outputs 1..3; a box trains the single output 0, the one a box gets at inference.
+        logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=None)
+        is_box = (labels[:, 0] == sim.LABEL_BOX_TOP_LEFT)[:, None]
+        candidates = jnp.where(is_box, jnp.arange(logits.shape[1]) == 0, jnp.arange(logits.shape[1]) > 0)
+    else:
+        logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=True)
+        candidates = None
     up_logits = up(logits)
-    loss0, metrics0, best, chosen_iou0 = sam_loss(up_logits, iou, targets, valid, **loss_kw)
+    loss0, metrics0, best, chosen_iou0 = sam_loss(up_logits, iou, targets, valid, **loss_kw, candidates=candidates)
     # The mask prompt fed forward: the trained (lowest-loss) output, without gradient; and
     # its upsampled logits, which pick the next correction point (upsampled once, here).
     pick = lambda x: jax.lax.stop_gradient(jnp.take_along_axis(x, best[:, None, None, None], axis=1)[:, 0])  # noqa: E731

@@ -32,14 +32,17 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: jax.Array,
         dense_prompt_embeddings: jax.Array,
         token_mask: jax.Array,
-        multimask_output: bool,
+        multimask_output: bool | None,
+        high_res: Any = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Predict masks.
 
         image_embeddings (B, h, w, C); image_pe (1, h, w, C); sparse (B, N, C) with
-        token_mask (B, N); dense (B, h, w, C). Returns masks (B, M, 4h, 4w) logits and
+        token_mask (B, N); dense (B, h, w, C); high_res: None, or SAM 2's high-res features
+        (s1 (B, h, w, 2, 2, C/4), s0 (B, h, w, 2, 2, 2, 2, C/8), `image_encoder.split_high_res`),
+        added after each transposed conv of the upscaling, before its activation. Returns masks (B, M, 4h, 4w) logits and
         IoU predictions (B, M): M = num_multimask_outputs masks 1.. if multimask_output,
-        else the single mask 0.
+        the single mask 0 if False, every output (mask 0 first) if None (training).
         """
         cfg = self.config
         c = self.transformer_dim
@@ -70,8 +73,13 @@ class MaskDecoder(nn.Module):
         h, w = image_embeddings.shape[1:3]
         x = src.reshape(b, h, w, c)
         x = conv_transpose_2x2(c // 4, dtype=self.dtype, name="output_upscaling_0")(x)  # (B, h, w, 2, 2, c/4)
+        if high_res is not None:
+            x = x + high_res[0].astype(x.dtype)
         x = gelu(LayerNorm(1e-6, name="output_upscaling_1")(x))
-        x = gelu(conv_transpose_2x2(c // 8, dtype=self.dtype, name="output_upscaling_3")(x))  # (B, h, w, 2, 2, 2, 2, c/8)
+        x = conv_transpose_2x2(c // 8, dtype=self.dtype, name="output_upscaling_3")(x)  # (B, h, w, 2, 2, 2, 2, c/8)
+        if high_res is not None:
+            x = x + high_res[1].astype(x.dtype)
+        x = gelu(x)
 
         hyper_in = jnp.stack(
             [
@@ -80,7 +88,7 @@ class MaskDecoder(nn.Module):
             ],
             axis=1,
         )  # (B, num_mask_tokens, c/8)
-        sl = slice(1, None) if multimask_output else slice(0, 1)
+        sl = slice(None) if multimask_output is None else slice(1, None) if multimask_output else slice(0, 1)
         # Only the returned masks are computed. Row 4i + 2a + a', column 4j + 2b + b'.
         masks = jnp.einsum("nmc,nhwabxyc->nmhaxwby", hyper_in[:, sl], x, preferred_element_type=accum_dtype(self.dtype))
         masks = masks.reshape(b, masks.shape[1], 4 * h, 4 * w)

@@ -15,7 +15,7 @@ from flax import linen as nn
 
 from sam_jax.config import SamConfig
 from sam_jax.modeling.common import accum_dtype
-from sam_jax.modeling.image_encoder import ImageEncoderViT
+from sam_jax.modeling.image_encoder import ImageEncoderViT, split_high_res
 from sam_jax.modeling.mask_decoder import MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
 from sam_jax.prompts import Prompts
@@ -47,13 +47,14 @@ class Sam(nn.Module):
         """
         return self.image_encoder(images, deterministic).astype(accum_dtype(self.image_encoder.dtype))
 
-    def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+    def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool | None = True) -> tuple[jax.Array, jax.Array]:
         """embeddings (B, h, w, C) and a prompt batch of size B -> masks (B, M, 4h, 4w), iou (B, M)."""
         sparse, dense, mask = self.prompt_encoder(
             prompts.points, prompts.labels, prompts.mask_input, prompts.has_mask, prompts.text, prompts.text_mask
         )
         image_pe = self.prompt_encoder.get_dense_pe()[None]
-        return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output)
+        embeddings, high_res = split_high_res(embeddings, self.config.prompt_embed_dim)
+        return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output, high_res)
 
     def __call__(self, images: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
         """Encode then decode one prompt per image (used to initialize every parameter)."""

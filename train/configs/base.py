@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.num_point_iters = 8  # error-region points after the first prompt
     c.loss.num_no_point_iters = 2  # iterations with no new point (one random, one last)
     c.loss.box_prob = 0.5  # first prompt: a noisy box or a foreground point
+    # The first decode's trained output for a box: False, the paper's (a box is one prompt, so
+    # the best of the 3 multimask outputs); True, SAM 2's training (a box is 2 points, so the
+    # single output 0, which the official predictor returns for a box).
+    c.loss.box_single_output = False
     c.loss.text_prob = 0.5  # with text prompts on: the fraction of captioned masks whose first prompt is their text
 
     # Text prompts (paper, section 7.5; off by default; sam_jax/train/text.py). "image" (the
