@@ -2,7 +2,8 @@
 
 `shapes_tiny` with a finer grid and a schedule for 10 minutes on 2 CPU cores:
 - `tiny_p8`: 32x32 tokens, 128x128 mask logits, high-res features from a pixel stem (SAM 2's
-  `use_high_res_features_in_sam`; 1-click 0.717 against 0.663 at equal time, 2026-11-27). On
+  `use_high_res_features_in_sam`; at equal time, 1-click +0.007 to +0.054 over three seeds,
+  2026-11-27). On
   the 16-px grid of `tiny`, shapes under ~150 px (a quarter of the held-out masks) stay near
   0.3 IoU; the best binary targets on its 64x64 logits reach only mIoU 0.80
   (`train.evaluate.grid_ceiling`), 0.89 on 128x128.
