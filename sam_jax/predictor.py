@@ -182,7 +182,7 @@ class SamPredictor:
         from sam_jax.modeling.image_encoder import split_high_res
 
         self._require_image()
-        return jnp.transpose(split_high_res(self.features, self.model.config.prompt_embed_dim)[0], (0, 3, 1, 2))
+        return jnp.transpose(split_high_res(self.features, self.model.config)[0], (0, 3, 1, 2))
 
     def _require_image(self) -> None:
         if not self.is_image_set:

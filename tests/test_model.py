@@ -104,9 +104,11 @@ def test_high_res_features_land_on_their_pixels():
     params = init_params(config, jax.random.key(0))
     emb = encode(params, jax.random.normal(jax.random.key(1), (1, 256, 256, 3)), config=config)
     assert emb.shape == (1, 32, 32, 4 * c)
-    plain, (h1, h0) = split_high_res(emb, c)
+    plain, (h1, h0) = split_high_res(emb, config)
     assert plain.shape == (1, 32, 32, c) and h1.shape == (1, 32, 32, 2, 2, c // 4) and h0.shape == (1, 32, 32, 2, 2, 2, 2, c // 8)
-    assert split_high_res(plain, c)[1] is None  # an official-layout embedding passes through
+    with pytest.raises(ValueError, match=rf"have {4 * c} channels with high-res features.*computed by another model"):
+        split_high_res(plain, config)
+    assert split_high_res(plain, get_config("tiny"))[1] is None  # an official-layout embedding passes through
     prompts = make_prompts(batch_size=1, mask_size=128, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1)))
     base = np.asarray(decode(params, emb, prompts, config=config)[0])
     # Nudge the stride-2 feature of logit pixel (row 4*5 + 2*1 + 0, col 4*7 + 2*0 + 1) = (22, 29).
@@ -299,3 +301,26 @@ def test_shared_embedding_without_masks_equals_one_copy_per_prompt(tiny_config, 
     with_mask = make_prompts(batch_size=1, mask_size=tiny_config.low_res_mask_size, mask_input=np.zeros((1, tiny_config.low_res_mask_size, tiny_config.low_res_mask_size)))
     with pytest.raises(ValueError, match="have a mask input"):
         with_mask.without_masks()
+
+
+def test_grouped_images_equal_one_copy_per_row():
+    """G images for G groups of prompt rows (the training step's K masks an image) give the
+    masks of one embedding copy per row, the high-res features included."""
+    from sam_jax.model import decode, encode
+
+    config = get_config("tiny_p8")
+    params = init_params(config, jax.random.key(0))
+    s, low = config.image_size, config.low_res_mask_size
+    emb = encode(params, jax.random.normal(jax.random.key(1), (2, s, s, 3)), config=config)
+    rng = np.random.default_rng(0)
+    prompts = make_prompts(
+        batch_size=6, mask_size=low, point_coords=rng.uniform(0, s, (6, 2, 2)), point_labels=np.array([[1, 0]] * 6),
+        mask_input=rng.normal(size=(6, low, low)),
+    )
+    prompts = jax.tree.map(jnp.asarray, prompts.replace(has_mask=np.array([True, False, True, True, False, False])))
+    ref_masks, ref_iou = decode(params, jnp.repeat(emb, 3, axis=0), prompts, config=config, multimask_output=None)
+    masks, iou = decode(params, emb, prompts, config=config, multimask_output=None)
+    np.testing.assert_allclose(masks, ref_masks, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(iou, ref_iou, atol=2e-6)
+    with pytest.raises(ValueError, match="5 prompt rows cannot be split evenly over 2 images"):
+        decode(params, emb, jax.tree.map(lambda x: x[:5], prompts), config=config)

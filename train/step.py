@@ -89,7 +89,7 @@ def simulate_and_loss(
     emb = encode(params, images, config=model_config, drop_path_rng=k_drop)  # drop path: config's rate
     if not train_image_encoder:
         emb = jax.lax.stop_gradient(emb)
-    emb = jnp.repeat(emb, k, axis=0)  # (B*K, h, w, C): one row per mask
+    # emb (B, h, w, C) serves its image's K mask rows (row i*K + j: image i), without a copy.
     gt = gt.reshape(b * k, m, m).astype(bool)
     valid = valid.reshape(b * k)
     targets = gt.astype(jnp.float32)
@@ -97,7 +97,6 @@ def simulate_and_loss(
     loss_kw.update({k: cfg[k] for k in ("focal_alpha", "focal_gamma") if k in cfg})  # absent: sam_loss's defaults
     n = sim.num_slots(cfg.num_point_iters)
     s = model_config.image_size
-    low = model_config.low_res_mask_size
     up = lambda x: upsample_logits(x, m)  # noqa: E731  low-res logits -> the loss grid
 
     text = text_mask = None
@@ -111,9 +110,9 @@ def simulate_and_loss(
     points, labels = sim.initial_prompt(row_keys, gt, image_size=s, num_slots=n, box_prob=cfg.box_prob)
     if text is not None:  # a text-prompted mask starts from its text alone
         labels = jnp.where(text_mask, -1, labels)
-    no_mask = jnp.zeros((b * k, low, low), jnp.float32)
-    prompts = Prompts(points=points, labels=labels, mask_input=no_mask, has_mask=jnp.zeros((b * k,), bool), text=text, text_mask=text_mask)
-    if cfg.get("box_single_output", False):  # absent in older config files
+    # No mask prompt in the first decode: one no-mask embedding for every row.
+    prompts = Prompts(points=points, labels=labels, mask_input=None, has_mask=None, text=text, text_mask=text_mask)
+    if cfg.get("box_single_output"):  # absent in config files older than the option: the paper's rule
         # As SAM 2's training: a lone point (or text) is ambiguous and trains the best of the
         # multimask outputs 1..3; a box trains the single output 0, the one a box gets at inference.
         logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=None)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sam_jax.config import ImageEncoderConfig
+from sam_jax.config import ImageEncoderConfig, SamConfig
 from sam_jax.modeling.common import LayerNorm, MLPBlock, accum_dtype, conv, dense, gelu
 from sam_jax.transforms import linear_resize_matrix
 
@@ -288,10 +288,20 @@ def pack_high_res(s1: jax.Array, s0: jax.Array) -> jax.Array:
     return jnp.concatenate([s1.reshape(b, h, w, 4 * c4), s0.reshape(b, h, w, 16 * c8)], axis=-1)
 
 
-def split_high_res(embeddings: jax.Array, c: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """embeddings (B, h, w, C) -> themselves and None; (B, h, w, 4C) (with `pack_high_res`'s
-    features) -> (B, h, w, C) and (s1 (B, h, w, 2, 2, C/4), s0 (B, h, w, 2, 2, 2, 2, C/8))."""
-    if embeddings.shape[-1] == c:
+def split_high_res(embeddings: jax.Array, config: SamConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """embeddings (B, h, w, C) of a model without high-res features -> themselves and None;
+    (B, h, w, 4C) of one with them (`ImageEncoderConfig.high_res_channels` > 0, packed by
+    `pack_high_res`) -> (B, h, w, C) and (s1 (B, h, w, 2, 2, C/4), s0 (B, h, w, 2, 2, 2, 2, C/8)).
+    C = config.prompt_embed_dim."""
+    c, high_res = config.prompt_embed_dim, config.image_encoder.high_res_channels > 0
+    width = 4 * c if high_res else c
+    if embeddings.shape[-1] != width:
+        kind = "with high-res features (4 x prompt_embed_dim)" if high_res else "(prompt_embed_dim)"
+        raise ValueError(
+            f"image embeddings of shape {tuple(embeddings.shape)}: this model's have {width} channels {kind}; "
+            "were they computed by another model?"
+        )
+    if not high_res:
         return embeddings, None
     b, h, w, _ = embeddings.shape
     s1 = embeddings[..., c : 2 * c].reshape(b, h, w, 2, 2, c // 4)

@@ -37,10 +37,12 @@ class MaskDecoder(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """Predict masks.
 
-        image_embeddings (B, h, w, C); image_pe (1, h, w, C); sparse (B, N, C) with
-        token_mask (B, N); dense (B, h, w, C); high_res: None, or SAM 2's high-res features
-        (s1 (B, h, w, 2, 2, C/4), s0 (B, h, w, 2, 2, 2, 2, C/8), `image_encoder.split_high_res`),
-        added after each transposed conv of the upscaling, before its activation. Returns masks (B, M, 4h, 4w) logits and
+        image_embeddings (G, h, w, C) of G images for B prompt rows in G groups of B / G
+        consecutive rows (G = 1: one image for every row); image_pe (1, h, w, C); sparse
+        (B, N, C) with token_mask (B, N); dense (B or 1, h, w, C); high_res: None, or SAM 2's
+        high-res features (s1 (G, h, w, 2, 2, C/4), s0 (G, h, w, 2, 2, 2, 2, C/8),
+        `image_encoder.split_high_res`), added after each transposed conv of the upscaling,
+        before its activation, without a copy per row. Returns masks (B, M, 4h, 4w) logits and
         IoU predictions (B, M): M = num_multimask_outputs masks 1.. if multimask_output,
         the single mask 0 if False, every output (mask 0 first) if None (training).
         """
@@ -49,11 +51,15 @@ class MaskDecoder(nn.Module):
         num_mask_tokens = cfg.num_multimask_outputs + 1
         iou_token = embedding(1, c, name="iou_token").embedding
         mask_tokens = embedding(num_mask_tokens, c, name="mask_tokens").embedding
-        b = sparse_prompt_embeddings.shape[0]
+        b, g = sparse_prompt_embeddings.shape[0], image_embeddings.shape[0]
+        if b % g:
+            raise ValueError(f"{b} prompt rows cannot be split evenly over {g} images (image embeddings {tuple(image_embeddings.shape)})")
         output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens])[None], (b, 1 + num_mask_tokens, c))
         tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(output_tokens.dtype)], axis=1)
         mask = jnp.concatenate([jnp.ones((b, 1 + num_mask_tokens), bool), token_mask], axis=1)
 
+        if g not in (1, b):  # the transformer takes one image for all rows or one per row
+            image_embeddings = jnp.repeat(image_embeddings, b // g, axis=0)
         src = (image_embeddings + dense_prompt_embeddings).astype(self.dtype)
         hs, src = TwoWayTransformer(
             cfg.transformer_depth,
@@ -74,11 +80,11 @@ class MaskDecoder(nn.Module):
         x = src.reshape(b, h, w, c)
         x = conv_transpose_2x2(c // 4, dtype=self.dtype, name="output_upscaling_0")(x)  # (B, h, w, 2, 2, c/4)
         if high_res is not None:
-            x = x + high_res[0].astype(x.dtype)
+            x = add_per_image(x, high_res[0])
         x = gelu(LayerNorm(1e-6, name="output_upscaling_1")(x))
         x = conv_transpose_2x2(c // 8, dtype=self.dtype, name="output_upscaling_3")(x)  # (B, h, w, 2, 2, 2, 2, c/8)
         if high_res is not None:
-            x = x + high_res[1].astype(x.dtype)
+            x = add_per_image(x, high_res[1])
         x = gelu(x)
 
         hyper_in = jnp.stack(
@@ -96,3 +102,10 @@ class MaskDecoder(nn.Module):
         iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
         iou_pred = iou_pred.astype(accum_dtype(self.dtype))
         return masks, iou_pred[:, sl]
+
+
+def add_per_image(x: jax.Array, y: jax.Array) -> jax.Array:
+    """x (B, ...) per prompt row plus y (G, ...) per image, rows in G groups of B / G: row r
+    gets y[r // (B / G)], broadcast rather than copied (so its gradient is one sum per image)."""
+    g = y.shape[0]
+    return (x.reshape(g, x.shape[0] // g, *x.shape[1:]) + y[:, None].astype(x.dtype)).reshape(x.shape)

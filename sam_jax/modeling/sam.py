@@ -48,12 +48,14 @@ class Sam(nn.Module):
         return self.image_encoder(images, deterministic).astype(accum_dtype(self.image_encoder.dtype))
 
     def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool | None = True) -> tuple[jax.Array, jax.Array]:
-        """embeddings (B, h, w, C) and a prompt batch of size B -> masks (B, M, 4h, 4w), iou (B, M)."""
+        """embeddings (G, h, w, C) of G images and a prompt batch of size B -> masks (B, M, 4h, 4w),
+        iou (B, M). The B rows are G groups of B / G consecutive rows, group g prompting image g
+        (G = 1: one image for every row)."""
         sparse, dense, mask = self.prompt_encoder(
             prompts.points, prompts.labels, prompts.mask_input, prompts.has_mask, prompts.text, prompts.text_mask
         )
         image_pe = self.prompt_encoder.get_dense_pe()[None]
-        embeddings, high_res = split_high_res(embeddings, self.config.prompt_embed_dim)
+        embeddings, high_res = split_high_res(embeddings, self.config)
         return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output, high_res)
 
     def __call__(self, images: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
