@@ -101,8 +101,10 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 def _load(args: argparse.Namespace):
     from sam_jax.checkpoint import load_model
+    from sam_jax.host_memory import retain_on_cpu
 
     enable_compilation_cache(args.cache_dir)
+    retain_on_cpu()  # a model is about to run: reuse XLA:CPU's scratch memory (host_memory.py)
     return load_model(args.checkpoint, dtype=args.dtype)
 
 

@@ -206,8 +206,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from sam_jax.cli import enable_compilation_cache
+    from sam_jax.host_memory import retain_on_cpu
 
     enable_compilation_cache(args.cache_dir)  # a second run does not compile again
+    retain_on_cpu()  # XLA:CPU's per-step scratch memory reused, not faulted in afresh (host_memory.py)
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform}")
     if args.checkpoint is None:
         summary = train_and_segment(args)

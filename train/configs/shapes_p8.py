@@ -1,7 +1,8 @@
 """The `make demo` recipe: the `tiny_p8` model (8-px patches) on the synthetic shapes.
 
 `shapes_tiny` with a finer grid and a schedule for 10 minutes on 2 CPU cores:
-- `tiny_p8`: 32x32 tokens, 128x128 mask logits, high-res features from a pixel stem (SAM 2's
+- `tiny_p8`: 32x32 tokens, 128x128 mask logits, a decoder of 2 heads (1-click +0.016 to +0.025
+  over three seeds, 2026-11-27), high-res features from a pixel stem (SAM 2's
   `use_high_res_features_in_sam`; at equal time, 1-click +0.007 to +0.054 over three seeds,
   2026-11-27). On
   the 16-px grid of `tiny`, shapes under ~150 px (a quarter of the held-out masks) stay near
