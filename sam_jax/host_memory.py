@@ -1,15 +1,22 @@
 """Host memory: keep XLA:CPU's per-call scratch memory in the process.
 
-XLA:CPU mallocs an executable's temporaries at every call and frees them after it (the
-`make demo` training step: ~130 MB a step). glibc serves blocks that large with a fresh `mmap`
-and unmaps them on free, and gives a freed heap top back with `trim`; so every call touches new
-pages, which the kernel must fault in and zero. On the demo's step that was ~32,500 minor page
-faults a step and a quarter of its CPU time in the kernel (0.065 of 0.25 CPU-s).
+XLA:CPU mallocs an executable's temporaries at every call and frees them after it. glibc serves
+large blocks with a fresh `mmap` and unmaps them on free, and gives a freed heap top back with
+`trim`; so every call touches new pages, which the kernel must fault in and zero. The `make demo`
+training step touched ~130 MB of fresh pages a step: ~32,500 minor page faults, and a quarter
+of its CPU time in the kernel (0.065 of 0.25 CPU-s).
 
 `retain_freed_memory` turns both off (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THRESHOLD,
-2 GiB - 1)`): freed blocks stay in the process and the next call reuses them. The same step
+2 GiB - 1)`, and `M_TOP_PAD` 64 MB: without it a thread's arena still unmaps a whole extra heap
+once it is empty, and after ~1300 steps of one run the faults came back, ~110k a second, until
+the pad was set in the running process): freed blocks stay in the process and the next call
+reuses them. The same step
 then costs 0.103 s instead of 0.14 s on 2 CPU devices, best of 4 x 13 steps, with the same
-peak resident set (~2.1 GB; 2026-11-27). It is process-wide and cannot be undone: the resident
+peak resident set (~2.1 GB; 2026-11-27). Its limit: a block over 64 MB malloc'd from a thread
+with its own arena still gets its own `mmap` (glibc's per-thread heaps are 64 MB at most). The
+same recipe with a 64-wide decoder allocates 84 MB a call that way and still faults (~5 steps/s
+against ~9; forcing one arena, `M_ARENA_MAX` 1, removed those faults but cost the 32-wide step
+0.161 s against 0.103 s). It is process-wide and cannot be undone: the resident
 set stays near its peak between calls instead of shrinking. On the CPU backend the trainer
 applies it (config `retain_host_memory`), and so do `python -m sam_jax.demo` (`make demo`) and
 the `sam-jax` commands that load a model; a library call never does it behind the user's back.
@@ -21,8 +28,12 @@ import ctypes
 import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
+_M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest, 2 GiB - 1
+# A per-thread arena frees a whole extra heap (munmap) once it is empty, whatever the trim
+# threshold, unless the top pad asks to keep that much: one heap's worth, 64 MB.
+_TOP_PAD = 64 << 20
 
 _applied = False
 
@@ -49,7 +60,8 @@ def retain_freed_memory() -> bool:
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     # mallopt returns 1 on success, 0 on error.
-    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD))
+    if not all(libc.mallopt(param, value) for param, value in settings):
         return False
     _applied = True
     return True

@@ -1,6 +1,7 @@
 """The `make demo` recipe: the `tiny_p8` model (8-px patches) on the synthetic shapes.
 
-`shapes_tiny` with a finer grid and a schedule for 10 minutes on 2 CPU cores:
+`shapes_tiny` with a finer grid and a schedule for 10 minutes on 2 CPU cores (`make demo`: ~8.5
+minutes of training, ~9 in all):
 - `tiny_p8`: 32x32 tokens, 128x128 mask logits, a decoder of 2 heads (1-click +0.016 to +0.025
   over three seeds, 2026-11-27), high-res features from a pixel stem (SAM 2's
   `use_high_res_features_in_sam`; at equal time, 1-click +0.007 to +0.054 over three seeds,
@@ -18,11 +19,13 @@
 - A box trains the single output 0, the one a box gets at inference, as in SAM 2's training
   (`loss.box_single_output`; with the paper's rule the high-res model drew poor box masks).
 - Batches of 2 images (x 4 masks), lr 2e-3: in a fixed time, what counts is how many examples
-  the model sees, and a small batch sees them in more updates. A step costs ~0.16 s here,
-  against 0.61 for 8 images. 3000 steps (6000 images) give held-out 1-click 0.717, box 0.654
-  in 494 s (100 held-out images, 2026-11-27; without the high-res features and the box rule,
-  3400 steps gave 0.663 in 510 s, and 0.649 with focal alpha 0.25; 950 steps of 8 images at
-  lr 4e-3 gave 0.672 on the 20 images where this batch gave 0.698).
+  the model sees, and a small batch sees them in more updates. A step costs ~0.12 s here in a
+  run (0.103 s best; ~0.16 s before the trainer kept freed host memory, `retain_host_memory`),
+  against 0.61 for 8 images. 4000 steps (8000 images) give held-out 1-click 0.744, box 0.705
+  in 505 s (100 held-out images, 2026-11-27; 3000 steps: 0.729, box 0.666; 3000 steps with
+  4 decoder heads: 0.717, box 0.654; without the high-res features and the box rule, 3400
+  steps gave 0.663, and 0.649 with focal alpha 0.25; 950 steps of 8 images at lr 4e-3 gave
+  0.672 on the 20 images where this batch gave 0.698).
 - `make demo` runs it data parallel over the 2 cores as 2 CPU devices (the Makefile sets
   `--xla_force_host_platform_device_count=2`), one image per device.
 
@@ -38,9 +41,9 @@ def get_config():
     c = shapes_tiny.get_config()
     c.model = "tiny_p8"
     c.batch_size = 2  # x 4 masks (shapes_tiny): 8 prompt rows a step
-    c.steps = 3000  # ~500 s of training in `make demo` (~0.165 s a step on 2 CPU devices)
+    c.steps = 4000  # ~500 s of training in `make demo` (~0.12 s a step on 2 CPU devices)
     c.optim.lr = 2e-3
-    c.optim.decay_steps = (2400, 2820)
+    c.optim.decay_steps = (3200, 3760)  # x0.1 at 80% and 94%
     c.loss.dice_weight = 5.0
     c.loss.focal_alpha = 0.75  # foreground pixels weighted 3:1 (base.py's 0.25: 1:3); see the docstring
     c.loss.box_single_output = True  # a box trains output 0, the one it gets at inference (SAM 2)
