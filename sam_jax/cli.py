@@ -259,11 +259,15 @@ def _make_shapes(args: argparse.Namespace) -> None:
 
 
 def _training_config(args: argparse.Namespace, overrides: list[str]):
-    """The config file of --config with the --config.KEY=VALUE overrides; enables the compilation cache."""
+    """The config file of --config with the --config.KEY=VALUE overrides; enables the compilation
+    cache and, with `retain_host_memory` on the CPU backend, keeps freed host memory (host_memory.py)."""
+    from sam_jax.host_memory import retain_on_cpu
     from sam_jax.train.trainer import apply_overrides, load_config_file
 
     cfg = apply_overrides(load_config_file(args.config), [o.removeprefix("--config.") for o in overrides])
     enable_compilation_cache(args.cache_dir)
+    if cfg.retain_host_memory:
+        retain_on_cpu()
     return cfg
 
 

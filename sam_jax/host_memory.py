@@ -17,14 +17,17 @@ with its own arena still gets its own `mmap` (glibc's per-thread heaps are 64 MB
 same recipe with a 64-wide decoder allocates 84 MB a call that way and still faults (~5 steps/s
 against ~9; forcing one arena, `M_ARENA_MAX` 1, removed those faults but cost the 32-wide step
 0.161 s against 0.103 s). It is process-wide and cannot be undone: the resident
-set stays near its peak between calls instead of shrinking. On the CPU backend the trainer
-applies it (config `retain_host_memory`), and so do `python -m sam_jax.demo` (`make demo`) and
-the `sam-jax` commands that load a model; a library call never does it behind the user's back.
+set stays near its peak between calls instead of shrinking. So only the programs that own their
+process apply it, on the CPU backend: `sam-jax train` and `sam-jax engine` (config
+`retain_host_memory`), the `sam-jax` commands that load a model, and `python -m sam_jax.demo`
+(`make demo`). A library call (`Trainer`, `evaluate`, the predictor) never does it behind the
+user's back: call `retain_on_cpu()` first to get it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 _M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
@@ -68,7 +71,11 @@ def retain_freed_memory() -> bool:
 
 
 def retain_on_cpu() -> bool:
-    """`retain_freed_memory` when JAX runs on the CPU (where XLA's buffers are host memory)."""
+    """`retain_freed_memory` when JAX runs on the CPU (where XLA's buffers are host memory),
+    unless the environment sets SAM_JAX_RETAIN_HOST_MEMORY=0 (the test suite does: its one
+    long process runs many models, and should not keep every one's memory)."""
     import jax
 
+    if os.environ.get("SAM_JAX_RETAIN_HOST_MEMORY", "1") == "0":
+        return False
     return jax.default_backend() == "cpu" and retain_freed_memory()

@@ -10,6 +10,10 @@ import os
 import numpy as np
 import pytest
 
+# The suite's one process runs many models: keep glibc's default of giving freed memory back
+# (sam_jax/host_memory.py; tests/test_host_memory.py checks the retaining in subprocesses).
+os.environ["SAM_JAX_RETAIN_HOST_MEMORY"] = "0"
+
 
 @pytest.fixture(scope="session")
 def tiny_config():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -31,8 +32,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "SAM_JAX_RETAIN_HOST_MEMORY"}  # conftest's opt-out
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True, timeout=300
+        [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True, timeout=300, env=env
     )
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -44,3 +46,11 @@ def test_retained_memory_is_not_faulted_in_again():
     # a round, fewer with transparent huge pages); retained, the freed block is reused.
     assert default >= 100, default
     assert retained < default / 20, (retained, default)
+
+
+def test_the_environment_can_opt_out():
+    """conftest sets SAM_JAX_RETAIN_HOST_MEMORY=0 for this process: retain_on_cpu leaves malloc be."""
+    from sam_jax.host_memory import retain_on_cpu
+
+    assert os.environ["SAM_JAX_RETAIN_HOST_MEMORY"] == "0"
+    assert retain_on_cpu() is False

@@ -46,7 +46,6 @@ import numpy as np
 import optax
 
 from sam_jax.config import SamConfig, get_config
-from sam_jax.host_memory import retain_on_cpu
 from sam_jax.model import Params, abstract_params, init_params
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
@@ -219,8 +218,6 @@ class Trainer:
         if not cfg.data.train_dir:
             raise TrainingError("data.train_dir is not set")
         self.mask_size = loss_mask_size(cfg, self.model_config)
-        if cfg.retain_host_memory:
-            retain_on_cpu()
 
         boxed = abstract_params(self.model_config, boxed=True)
         param_sh = shd.logical_shardings(boxed, self.mesh)
