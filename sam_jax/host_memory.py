@@ -10,9 +10,8 @@ of its CPU time in the kernel (0.065 of 0.25 CPU-s).
 2 GiB - 1)`, and `M_TOP_PAD` 64 MB: without it a thread's arena still unmaps a whole extra heap
 once it is empty, and after ~1300 steps of one run the faults came back, ~110k a second, until
 the pad was set in the running process): freed blocks stay in the process and the next call
-reuses them. The same step
-then costs 0.103 s instead of 0.14 s on 2 CPU devices, best of 4 x 13 steps, with the same
-peak resident set (~2.1 GB; 2026-11-27). Its limit: a block over 64 MB malloc'd from a thread
+reuses them. The same step then costs 0.103 s instead of 0.14 s on 2 CPU devices, best of
+4 x 13 steps, with the same peak resident set (~2.1 GB; 2026-11-27). Its limit: a block over 64 MB malloc'd from a thread
 with its own arena still gets its own `mmap` (glibc's per-thread heaps are 64 MB at most). The
 same recipe with a 64-wide decoder allocates 84 MB a call that way and still faults (~5 steps/s
 against ~9; forcing one arena, `M_ARENA_MAX` 1, removed those faults but cost the 32-wide step

@@ -20,7 +20,7 @@ minutes of training, ~9 in all):
   (`loss.box_single_output`; with the paper's rule the high-res model drew poor box masks).
 - Batches of 2 images (x 4 masks), lr 2e-3: in a fixed time, what counts is how many examples
   the model sees, and a small batch sees them in more updates. A step costs ~0.12 s here in a
-  run (0.103 s best; ~0.16 s before the trainer kept freed host memory, `retain_host_memory`),
+  run (0.103 s best; ~0.16 s before `make demo` and `sam-jax train` kept freed host memory),
   against 0.61 for 8 images. 4000 steps (8000 images) give held-out 1-click 0.744, box 0.705
   in 505 s (100 held-out images, 2026-11-27; 3000 steps: 0.729, box 0.666; 3000 steps with
   4 decoder heads: 0.717, box 0.654; without the high-res features and the box rule, 3400
