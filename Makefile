@@ -18,7 +18,10 @@ $(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
+# 2 CPU devices (data parallel over the 2 cores); huge pages for XLA:CPU's per-step scratch
+# blocks over 64 MB (sam_jax/host_memory.py; ignored where glibc or THP lacks them).
 demo: $(VENV)/.demo-installed
+	GLIBC_TUNABLES="glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES}" \
 	XLA_FLAGS="--xla_force_host_platform_device_count=2 $$XLA_FLAGS" $(PY) -m sam_jax.demo --out demo_out
 
 test: $(VENV)/.test-installed

@@ -21,6 +21,16 @@ process apply it, on the CPU backend: `sam-jax train` and `sam-jax engine` (conf
 `retain_host_memory`), the `sam-jax` commands that load a model, and `python -m sam_jax.demo`
 (`make demo`). A library call (`Trainer`, `evaluate`, the predictor) never does it behind the
 user's back: call `retain_on_cpu()` first to get it.
+
+Past that limit: XLA:CPU takes all of a call's temporaries as one block (the
+`preallocated-temp` allocation of its buffer assignment; `compiled.memory_analysis()
+.temp_size_in_bytes`): 63.5 MB for the `make demo` step, just under the limit, 75 MB with a
+48-wide decoder, 84 MB at 64 wide. glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc
+2.35+, read at process start, so set in the environment: `make demo` does) asks for
+transparent huge pages on such mappings, so one fault maps 2 MB instead of 4 kB: the 64-wide
+step then costs 0.154 s instead of 0.196 s (800 faults a step instead of 43,000; the 32-wide
+step 0.098 s against 0.101 s; 2026-11-27). Where THP is off (`never` in
+/sys/kernel/mm/transparent_hugepage/enabled) or the C library is not glibc it does nothing.
 """
 
 from __future__ import annotations

@@ -12,16 +12,24 @@ from sam_jax.host_memory import _glibc
 
 # Allocates, touches and frees a 48 MB buffer (more than glibc's largest mmap threshold, as
 # XLA:CPU's per-step temporaries are) a few times, and prints the minor page faults of the
-# last 4 rounds.
+# last 4 rounds. The buffer is a numpy array, or a block from malloc itself: numpy asks for
+# huge pages on its large arrays (madvise) on its own, glibc does not unless told to.
 _SCRIPT = """
-import resource, sys
+import ctypes, resource, sys
 import numpy as np
 from sam_jax.host_memory import retain_on_cpu
 if sys.argv[1] == "retain":
     assert retain_on_cpu()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
 def round_trip():
-    a = np.empty(12 << 20, np.float32)
-    a.fill(1.0)
+    if sys.argv[2] == "numpy":
+        np.empty(12 << 20, np.float32).fill(1.0)
+    else:
+        p = libc.malloc(48 << 20)
+        ctypes.memset(p, 1, 48 << 20)
+        libc.free(p)
 for _ in range(2):
     round_trip()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -31,10 +39,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "SAM_JAX_RETAIN_HOST_MEMORY"}  # conftest's opt-out
+def _faults(mode: str, allocator: str = "numpy", **env_vars: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k not in ("SAM_JAX_RETAIN_HOST_MEMORY", "GLIBC_TUNABLES")}  # conftest's opt-out
+    env.update(env_vars)
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True, timeout=300, env=env
+        [sys.executable, "-c", _SCRIPT, mode, allocator], capture_output=True, text=True, check=True, timeout=300, env=env
     )
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -46,6 +55,28 @@ def test_retained_memory_is_not_faulted_in_again():
     # a round, fewer with transparent huge pages); retained, the freed block is reused.
     assert default >= 100, default
     assert retained < default / 20, (retained, default)
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (`always`, `madvise`, `never`), None if unknown."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
+
+
+@pytest.mark.skipif(
+    _glibc() is None or _thp_mode() != "madvise",
+    reason="glibc's hugetlb tunable asks for huge pages with madvise: it matters where THP is in madvise mode",
+)
+def test_hugetlb_tunable_maps_large_blocks_with_huge_pages():
+    """What `make demo` sets for XLA:CPU's scratch blocks over 64 MB (which glibc always maps
+    afresh): with `glibc.malloc.hugetlb=1` a mapped block faults in 2 MB at a time, not 4 kB."""
+    default = _faults("default", "malloc")
+    huge = _faults("default", "malloc", GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+    assert default >= 4 * 12_000 * 0.9, default  # 4 rounds of 48 MB in 4 kB pages
+    assert huge < default / 10, (huge, default)  # ~23x fewer here (2026-11-27)
 
 
 def test_the_environment_can_opt_out():
