@@ -220,6 +220,37 @@ def test_correction_points_come_from_the_error_region():
     assert tuple(cell[1]) == (12, 12)
 
 
+def test_a_point_iteration_can_add_several_distinct_error_points():
+    """`loss.points_per_iter` k: 1 to k distinct points of the error region per row, the first
+    the one `correction_point` draws; with fewer error pixels than drawn, the rest are -1."""
+    m, rows, k = 16, 200, 3
+    gt = np.zeros((rows, m, m), bool)
+    gt[:, 2:10, 2:10] = True
+    logits = np.full((rows, m, m), -5.0, np.float32)
+    logits[:, 2:10, 2:6] = 5.0  # the right half of the square missed: 32 false-negative pixels
+    logits[:, 14, 14] = 5.0  # one false-positive pixel
+    logits[-1] = np.where(gt[-1], 5.0, -5.0)  # perfect: no point
+    logits[-2, 2:10, 2:10] = 5.0  # a single error pixel (the false positive)
+    keys = jax.random.split(jax.random.key(2), rows)
+    points, labels = sim.iteration_points(keys, jnp.asarray(logits), jnp.asarray(gt), image_size=64, points_per_iter=k)
+    points, labels = np.asarray(points), np.asarray(labels)
+    assert points.shape == (rows, k, 2) and labels.shape == (rows, k)
+    counts = (labels >= 0).sum(1)
+    assert set(counts[:-2].tolist()) == {1, 2, 3}  # each row draws how many
+    assert np.all(labels[:, 1:][labels[:, :-1] < 0] < 0)  # points first, then padding
+    assert counts[-1] == 0 and labels[-2].tolist() == [0, -1, -1]
+    cells = np.floor(points / 4).astype(int)
+    err = gt & ~(logits > 0) | (logits > 0) & ~gt
+    for i in range(rows):
+        got = [tuple(c) for c, l in zip(cells[i], labels[i]) if l >= 0]
+        assert len(set(got)) == len(got)  # distinct
+        for (x, y), l in zip(got, labels[i][labels[i] >= 0]):
+            assert err[i, y, x] and l == int(gt[i, y, x])  # FN -> 1, FP -> 0
+    first, first_label = sim.correction_point(keys, jnp.asarray(logits), jnp.asarray(gt), image_size=64)
+    np.testing.assert_array_equal(np.asarray(first), points[:, 0])
+    np.testing.assert_array_equal(np.asarray(first_label), labels[:, 0])
+
+
 def test_iteration_schedule_ends_without_a_point():
     s = np.asarray(sim.iteration_schedule(jax.random.key(0), 8, 2))
     assert s.shape == (10,) and s.sum() == 8 and not s[-1]
@@ -347,6 +378,19 @@ def test_trainer_loss_at_input_resolution(shapes, tmp_path):
     assert batch["masks"].shape == (8, 2, 256, 256)
     last = tr.train(steps=2)
     assert np.isfinite(last["loss"]) and 0.0 <= last["first_iou"] <= 1.0
+    tr.close()
+
+
+def test_trainer_with_several_points_per_iteration(shapes, tmp_path):
+    """loss.points_per_iter = 2 trains (the prompts get 2 + 2 slots' worth); 0 is refused."""
+    from sam_jax.train.trainer import Trainer, TrainingError
+
+    with pytest.raises(TrainingError, match="loss.points_per_iter=0 must be at least 1"):
+        Trainer(small_config(str(shapes), **{"loss.points_per_iter": 0}), tmp_path / "bad", quiet=True)
+    cfg = small_config(str(shapes), **{"loss.points_per_iter": 2, "loss.num_no_point_iters": 0, "checkpoint.async_save": False})
+    tr = Trainer(cfg, tmp_path / "work", quiet=True)
+    last = tr.train(steps=1)
+    assert np.isfinite(last["loss"]) and 0.0 <= last["last_iou"] <= 1.0
     tr.close()
 
 

@@ -6,10 +6,13 @@ probability 1/2; box noise std 10% of the side, at most 20 px in the 1024 frame)
 the previous prediction (a false-negative pixel gives a positive point, a false-positive
 pixel a negative one), and `num_no_point_iters` iterations add none (one at a random place,
 one last); every iteration after the first feeds back the previous unthresholded low-res
-logits as the mask prompt.
+logits as the mask prompt. With `points_per_iter` k > 1 (not the paper's), a point iteration
+adds 1 to k points from the same error region: a short simulation still shows the decoder
+prompts of as many points as a user's clicks.
 
-Prompt slots: points (B, N, 2), labels (B, N), N = bucket(2 + num_point_iters): slot 0 holds
-the first point (or slots 0-1 the box corners), later slots the correction points, -1 elsewhere.
+Prompt slots: points (B, N, 2), labels (B, N), N = bucket(2 + num_point_iters x k): slot 0
+holds the first point (or slots 0-1 the box corners), later slots the correction points, -1
+elsewhere.
 Masks here live on the low-res grid (B, m, m), m = 4 x embedding side; one low-res pixel is
 `image_size / m` input pixels.
 """
@@ -22,19 +25,30 @@ import jax.numpy as jnp
 from sam_jax.prompts import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, bucket_size
 
 
-def num_slots(num_point_iters: int) -> int:
-    return bucket_size(2 + num_point_iters)
+def num_slots(num_point_iters: int, points_per_iter: int = 1) -> int:
+    """Point slots for the first prompt (a box takes 2) and every correction point."""
+    return bucket_size(2 + num_point_iters * points_per_iter)
+
+
+def sample_pixels(keys: jax.Array, region: jax.Array, count: int = 1) -> tuple[jax.Array, jax.Array]:
+    """`count` distinct uniform random pixels of each region (B, m, m) bool, one key per row
+    (B,) -> (x, y) (B, count, 2) int32, and found (B, count) (False past the region's size)."""
+    b, m, _ = region.shape
+    u = jax.vmap(lambda k: jax.random.uniform(k, (m, m)))(keys)
+    flat = jnp.where(region, u, -1.0).reshape(b, m * m)
+    if count == 1:  # argmax: the same pixel as top_k's first, cheaper
+        idx = jnp.argmax(flat, axis=1)[:, None]
+        val = jnp.take_along_axis(flat, idx, axis=1)
+    else:
+        val, idx = jax.lax.top_k(flat, count)
+    return jnp.stack([idx % m, idx // m], axis=-1).astype(jnp.int32), val >= 0
 
 
 def sample_pixel(keys: jax.Array, region: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A uniform random pixel of each region (B, m, m) bool, one key per row (B,)
     -> (x, y) (B, 2) int32, and found (B,)."""
-    b, m, _ = region.shape
-    u = jax.vmap(lambda k: jax.random.uniform(k, (m, m)))(keys)
-    flat = jnp.where(region, u, -1.0).reshape(b, m * m)
-    idx = jnp.argmax(flat, axis=1)
-    found = jnp.take_along_axis(flat, idx[:, None], axis=1)[:, 0] >= 0
-    return jnp.stack([idx % m, idx // m], axis=1).astype(jnp.int32), found
+    xy, found = sample_pixels(keys, region)
+    return xy[:, 0], found[:, 0]
 
 
 def to_input_frame(xy: jax.Array, scale: float) -> jax.Array:
@@ -84,20 +98,44 @@ def initial_prompt(
     return points, labels
 
 
-def correction_point(
-    keys: jax.Array, logits: jax.Array, gt: jax.Array, *, image_size: int
+def correction_points(
+    keys: jax.Array, logits: jax.Array, gt: jax.Array, *, image_size: int, count: int = 1
 ) -> tuple[jax.Array, jax.Array]:
-    """A point from the error region of the previous prediction.
+    """`count` distinct points from the error region of the previous prediction.
 
-    logits (B, m, m), gt (B, m, m) bool, one key per row (B,) -> point (B, 2) in the input frame, label (B,):
-    1 on a false negative, 0 on a false positive, -1 (no point) when there is no error.
+    logits (B, m, m), gt (B, m, m) bool, one key per row (B,) -> points (B, count, 2) in the
+    input frame, labels (B, count): 1 on a false negative, 0 on a false positive, -1 (no point)
+    when the error region has fewer pixels.
     """
     pred = logits > 0
     fn, fp = gt & ~pred, pred & ~gt
-    xy, found = sample_pixel(keys, fn | fp)
-    is_fn = fn[jnp.arange(gt.shape[0]), xy[:, 1], xy[:, 0]]
+    xy, found = sample_pixels(keys, fn | fp, count)
+    is_fn = jax.vmap(lambda f, p: f[p[:, 1], p[:, 0]])(fn, xy)
     label = jnp.where(found, jnp.where(is_fn, 1, 0), -1)
     return to_input_frame(xy, image_size / gt.shape[-1]), label.astype(jnp.int32)
+
+
+def correction_point(
+    keys: jax.Array, logits: jax.Array, gt: jax.Array, *, image_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """A point from the error region of the previous prediction: logits (B, m, m), gt (B, m, m)
+    bool, one key per row (B,) -> point (B, 2) in the input frame, label (B,) (as
+    `correction_points`)."""
+    points, labels = correction_points(keys, logits, gt, image_size=image_size)
+    return points[:, 0], labels[:, 0]
+
+
+def iteration_points(
+    keys: jax.Array, logits: jax.Array, gt: jax.Array, *, image_size: int, points_per_iter: int
+) -> tuple[jax.Array, jax.Array]:
+    """What one point iteration adds: 1 to `points_per_iter` distinct error-region points (each
+    row draws how many; the first is `correction_point`'s) -> points (B, P, 2), labels (B, P),
+    P = points_per_iter, -1 past the row's count."""
+    points, labels = correction_points(keys, logits, gt, image_size=image_size, count=points_per_iter)
+    if points_per_iter == 1:
+        return points, labels
+    count = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 1, points_per_iter + 1))(keys)
+    return points, jnp.where(jnp.arange(points_per_iter) < count[:, None], labels, -1)
 
 
 def iteration_schedule(rng: jax.Array, num_point_iters: int, num_no_point_iters: int) -> jax.Array:

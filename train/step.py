@@ -95,7 +95,8 @@ def simulate_and_loss(
     targets = gt.astype(jnp.float32)
     loss_kw = dict(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight)
     loss_kw.update({k: cfg[k] for k in ("focal_alpha", "focal_gamma") if k in cfg})  # absent: sam_loss's defaults
-    n = sim.num_slots(cfg.num_point_iters)
+    k_pts = cfg.get("points_per_iter", 1)  # absent in config files older than the option: 1
+    n = sim.num_slots(cfg.num_point_iters, k_pts)
     s = model_config.image_size
     up = lambda x: upsample_logits(x, m)  # noqa: E731  low-res logits -> the loss grid
 
@@ -135,12 +136,14 @@ def simulate_and_loss(
         points, labels, prev, prev_up, slot = carry
         add_point, it = inputs
         keys = jax.vmap(lambda r: jax.random.fold_in(r, it + 1))(row_keys)
-        point, label = sim.correction_point(keys, prev_up, gt, image_size=s)
-        label = jnp.where(add_point, label, -1)
-        idx = jnp.minimum(slot, n - 1)
-        points = points.at[jnp.arange(b * k), idx].set(jnp.where((label >= 0)[:, None], point, points[jnp.arange(b * k), idx]))
-        labels = labels.at[jnp.arange(b * k), idx].set(jnp.where(label >= 0, label, labels[jnp.arange(b * k), idx]))
-        slot = slot + (label >= 0).astype(jnp.int32)
+        new_points, new_labels = sim.iteration_points(keys, prev_up, gt, image_size=s, points_per_iter=k_pts)
+        rows = jnp.arange(b * k)
+        for j in range(k_pts):
+            point, label = new_points[:, j], jnp.where(add_point, new_labels[:, j], -1)
+            idx = jnp.minimum(slot, n - 1)
+            points = points.at[rows, idx].set(jnp.where((label >= 0)[:, None], point, points[rows, idx]))
+            labels = labels.at[rows, idx].set(jnp.where(label >= 0, label, labels[rows, idx]))
+            slot = slot + (label >= 0).astype(jnp.int32)
         prompts = Prompts(points=points, labels=labels, mask_input=prev, has_mask=jnp.ones((b * k,), bool), text=text, text_mask=text_mask)
         logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False)
         up_logits = up(logits)

@@ -217,6 +217,8 @@ class Trainer:
             )
         if not cfg.data.train_dir:
             raise TrainingError("data.train_dir is not set")
+        if int(cfg.loss.get("points_per_iter", 1)) < 1:
+            raise TrainingError(f"loss.points_per_iter={cfg.loss.points_per_iter} must be at least 1 (points a correction iteration adds)")
         self.mask_size = loss_mask_size(cfg, self.model_config)
 
         boxed = abstract_params(self.model_config, boxed=True)

@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.mask_size = 0
     c.loss.num_point_iters = 8  # error-region points after the first prompt
     c.loss.num_no_point_iters = 2  # iterations with no new point (one random, one last)
+    c.loss.points_per_iter = 1  # points a point iteration adds: 1 (the paper), or 1 to k drawn per row
     c.loss.box_prob = 0.5  # first prompt: a noisy box or a foreground point
     # The first decode's trained output for a box: False, the paper's (a box is one prompt, so
     # the best of the 3 multimask outputs); True, SAM 2's training (a box is 2 points, so the
