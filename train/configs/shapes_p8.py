@@ -1,7 +1,7 @@
 """The `make demo` recipe: the `tiny_p8` model (8-px patches) on the synthetic shapes.
 
-`shapes_tiny` with a finer grid and a schedule for 10 minutes on 2 CPU cores (`make demo`: ~8.5
-minutes of training, ~9 in all):
+`shapes_tiny` with a finer grid and a schedule for 10 minutes on 2 CPU cores (`make demo`: ~8
+minutes of training, ~8.5 in all; 460 s and 8 min 13 s wall on 2026-11-27):
 - `tiny_p8`: 32x32 tokens, 128x128 mask logits, a decoder of 2 heads (1-click +0.016 to +0.025
   over three seeds, 2026-11-27), high-res features from a pixel stem (SAM 2's
   `use_high_res_features_in_sam`; at equal time, 1-click +0.007 to +0.054 over three seeds,
