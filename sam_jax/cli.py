@@ -254,7 +254,15 @@ def _make_shapes(args: argparse.Namespace) -> None:
     lo = SIZE_RANGE[0] if args.min_size is None else args.min_size
     hi = SIZE_RANGE[1] if args.max_size is None else args.max_size
     kinds = CATEGORIES if args.categories is None else tuple(k.strip() for k in args.categories.split(",") if k.strip())
-    make_shapes(args.out, args.n, seed=args.seed, image_size=(args.height, args.width), size_range=(lo, hi), categories=kinds)
+    make_shapes(
+        args.out,
+        args.n,
+        seed=args.seed,
+        image_size=(args.height, args.width),
+        size_range=(lo, hi),
+        categories=kinds,
+        colour_by_category=args.colour_by_category,
+    )
     print(f"wrote {args.n} images with masks (SA-1B layout) to {args.out}")
 
 
@@ -402,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=float, help="smallest shape extent, a fraction of the image's shorter side (default 0.04)")
     p.add_argument("--max-size", type=float, help="largest shape extent, a fraction of the image's shorter side (default 0.4)")
     p.add_argument("--categories", help="comma-separated shape kinds to draw from (default: all 8, circle ... ring)")
+    p.add_argument(
+        "--colour-by-category",
+        action="store_true",
+        help="paint each kind one flat colour (a control for text prompts: a pixel shows its shape's kind)",
+    )
     p.set_defaults(func=_make_shapes)
 
     p = sub.add_parser("train", help="train (or resume) from a config file; extra --config.KEY=VALUE override it")

@@ -102,6 +102,11 @@ def test_make_shapes(tmp_path, capsys):
     assert main(["make-shapes", str(tmp_path / "rings"), "--n", "1", "--height", "64", "--width", "96", "--categories", "ring"]) == 0
     assert {a["category"] for a in json.loads(next((tmp_path / "rings").glob("*.json")).read_text())["annotations"]} == {"ring"}
     assert "blob" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--categories", "circle,blob"], capsys)
+    # --colour-by-category: the same shapes, each painted its kind's colour.
+    coded = tmp_path / "coded"
+    assert main(["make-shapes", str(coded), "--n", "2", "--height", "64", "--width", "96", "--min-size", "0.3", "--max-size", "0.5", "--colour-by-category"]) == 0
+    assert [json.loads(p.read_text()) for p in sorted(coded.glob("*.json"))] == records
+    assert (coded / "shapes_000000.jpg").read_bytes() != (out / "shapes_000000.jpg").read_bytes()
 
 
 def test_make_shapes_help_states_the_library_defaults(capsys):

@@ -142,6 +142,30 @@ def test_make_shapes_categories(tmp_path):
             make_shapes(tmp_path / "bad", 1, categories=bad)
 
 
+def test_make_shapes_colour_by_category(shapes_dir, tmp_path):
+    """`colour_by_category`: the same images' geometry and annotations, each shape's visible
+    pixels in its kind's flat colour (up to JPEG); the default output is unchanged by it."""
+    from scipy import ndimage
+
+    from sam_jax.train.shapes import CATEGORY_COLOURS
+
+    assert set(CATEGORY_COLOURS) == set(CATEGORIES)
+    paths = make_shapes(tmp_path / "coded", N, seed=0, image_size=SIZE, colour_by_category=True)
+    seen = set()
+    for path in paths:
+        coded, plain = json.loads(path.read_text()), json.loads((shapes_dir / path.name).read_text())
+        assert coded["annotations"] == plain["annotations"]
+        image = np.asarray(Image.open(path.with_suffix(".jpg")), np.float32)
+        assert not np.array_equal(image, np.asarray(Image.open(shapes_dir / f"{path.stem}.jpg"), np.float32))
+        for ann in coded["annotations"]:
+            inner = ndimage.binary_erosion(_decode(ann["segmentation"]), iterations=2)
+            if inner.sum() >= 10:
+                error = np.abs(np.median(image[inner], axis=0) - CATEGORY_COLOURS[ann["category"]]).max()
+                assert error < 12, (path.name, ann["category"], error)
+                seen.add(ann["category"])
+    assert len(seen) >= 6, seen
+
+
 # --------------------------------------------------------------------------- load_record
 
 

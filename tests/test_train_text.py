@@ -167,29 +167,36 @@ def _text_config(shapes: Path, clip: Path, **overrides) -> ml_collections.Config
     return set_keys(cfg, overrides)
 
 
-def test_training_with_text_moves_the_text_miou_up(clip, shapes, tmp_path):
-    """200 steps of text prompts on 12 shape images: what "a circle", "a rectangle" and "a
-    triangle" alone select (against all shapes of that kind) goes from chance to well above."""
+def test_training_with_text_moves_the_text_miou_up(clip, tmp_path):
+    """300 steps of text prompts on 48 shape images painted by kind (`colour_by_category`: a
+    pixel shows its shape's kind, so the tiny encoder need not learn to recognise outlines,
+    README): on 8 held-out images, what "a circle", "a rectangle" and "a triangle" alone select
+    (against all shapes of that kind) goes from chance to well above the text-blind level, the
+    union of all the image's shapes, which is where a model that ignores the text stops."""
     from sam_jax.train import sharding as shd
     from sam_jax.train.text import evaluate_text
     from sam_jax.train.trainer import Trainer
 
-    trainer = Trainer(_text_config(shapes, clip), tmp_path / "run", quiet=True)
+    coded = dict(image_size=(96, 128), size_range=(0.15, 0.45), colour_by_category=True)
+    make_shapes(tmp_path / "train", 48, seed=0, **coded)
+    make_shapes(tmp_path / "heldout", 8, seed=1, **coded)
+    trainer = Trainer(_text_config(tmp_path / "train", clip), tmp_path / "run", quiet=True)
 
-    def text_miou(data=shapes) -> dict:
+    def text_miou(data=tmp_path / "heldout") -> dict:
         params = shd.fetch(trainer.state.params, trainer.mesh)
         return evaluate_text(params, trainer.model_config, data, trainer.text_prompts.captions)
 
     first = text_miou()
-    before = first["miou_text"]
+    before, blind = first["miou_text"], first["miou_all_shapes"]
     # The text-blind reference (all of an image's shapes as every answer) is 1 where every shape is a circle.
     make_shapes(tmp_path / "circles", 2, seed=0, image_size=(96, 128), categories=("circle",))
-    assert text_miou(tmp_path / "circles")["miou_all_shapes"] == 1.0 and 0.0 < first["miou_all_shapes"] < 1.0
-    logged = [trainer.run_step() for _ in range(200)]
-    after = text_miou()["miou_text"]
+    assert text_miou(tmp_path / "circles")["miou_all_shapes"] == 1.0 and 0.0 < blind < 0.5
+    logged = [trainer.run_step() for _ in range(300)]
+    after = text_miou()
     trainer.close()
     assert bool(logged[-1]["finite"])
-    assert before < 0.1 and after > 0.3, (before, after)
+    assert before < 0.1 and after["miou_text"] > blind + 0.15, (before, after, blind)
+    assert min(after["per_category"].values()) > 0.25, after  # each caption selects its own kind
     # The training metric of the text-prompted masks climbs with it.
     text_iou = np.array([float(m["text_iou"]) for m in logged])
     assert ((0.0 <= text_iou) & (text_iou <= 1.0)).all() and text_iou[-40:].mean() > text_iou[:40].mean() + 0.1, text_iou

@@ -27,6 +27,18 @@ from scipy import ndimage
 from sam_jax.train.sa1b import write_json
 
 CATEGORIES = ("circle", "ellipse", "rectangle", "triangle", "star", "pentagon", "hexagon", "ring")
+# `colour_by_category`: each kind painted one flat colour (a data set whose categories a single
+# pixel shows; see `make_shapes`).
+CATEGORY_COLOURS = {
+    "circle": (230, 25, 25),
+    "ellipse": (245, 130, 20),
+    "rectangle": (25, 190, 40),
+    "triangle": (30, 50, 235),
+    "star": (250, 230, 30),
+    "pentagon": (200, 30, 210),
+    "hexagon": (20, 220, 220),
+    "ring": (250, 250, 250),
+}
 SIZE_RANGE = (0.04, 0.4)  # a shape's extent, as fractions of the image's shorter side
 MIN_VISIBLE_AREA = 40  # pixels: a shape whose visible part is smaller is not kept
 MIN_VISIBLE_FRACTION = 0.25  # of the shape's own (unoccluded, in-image) area
@@ -44,12 +56,19 @@ def make_shapes(
     max_shapes: int = 6,
     size_range: tuple[float, float] = SIZE_RANGE,
     categories: tuple[str, ...] = CATEGORIES,
+    colour_by_category: bool = False,
 ) -> list[Path]:
     """Write ``n`` synthetic images (``NAME.jpg`` + SA-1B ``NAME.json``) to ``out_dir``.
 
     Returns the JSON paths, in order. ``image_size`` is ``(H, W)``. A shape's extent is
     log-uniform in ``size_range``, as fractions of the image's shorter side. Each shape's
     category is drawn uniformly from ``categories`` (a subset of ``CATEGORIES``, in any order).
+
+    ``colour_by_category`` paints each shape the flat colour of its kind
+    (``CATEGORY_COLOURS``) instead of a textured random one, with the same geometry and
+    backgrounds. A pixel then tells its shape's kind, where normally only the outline does: a
+    control for text prompts, which separates what the text path learns from how fast an
+    encoder learns to recognise shapes (README, "Text prompts in training").
     """
     h, w = (int(v) for v in image_size)
     if n < 0:
@@ -71,7 +90,7 @@ def make_shapes(
     paths = []
     for i in range(n):
         rng = np.random.default_rng([int(seed), i])
-        image, shapes = _make_image(rng, grid, min_shapes, max_shapes, (lo, hi), categories)
+        image, shapes = _make_image(rng, grid, min_shapes, max_shapes, (lo, hi), categories, colour_by_category)
         name = _NAME.format(i)
         Image.fromarray(image).save(out / f"{name}.jpg", format="JPEG", quality=95)
         record = {
@@ -127,7 +146,13 @@ class _Grid:
 
 
 def _make_image(
-    rng: np.random.Generator, grid: _Grid, min_shapes: int, max_shapes: int, size_range: tuple[float, float], kinds: tuple[str, ...]
+    rng: np.random.Generator,
+    grid: _Grid,
+    min_shapes: int,
+    max_shapes: int,
+    size_range: tuple[float, float],
+    kinds: tuple[str, ...],
+    colour_by_category: bool = False,
 ):
     canvas = _background(rng, grid)
     owner = np.full((grid.h, grid.w), -1, np.int16)  # which kept shape each pixel shows
@@ -150,7 +175,9 @@ def _make_image(
             need = np.maximum(MIN_VISIBLE_AREA, np.ceil(MIN_VISIBLE_FRACTION * np.asarray(full_area)))
             if np.any(left < need):
                 continue
-            _paint(rng, canvas, grid, win, mask)
+            _paint(rng, canvas, grid, win, mask)  # draws from rng either way: the same geometry with colour_by_category
+            if colour_by_category:
+                canvas[win][mask] = np.asarray(CATEGORY_COLOURS[category], np.float32)
             owner[win][mask] = len(visible)
             visible = [*left.tolist(), area]
             full_area.append(area)
