@@ -164,6 +164,8 @@ def _mask_decoder(cfg: SamConfig) -> Iterator[Row]:
     o, h, f = "mask_decoder", "mask_decoder", ("mask_decoder",)
     yield from _embedding(f"{o}.iou_token", f"{h}.iou_token", (*f, "iou_token"))
     yield from _embedding(f"{o}.mask_tokens", f"{h}.mask_tokens", (*f, "mask_tokens"))
+    if cfg.prompt_encoder.text_embed_dim is not None:  # sam-jax's text prompts: no official counterpart
+        yield from _embedding(f"{o}.text_mask_tokens", f"{h}.text_mask_tokens", (*f, "text_mask_tokens"))
     ot, ht, ft = f"{o}.transformer", f"{h}.transformer", (*f, "transformer")
     for i in range(dec.transformer_depth):
         ol, hl, fl = f"{ot}.layers.{i}", f"{ht}.layers.{i}", (*ft, f"layers_{i}")

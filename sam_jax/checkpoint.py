@@ -56,8 +56,22 @@ def load_params(directory: str | os.PathLike) -> tuple[SamConfig, Params]:
     from sam_jax.model import abstract_params
 
     target = abstract_params(config)
-    restored = ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
-    return config, restored[PARAMS_ITEM]
+    restore = lambda t: ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(t)}))[PARAMS_ITEM]  # noqa: E731
+    try:
+        return config, restore(target)
+    except Exception as error:  # orbax's error for a tree that differs varies with its version
+        if "text_mask_tokens" not in target.get("mask_decoder", {}):
+            raise
+        mismatch = error
+    # A text model saved before its text rows had their own mask tokens (2026-11-27): they used
+    # the shared ones, so copies of those give the same outputs.
+    legacy = {**target, "mask_decoder": {k: v for k, v in target["mask_decoder"].items() if k != "text_mask_tokens"}}
+    try:
+        params = restore(legacy)
+    except Exception:
+        raise mismatch from None
+    params["mask_decoder"]["text_mask_tokens"] = {k: np.array(v) for k, v in params["mask_decoder"]["mask_tokens"].items()}
+    return config, params
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -42,7 +42,13 @@ def text_model(text_config, tiny_params):
         for name, layer in shapes.items()
         if name.startswith("text")
     }
-    params = {**tiny_params, "prompt_encoder": {**tiny_params["prompt_encoder"], **text_layers}}
+    tokens = tiny_params["mask_decoder"]["mask_tokens"]["embedding"]
+    text_tokens = {"embedding": rng.normal(size=tokens.shape).astype(np.float32)}  # the text rows' own mask tokens
+    params = {
+        **tiny_params,
+        "prompt_encoder": {**tiny_params["prompt_encoder"], **text_layers},
+        "mask_decoder": {**tiny_params["mask_decoder"], "text_mask_tokens": text_tokens},
+    }
     return SamModel(text_config, params)
 
 

@@ -42,6 +42,9 @@ def test_text_layers_exist_only_with_text_embed_dim(text_params, tiny_config, ti
     pe = text_params["prompt_encoder"]
     assert pe["text_proj_0"]["kernel"].shape == (TEXT_DIM, text_params["prompt_encoder"]["text_embed"]["embedding"].shape[-1])
     assert "text_embed" in pe and not any(k.startswith("text") for k in tiny_params["prompt_encoder"])
+    tokens = text_params["mask_decoder"]["text_mask_tokens"]["embedding"]
+    assert tokens.shape == text_params["mask_decoder"]["mask_tokens"]["embedding"].shape
+    assert "text_mask_tokens" not in tiny_params["mask_decoder"]
     with pytest.raises(ValueError, match="text_embed_dim must be"):
         PromptEncoderConfig(text_embed_dim=0)
 
@@ -62,6 +65,27 @@ def test_text_tokens_change_the_masks_and_padding_slots_do_not(text_config, text
     one, _ = f(text_params, embeddings, _prompts(text_config, **points, text=text[:, :1]))
     padded, _ = f(text_params, embeddings, _prompts(text_config, **points, text=text, text_mask=np.array([[True, False]] * 3)))
     np.testing.assert_allclose(padded, one, atol=1e-5)
+
+
+def test_text_rows_have_their_own_mask_tokens(text_config, text_params, embeddings):
+    """A row with text takes its mask tokens from `text_mask_tokens`, a row without from
+    `mask_tokens`: the union targets of captions never train the outputs of points and boxes."""
+    rng = np.random.default_rng(2)
+    coords = rng.uniform(0, text_config.image_size, (3, 1, 2))
+    text = rng.normal(size=(3, 1, TEXT_DIM)).astype(np.float32)
+    rows = _prompts(text_config, point_coords=coords, point_labels=np.ones((3, 1)), text=text, text_mask=np.array([[True], [False], [True]]))
+    f = jax.jit(lambda p: decode(p, embeddings, rows, config=text_config, multimask_output=None))
+    base, _ = f(text_params)
+
+    def moved(name):
+        dec = text_params["mask_decoder"]
+        shifted = {**dec, name: {"embedding": dec[name]["embedding"] + 1.0}}
+        masks, _ = f({**text_params, "mask_decoder": shifted})
+        return np.abs(np.asarray(masks) - np.asarray(base)).max(axis=(1, 2, 3))  # per row
+
+    text_moved, point_moved = moved("text_mask_tokens"), moved("mask_tokens")
+    assert text_moved[0] > 1e-3 and text_moved[2] > 1e-3 and text_moved[1] == 0.0, text_moved
+    assert point_moved[1] > 1e-3 and point_moved[0] == 0.0 and point_moved[2] == 0.0, point_moved
 
 
 def test_text_only_and_mixed_prompts_in_one_compiled_decoder(text_config, text_params, embeddings):
@@ -110,5 +134,21 @@ def test_text_model_checkpoint_round_trip(text_config, text_params, tmp_path):
     assert {k for k in state if "text" in k} == {
         "prompt_encoder.text_proj.0.weight", "prompt_encoder.text_proj.0.bias",
         "prompt_encoder.text_proj.1.weight", "prompt_encoder.text_proj.1.bias", "prompt_encoder.text_embed.weight",
+        "mask_decoder.text_mask_tokens.weight",
     }
     jax.tree.map(np.testing.assert_array_equal, to_flax(state, text_config), jax.device_get(text_params))
+
+
+def test_text_checkpoint_from_before_text_mask_tokens_loads(text_config, text_params, embeddings, tmp_path):
+    """A text model saved before text rows had their own mask tokens (they shared `mask_tokens`)
+    loads with copies of the shared ones: the same outputs as it gave."""
+    params = jax.device_get(text_params)
+    old = {**params, "mask_decoder": {k: v for k, v in params["mask_decoder"].items() if k != "text_mask_tokens"}}
+    model = load_model(save_params(tmp_path / "old", old, text_config))
+    dec = model.params["mask_decoder"]
+    np.testing.assert_array_equal(dec["text_mask_tokens"]["embedding"], dec["mask_tokens"]["embedding"])
+    jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in dec.items() if k != "text_mask_tokens"}, old["mask_decoder"])
+    # Another mismatch is still refused, with orbax's error.
+    broken = {**old, "mask_decoder": {k: v for k, v in old["mask_decoder"].items() if k != "iou_token"}}
+    with pytest.raises(Exception, match="iou_token|structure|tree|key"):
+        load_model(save_params(tmp_path / "broken", broken, text_config))

@@ -233,6 +233,9 @@ def test_fine_tuning_a_checkpoint_without_text_layers(clip, shapes, tmp_path, ti
     trainer.close()
     assert "text_embed" in params["prompt_encoder"]
     np.testing.assert_array_equal(params["mask_decoder"]["iou_token"]["embedding"], tiny_params["mask_decoder"]["iou_token"]["embedding"])
+    # Text rows start from the checkpoint's mask tokens.
+    for name in ("mask_tokens", "text_mask_tokens"):
+        np.testing.assert_array_equal(params["mask_decoder"][name]["embedding"], tiny_params["mask_decoder"]["mask_tokens"]["embedding"])
     np.testing.assert_array_equal(
         params["image_encoder"]["patch_embed"]["proj"]["kernel"], tiny_params["image_encoder"]["patch_embed"]["proj"]["kernel"]
     )

@@ -116,7 +116,9 @@ def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any
     elif mc.prompt_encoder.text_embed_dim is not None and "text_embed" not in loaded["prompt_encoder"]:
         fresh = init(jax.random.key(cfg.seed))["prompt_encoder"]  # the text layers, new
         text_layers = {k: v for k, v in fresh.items() if k.startswith("text")}
-        loaded = {**loaded, "prompt_encoder": {**loaded["prompt_encoder"], **text_layers}}
+        # The text rows' mask tokens start as the checkpoint's own mask tokens.
+        decoder = {**loaded["mask_decoder"], "text_mask_tokens": loaded["mask_decoder"]["mask_tokens"]}
+        loaded = {**loaded, "prompt_encoder": {**loaded["prompt_encoder"], **text_layers}, "mask_decoder": decoder}
     want = jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(init, jax.random.key(cfg.seed)))
     got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), loaded)
     if jax.tree.structure(got) != jax.tree.structure(want) or got != want:

@@ -34,6 +34,7 @@ class MaskDecoder(nn.Module):
         token_mask: jax.Array,
         multimask_output: bool | None,
         high_res: Any = None,
+        text_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Predict masks.
 
@@ -45,6 +46,12 @@ class MaskDecoder(nn.Module):
         before its activation, without a copy per row. Returns masks (B, M, 4h, 4w) logits and
         IoU predictions (B, M): M = num_multimask_outputs masks 1.. if multimask_output,
         the single mask 0 if False, every output (mask 0 first) if None (training).
+
+        text_rows (B,) bool, given by a model with text prompts (never by the official ones):
+        the rows prompted by text take their mask tokens from `text_mask_tokens` instead. A
+        caption's target is every shape of its kind, a point's or a box's one object; with
+        shared tokens, text training pulled the point and box outputs towards the kind's union
+        (README, "Text prompts in training").
         """
         cfg = self.config
         c = self.transformer_dim
@@ -55,6 +62,10 @@ class MaskDecoder(nn.Module):
         if b % g:
             raise ValueError(f"{b} prompt rows cannot be split evenly over {g} images (image embeddings {tuple(image_embeddings.shape)})")
         output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens])[None], (b, 1 + num_mask_tokens, c))
+        if text_rows is not None:
+            text_mask_tokens = embedding(num_mask_tokens, c, name="text_mask_tokens").embedding
+            text_tokens = jnp.concatenate([iou_token, text_mask_tokens])[None]
+            output_tokens = jnp.where(text_rows.reshape(b, 1, 1), text_tokens, output_tokens)
         tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(output_tokens.dtype)], axis=1)
         mask = jnp.concatenate([jnp.ones((b, 1 + num_mask_tokens), bool), token_mask], axis=1)
 
