@@ -204,11 +204,11 @@ def tiny_p8() -> SamConfig:
     The `make demo` model (shapes_p8 recipe): small shapes need the finer grid, at 32x32 global
     attention costs 3x the step on a CPU, and the decoder's 4-channel upscaling alone draws
     imprecise edges (the stem, in the demo recipe over three seeds: held-out 1-click 0.692
-    against 0.665 on average, README). The decoder has 2 heads instead of `tiny`'s 4: its
+    against 0.665 on average, docs/demo-recipe.md). The decoder has 2 heads instead of `tiny`'s 4: its
     cross-attention works in 16 dims (32 / `attention_downsample_rate`), so 4 heads compare a
     pixel's positional encoding with the click's in 4 dims each, 2 heads in 8 (the official
     models: 16). Same cost; over three seeds of the demo recipe, 1-click 0.710 against 0.691,
-    every seed +0.016 to +0.025, the small masks most (README)."""
+    every seed +0.016 to +0.025, the small masks most (docs/demo-recipe.md)."""
     base = tiny()
     encoder = dataclasses.replace(
         base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=(), high_res_channels=16

@@ -134,7 +134,7 @@ def train_and_segment(args: argparse.Namespace) -> dict:
     predictor = SamPredictor(model, text_encoder=text_encoder)
     # Minutes of training leave the IoU head uncalibrated (it predicts ~0.1-0.3) and the logits
     # soft: keep masks by stability alone, at a lower bar than the official 0.95. For the point
-    # recipe, on 20 held-out images (README, Training): 0.8 keeps 46 masks an image (ground truth
+    # recipe, on 20 held-out images (docs/demo-recipe.md): 0.8 keeps 46 masks an image (ground truth
     # found at IoU >= 0.5: 0.86, masks matching one: 0.36), 0.85 keeps 27 (0.80, 0.45), 0.9 keeps
     # 12 (0.64, 0.59). With focal alpha 0.25 (until 2026-11-27), 0.6 kept 67 (0.88, 0.22), 0.8
     # 27 (0.83, 0.39), 0.9 7 (0.61, 0.65). The text recipe's 16-px model has softer logits: 0.8

@@ -170,7 +170,7 @@ def _text_config(shapes: Path, clip: Path, **overrides) -> ml_collections.Config
 def test_training_with_text_moves_the_text_miou_up(clip, tmp_path):
     """300 steps of text prompts on 48 shape images painted by kind (`colour_by_category`: a
     pixel shows its shape's kind, so the tiny encoder need not learn to recognise outlines,
-    README): on 8 held-out images, what "a circle", "a rectangle" and "a triangle" alone select
+    docs/text-training.md): on 8 held-out images, what "a circle", "a rectangle" and "a triangle" alone select
     (against all shapes of that kind) goes from chance to well above the text-blind level, the
     union of all the image's shapes, which is where a model that ignores the text stops."""
     from sam_jax.train import sharding as shd

@@ -68,7 +68,7 @@ def make_shapes(
     (``CATEGORY_COLOURS``) instead of a textured random one, with the same geometry and
     backgrounds. A pixel then tells its shape's kind, where normally only the outline does: a
     control for text prompts, which separates what the text path learns from how fast an
-    encoder learns to recognise shapes (README, "Text prompts in training").
+    encoder learns to recognise shapes (docs/text-training.md).
     """
     h, w = (int(v) for v in image_size)
     if n < 0:

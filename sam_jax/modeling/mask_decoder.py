@@ -51,7 +51,7 @@ class MaskDecoder(nn.Module):
         the rows prompted by text take their mask tokens from `text_mask_tokens` instead. A
         caption's target is every shape of its kind, a point's or a box's one object; with
         shared tokens, text training pulled the point and box outputs towards the kind's union
-        (README, "Text prompts in training").
+        (docs/text-training.md, "Text rows have their own mask tokens").
         """
         cfg = self.config
         c = self.transformer_dim

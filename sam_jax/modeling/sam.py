@@ -58,13 +58,8 @@ class Sam(nn.Module):
         embeddings, high_res = split_high_res(embeddings, self.config)
         text_rows = None
         if self.config.prompt_encoder.text_embed_dim is not None:  # a text model: text rows have their own mask tokens
-            b = sparse.shape[0]
-            if prompts.text is None or prompts.text.shape[1] == 0:
-                text_rows = jnp.zeros((b,), bool)
-            elif prompts.text_mask is None:
-                text_rows = jnp.ones((b,), bool)
-            else:
-                text_rows = jnp.broadcast_to(jnp.asarray(prompts.text_mask, bool).any(axis=-1), (b,))
+            # The token mask (B, N + M) lists the N point tokens, then the M text tokens (M = 0: no text).
+            text_rows = mask[:, prompts.points.shape[1] :].any(axis=-1)
         return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output, high_res, text_rows)
 
     def __call__(self, images: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:

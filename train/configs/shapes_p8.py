@@ -12,7 +12,7 @@ minutes of training, ~8.5 in all; 460 s and 8 min 13 s wall on 2026-11-27):
 - focal:dice at 20:5 (the paper's 20:1 leaves every mask background for the first ~250
   steps of a run this short), one correction point and no point-free iteration.
   (`loss.points_per_iter` 2, up to 2 points in that iteration, over three seeds: 5 clicks
-  +0.024, box +0.018, but 1 click -0.011, 2026-11-27; README.)
+  +0.024, box +0.018, but 1 click -0.011, 2026-11-27; docs/demo-recipe.md.)
 - focal alpha 0.75, foreground pixels weighted 3:1 against the background (0.25, the
   focal-loss paper's and SAM 2's, weights them 1:3): with 0.25 the model predicts no
   foreground for the first ~300 steps, the focal term driving every logit into the sigmoid's
@@ -31,7 +31,7 @@ minutes of training, ~8.5 in all; 460 s and 8 min 13 s wall on 2026-11-27):
 - `make demo` runs it data parallel over the 2 cores as 2 CPU devices (the Makefile sets
   `--xla_force_host_platform_device_count=2`), one image per device.
 
-Measured: README, Training (`make demo`).
+Measured: README, "Measured: the demo recipe"; every run: docs/demo-recipe.md.
 """
 
 from __future__ import annotations
