@@ -84,10 +84,15 @@ def meshes(data_dir: str, workdir: str, steps: int) -> None:
         # The params really are sharded along fsdp (the embedding dim of the patch projection).
         kernel = tr.state.params["image_encoder"]["patch_embed"]["proj"]["kernel"]
         shards = {s.data.shape for s in kernel.addressable_shards}
-        results[f"{data}x{fsdp}"] = (losses, _params_digest(tr.state.params), sorted(shards))
+        # The collectives XLA's SPMD partitioner put in the compiled step (after the steps above:
+        # the extra batch changes nothing they compared).
+        hlo = tr._step.lower(tr.state, tr._next_batch()).compile().as_text()
+        collectives = {op: hlo.count(f" {op}(") for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")}
+        results[f"{data}x{fsdp}"] = (losses, _params_digest(tr.state.params), sorted(shards), collectives)
         tr.close()
-    ref_losses, ref_params, _ = results["1x1"]
+    ref_losses, ref_params, *_ = results["1x1"]
     out = {"losses": {k: v[0] for k, v in results.items()}, "shards": {k: v[2] for k, v in results.items()}}
+    out["collectives"] = {k: v[3] for k, v in results.items()}
     out["max_param_diff"] = {k: max(param_diffs(ref_params, v[1]).values()) for k, v in results.items()}
     print("RESULT:" + json.dumps(out), flush=True)
 

@@ -137,12 +137,14 @@ def simulate_and_loss(
         add_point, it = inputs
         keys = jax.vmap(lambda r: jax.random.fold_in(r, it + 1))(row_keys)
         new_points, new_labels = sim.iteration_points(keys, prev_up, gt, image_size=s, points_per_iter=k_pts)
-        rows = jnp.arange(b * k)
         for j in range(k_pts):
             point, label = new_points[:, j], jnp.where(add_point, new_labels[:, j], -1)
-            idx = jnp.minimum(slot, n - 1)
-            points = points.at[rows, idx].set(jnp.where((label >= 0)[:, None], point, points[rows, idx]))
-            labels = labels.at[rows, idx].set(jnp.where(label >= 0, label, labels[rows, idx]))
+            # Each row writes its point into its own slot: a one-hot select, elementwise per
+            # row. (An indexed scatter over the batch made the SPMD partitioner all-gather the
+            # slots across the data-parallel devices, a sync inside every iteration.)
+            write = (jnp.arange(n) == jnp.minimum(slot, n - 1)[:, None]) & (label >= 0)[:, None]  # (B, n)
+            points = jnp.where(write[..., None], point[:, None, :], points)
+            labels = jnp.where(write, label[:, None], labels)
             slot = slot + (label >= 0).astype(jnp.int32)
         prompts = Prompts(points=points, labels=labels, mask_input=prev, has_mask=jnp.ones((b * k,), bool), text=text, text_mask=text_mask)
         logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False)
