@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 
@@ -85,9 +86,10 @@ def meshes(data_dir: str, workdir: str, steps: int) -> None:
         kernel = tr.state.params["image_encoder"]["patch_embed"]["proj"]["kernel"]
         shards = {s.data.shape for s in kernel.addressable_shards}
         # The collectives XLA's SPMD partitioner put in the compiled step (after the steps above:
-        # the extra batch changes nothing they compared).
+        # the extra batch changes nothing they compared); an async one counts by its -start op.
         hlo = tr._step.lower(tr.state, tr._next_batch()).compile().as_text()
-        collectives = {op: hlo.count(f" {op}(") for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")}
+        ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+        collectives = {op: len(re.findall(rf" {op}(?:-start)?\(", hlo)) for op in ops}
         results[f"{data}x{fsdp}"] = (losses, _params_digest(tr.state.params), sorted(shards), collectives)
         tr.close()
     ref_losses, ref_params, *_ = results["1x1"]
