@@ -196,4 +196,10 @@ def key_table(config: SamConfig) -> list[Row]:
             f"{config.image_encoder.high_res_channels}), which the official SAM does not have: it cannot be "
             "converted to or from official checkpoints (save_params / load_model keep it whole)"
         )
+    if config.image_encoder.conv_stem:
+        raise ValueError(
+            f"the {config.name} model has a convolutional stem (image_encoder.conv_stem={config.image_encoder.conv_stem}) "
+            "instead of the official patch projection: it cannot be converted to or from official checkpoints "
+            "(save_params / load_model keep it whole)"
+        )
     return [*_image_encoder(config), *_prompt_encoder(config), *_mask_decoder(config)]

@@ -246,6 +246,20 @@ def _auto(args: argparse.Namespace) -> None:
             print(f"{path}: {len(records)} masks -> {out / (path.stem + '.json')}")
 
 
+def _pretrain_kinds(args: argparse.Namespace) -> None:
+    from sam_jax.train.pretrain import pretrain_kinds
+    from sam_jax.train.text import dataset_categories
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else dataset_categories(args.data)
+    if not categories:
+        raise CliError(f"{args.data}: no annotation has a 'category'; name them with --categories")
+    result = pretrain_kinds(
+        args.data, args.out, categories=categories, model=args.model, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, heldout_dir=args.heldout, eval_every=args.log_every,
+    )
+    print(f"wrote {args.out} ({result['steps']} steps, {result['seconds']:.0f} s); train with --config.init=encoder:{args.out}")
+
+
 def _make_shapes(args: argparse.Namespace) -> None:
     from sam_jax.train.shapes import CATEGORIES, SIZE_RANGE, make_shapes
 
@@ -416,6 +430,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="paint each kind one flat colour (a control for text prompts: a pixel shows its shape's kind)",
     )
     p.set_defaults(func=_make_shapes)
+
+    p = sub.add_parser(
+        "pretrain-kinds", help="pretrain a model's image encoder to tell the annotations' categories apart in every token"
+    )
+    p.add_argument("data", help="training folder of NAME.jpg + NAME.json whose annotations carry a 'category'")
+    p.add_argument("out", help="the checkpoint to write (new); train from it with --config.init=encoder:OUT")
+    p.add_argument("--categories", default=None, help="comma-separated categories (default: every category in DATA)")
+    p.add_argument("--model", default="tiny_p8_conv", help="model config name (default tiny_p8_conv)")
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak learning rate (default 2e-3), cosine decay to 0")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout", default=None, help="a held-out folder: per-mask accuracy at each log")
+    p.add_argument("--log-every", type=int, default=500)
+    p.set_defaults(func=_pretrain_kinds)
 
     p = sub.add_parser("train", help="train (or resume) from a config file; extra --config.KEY=VALUE override it")
     p.add_argument("--config", required=True, help="a config file, e.g. train/configs/shapes_tiny.py")

@@ -58,8 +58,23 @@ class ImageEncoderConfig:
     # each projected to the upscaling's width and added in it (`modeling.image_encoder.
     # HighResFeatures`). 0: none, the official SAM.
     high_res_channels: int = 0
+    # A convolutional stem instead of the patch projection (Xiao et al. 2021, "Early
+    # convolutions help transformers see better"): 3x3 convolutions of these widths, each
+    # followed by LayerNorm and GELU, the first log2(patch_size) of stride 2 and the rest of
+    # stride 1, then a 1x1 projection to `embed_dim` (`modeling.image_encoder.ConvStem`).
+    # (): the patch projection, the official SAM. Its overlapping receptive fields (63 px for
+    # six layers at stride 8) see the corners and curves that tell shapes apart, which a ViT
+    # trained from scratch learns far more slowly (docs/text-training.md).
+    conv_stem: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.conv_stem:
+            strides = self.patch_size.bit_length() - 1
+            if self.patch_size != 1 << strides or len(self.conv_stem) < strides or min(self.conv_stem) < 1:
+                raise ValueError(
+                    f"conv_stem {self.conv_stem!r} needs a power-of-two patch_size and at least log2(patch_size) "
+                    f"positive widths (patch_size {self.patch_size}: {strides} stride-2 convolutions)"
+                )
         if self.high_res_channels < 0 or (self.high_res_channels and self.patch_size % 4):
             raise ValueError(
                 f"high_res_channels must be >= 0, and needs a patch_size divisible by 4; got {self.high_res_channels!r} "
@@ -144,6 +159,8 @@ class SamConfig:
         d = dict(d)
         enc = dict(d.pop("image_encoder"))
         enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
+        if "conv_stem" in enc:
+            enc["conv_stem"] = tuple(enc["conv_stem"])
         return cls(
             image_encoder=ImageEncoderConfig(**enc),
             prompt_encoder=PromptEncoderConfig(**d.pop("prompt_encoder")),
@@ -217,7 +234,18 @@ def tiny_p8() -> SamConfig:
     return dataclasses.replace(base, name="tiny_p8", image_encoder=encoder, mask_decoder=decoder)
 
 
-CONFIGS = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h, "tiny": tiny, "tiny_p8": tiny_p8}
+def tiny_p8_conv() -> SamConfig:
+    """`tiny_p8` with a convolutional stem instead of the 8-px patch projection: six 3x3
+    convolutions (32, 64, 64, 64, 64, 64 wide; strides 2, 2, 2, 1, 1, 1; a 63-px receptive
+    field). The text-prompt model (`shapes_text_p8`): its encoder learns to tell circles,
+    rectangles and triangles apart in every token (`train.pretrain`), which the patch
+    projection does not within a CPU session (docs/text-training.md)."""
+    base = tiny_p8()
+    encoder = dataclasses.replace(base.image_encoder, conv_stem=(32, 64, 64, 64, 64, 64))
+    return dataclasses.replace(base, name="tiny_p8_conv", image_encoder=encoder)
+
+
+CONFIGS = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h, "tiny": tiny, "tiny_p8": tiny_p8, "tiny_p8_conv": tiny_p8_conv}
 
 
 def get_config(name: str) -> SamConfig:

@@ -109,6 +109,22 @@ def test_make_shapes(tmp_path, capsys):
     assert (coded / "shapes_000000.jpg").read_bytes() != (out / "shapes_000000.jpg").read_bytes()
 
 
+def test_pretrain_kinds_bad_inputs(tmp_path, capsys):
+    """`sam-jax pretrain-kinds` errors, in one line, before any training."""
+    data = tmp_path / "shapes"
+    assert main(["make-shapes", str(data), "--n", "2", "--height", "64", "--width", "96"]) == 0
+    (tmp_path / "exists").mkdir()
+    assert "already exists" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "exists")], capsys)
+    assert "warmup_steps < steps" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "a"), "--steps", "20"], capsys)
+    assert "unknown model type" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "a"), "--model", "vit_x"], capsys)
+    for p in data.glob("*.json"):  # the same records without categories
+        record = json.loads(p.read_text())
+        for ann in record["annotations"]:
+            del ann["category"]
+        p.write_text(json.dumps(record))
+    assert "no annotation has a 'category'" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "a")], capsys)
+
+
 def test_make_shapes_help_states_the_library_defaults(capsys):
     """The help text writes the size defaults out (argparse does not import the data module):
     they must be `SIZE_RANGE`'s."""

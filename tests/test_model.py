@@ -81,6 +81,45 @@ def test_config_round_trip():
         get_config("vit_x")
 
 
+def test_conv_stem_replaces_the_patch_projection():
+    """`ImageEncoderConfig.conv_stem`: 3x3 convolutions (LayerNorm, GELU), the first log2(patch)
+    of stride 2, then a 1x1 projection, checked against the same computation written out with
+    lax convolutions; no patch projection in the params; a config round trip; bad widths."""
+    from sam_jax.config import ImageEncoderConfig
+    from sam_jax.modeling.image_encoder import ConvStem
+
+    base = get_config("tiny_p8")
+    cfg = dataclasses.replace(base, image_encoder=dataclasses.replace(base.image_encoder, conv_stem=(8, 16, 16, 12)))
+    assert SamConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    params = init_params(cfg, jax.random.key(0))["image_encoder"]
+    assert "patch_embed" not in params
+    assert sorted(params["conv_stem"]) == ["conv_0", "conv_1", "conv_2", "conv_3", "norm_0", "norm_1", "norm_2", "norm_3", "proj"]
+    images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3), jnp.float32)
+    stem = params["conv_stem"]
+    out = ConvStem((8, 16, 16, 12), 8, 64).apply({"params": stem}, images)
+    x = images
+    for i, stride in enumerate((2, 2, 2, 1)):
+        p = stem[f"conv_{i}"]
+        x = jax.lax.conv_general_dilated(x, p["kernel"], (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = x + p["bias"]
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        x = (x - mu) / jnp.sqrt(var + 1e-6) * stem[f"norm_{i}"]["scale"] + stem[f"norm_{i}"]["bias"]
+        x = jax.nn.gelu(x, approximate=False)
+    want = x @ stem["proj"]["kernel"][0, 0] + stem["proj"]["bias"]
+    assert out.shape == (2, 8, 8, 64)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-4, atol=1e-4)
+    model = SamModel(cfg, init_params(cfg, jax.random.key(0)))
+    assert model.encode(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32)).shape[1:3] == (32, 32)
+    for bad in (dict(patch_size=8, conv_stem=(8, 8)), dict(patch_size=12, conv_stem=(8, 8, 8, 8)), dict(patch_size=8, conv_stem=(8, 0, 8))):
+        with pytest.raises(ValueError, match="conv_stem"):
+            ImageEncoderConfig(**bad)
+    from sam_jax.convert.keys import key_table
+
+    plain = get_config("tiny")  # no high-res features either: only the stem stops the official key names
+    with pytest.raises(ValueError, match="convolutional stem"):
+        key_table(dataclasses.replace(plain, image_encoder=dataclasses.replace(plain.image_encoder, conv_stem=(8, 8, 8, 8))))
+
+
 def test_high_res_features_land_on_their_pixels():
     """SAM 2-style high-res features (`tiny_p8`): packed per grid cell by the encoder, each
     stem pixel's stride-2 feature reaches exactly its own logit, through `decode`."""

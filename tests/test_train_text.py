@@ -239,3 +239,64 @@ def test_fine_tuning_a_checkpoint_without_text_layers(clip, shapes, tmp_path, ti
     np.testing.assert_array_equal(
         params["image_encoder"]["patch_embed"]["proj"]["kernel"], tiny_params["image_encoder"]["patch_embed"]["proj"]["kernel"]
     )
+
+
+def test_dense_text_loss():
+    """`train.step.dense_text_loss`: each token's caption among its image's, from the image
+    embedding alone. Hand values: zero features give ln 2 between two captions; features along
+    the right text-token difference drive it to 0, the wrong one up; a repeated caption counts
+    once; cells outside every caption's mask and images with a single caption do not count.
+    Wired into the step by `loss.dense_text_weight`."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from sam_jax.config import tiny
+    from sam_jax.model import Sam, init_params
+    from sam_jax.train.step import dense_text_loss, simulate_and_loss
+
+    base = tiny()
+    config = dataclasses.replace(base, prompt_encoder=dataclasses.replace(base.prompt_encoder, text_embed_dim=8))
+    params = init_params(config, jax.random.key(0))
+    a, b = np.asarray(jax.random.normal(jax.random.key(1), (2, 8)))
+    text = jnp.asarray(np.stack([a, b, a, b])[None])  # slots: A, B, A again, B (invalid)
+    valid = jnp.asarray([[True, True, True, False]])
+    masks = np.zeros((1, 4, 16, 16), bool)  # 4 x 4 cells of 4 x 4 pixels
+    masks[0, 0, :8, :8] = masks[0, 2, :8, :8] = True  # A: the top-left 2 x 2 cells
+    masks[0, 1, 8:, 8:] = True  # B: the bottom-right ones
+    masks[0, 1, 8:10, 4:8] = True  # and half of cell (2, 1)
+    masks = jnp.asarray(masks)
+    tokens = np.asarray(Sam(config).apply({"params": params}, text, method=lambda m, x: m.prompt_encoder.embed_text(x)))[0]
+    d = tokens[0] - tokens[1]  # along A's text token minus B's
+    loss = lambda f, v=valid: float(dense_text_loss(params, jnp.asarray(f), text, masks, v, config))  # noqa: E731
+
+    zeros = np.zeros((1, 4, 4, 32), np.float32)
+    np.testing.assert_allclose(loss(zeros), np.log(2), rtol=1e-6)
+    right = zeros.copy()
+    right[0, :2, :2], right[0, 2:, 2:], right[0, 2, 1] = 10 * d, -10 * d, -10 * d
+    assert loss(right) < 1e-3
+    assert loss(-right) > 5.0
+    np.testing.assert_allclose(loss(right, jnp.asarray([[True, True, False, False]])), loss(right), rtol=1e-6)
+    elsewhere = right.copy()
+    elsewhere[0, 0, 3] = elsewhere[0, 3, 0] = 100 * d  # cells no caption covers
+    np.testing.assert_allclose(loss(elsewhere), loss(right), rtol=1e-6)
+    assert loss(right, jnp.asarray([[True, False, True, False]])) == 0.0  # one caption: nothing to tell apart
+
+    # In the step: the metric appears, and the weight adds it to the loss.
+    big = np.zeros((1, 4, 64, 64), bool)
+    big[0, 0, :32, :32] = big[0, 2, :32, :32] = big[0, 1, 32:, 32:] = True
+    batch = {
+        "images": jax.random.normal(jax.random.key(2), (1, 256, 256, 3)),
+        "masks": jnp.asarray(big), "valid": jnp.ones((1, 4), bool), "ids": jnp.zeros((1,), jnp.int32),
+        "text": text, "text_valid": valid, "text_masks": jnp.asarray(big),
+    }
+    cfg = shapes_text_tiny.get_config().loss
+    cfg.num_point_iters, cfg.num_no_point_iters = 0, 0
+    run = lambda c: jax.jit(lambda p: simulate_and_loss(p, batch, jax.random.key(3), model_config=config, cfg=c))(params)  # noqa: E731
+    without, m0 = run(cfg)
+    cfg2 = cfg.copy_and_resolve_references()
+    cfg2.dense_text_weight = 2.0
+    with_, m2 = run(cfg2)
+    assert "dense_text_loss" not in m0
+    np.testing.assert_allclose(float(with_), float(without) + 2.0 * float(m2["dense_text_loss"]), rtol=1e-5)

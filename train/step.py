@@ -40,11 +40,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
 from sam_jax.config import SamConfig
-from sam_jax.model import decode, encode
+from sam_jax.model import Sam, decode, encode
+from sam_jax.modeling.image_encoder import split_high_res
 from sam_jax.prompts import Prompts
 from sam_jax.train import prompt_simulation as sim
 from sam_jax.train.losses import sam_loss
@@ -162,12 +164,44 @@ def simulate_and_loss(
     else:
         total, final = loss0, metrics0
     out = {"loss": total, "first_iou": metrics0["mask_iou"], "last_iou": final["mask_iou"], **{f"first_{k}": v for k, v in metrics0.items() if k != "mask_iou"}}
+    if text is not None and cfg.get("dense_text_weight", 0.0):
+        dense = dense_text_loss(params, emb, batch["text"], batch["text_masks"], batch["text_valid"] & batch["valid"], model_config)
+        total = total + cfg.dense_text_weight * dense
+        out["dense_text_loss"] = dense
     if text is not None:
         # What the text alone selects: the IoU of the trained first output of the text-prompted
         # rows (0 in a batch without one).
         w = (text_mask[:, 0] & valid).astype(jnp.float32)
         out["text_iou"] = (chosen_iou0 * w).sum() / jnp.maximum(w.sum(), 1.0)
     return total, out
+
+
+def dense_text_loss(params: Any, emb: jax.Array, text: jax.Array, text_masks: jax.Array, text_valid: jax.Array, model_config: SamConfig) -> jax.Array:
+    """Which caption each image token shows, from the image embedding alone: a token's logit
+    for a caption is its embedding's dot product with the caption's text token (over sqrt(C)),
+    in a softmax over the captions of its image's text slots, against the share of the token's
+    cell each caption's mask covers. Only cells inside some caption's mask count, so a shape
+    of a kind no slot asks for is never taught as anything. Trains the encoder to put the kind
+    of a shape in every pixel of it, which the decoder, which never mixes image tokens, needs
+    to select by caption (docs/text-training.md).
+
+    emb (B, h, w, *) the encoder's output; text (B, K, Dt) CLIP embeddings, text_masks
+    (B, K, m, m) what each asks for, text_valid (B, K) -> a scalar (0 without two captions)."""
+    feats, _ = split_high_res(emb, model_config)
+    b, h, w, c = feats.shape
+    k, m = text_masks.shape[1], text_masks.shape[2]
+    cover = text_masks.astype(jnp.float32).reshape(b, k, h, m // h, w, m // w).mean((3, 5))  # (B, K, h, w)
+    same = jnp.all(text[:, :, None] == text[:, None, :], axis=-1)  # (B, K, K)
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # [j, i]: i < j
+    first = text_valid & ~jnp.any(same & earlier & text_valid[:, None, :], axis=-1)  # one slot per caption
+    cover = cover * first[..., None, None]
+    tokens = Sam(model_config).apply({"params": params}, text, method=lambda mod, x: mod.prompt_encoder.embed_text(x))
+    logits = jnp.einsum("bhwc,bkc->bkhw", feats.astype(jnp.float32), tokens.astype(jnp.float32)) / np.sqrt(c)
+    logp = jax.nn.log_softmax(jnp.where(first[..., None, None], logits, -1e9), axis=1)
+    weight = jnp.minimum(cover.sum(1), 1.0) * (first.sum(1) >= 2)[:, None, None]  # (B, h, w)
+    target = cover / jnp.maximum(cover.sum(1, keepdims=True), 1e-6)
+    per_token = -jnp.sum(jnp.where(first[..., None, None], target * logp, 0.0), axis=1)
+    return (per_token * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
 def train_step(

@@ -275,6 +275,25 @@ class PatchEmbed(nn.Module):
         )(x)
 
 
+class ConvStem(nn.Module):
+    """A convolutional stem in place of `PatchEmbed` (`ImageEncoderConfig.conv_stem`): images
+    (B, S, S, 3) -> (B, S/p, S/p, D). 3x3 convolutions of `widths` (LayerNorm, GELU), the first
+    log2(p) of stride 2, then a 1x1 projection to D."""
+
+    widths: tuple[int, ...]
+    patch_size: int
+    embed_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        strided = self.patch_size.bit_length() - 1
+        for i, width in enumerate(self.widths):
+            x = conv(width, 3, stride=2 if i < strided else 1, padding=1, dtype=self.dtype, name=f"conv_{i}")(x)
+            x = gelu(LayerNorm(1e-6, name=f"norm_{i}")(x))
+        return conv(self.embed_dim, 1, dtype=self.dtype, axes=(None, None, "conv_in", "embed"), name="proj")(x)
+
+
 def pack_high_res(s1: jax.Array, s0: jax.Array) -> jax.Array:
     """The high-res features in the mask decoder's sub-pixel layout, one row per grid cell:
     s1 (B, 2h, 2w, C/4) and s0 (B, 4h, 4w, C/8) -> (B, h, w, 3C), channels [s1's 2x2 block of
@@ -347,7 +366,10 @@ class ImageEncoderViT(nn.Module):
         cfg = self.config
         g = cfg.grid_size
         images = x.astype(self.dtype)
-        x = PatchEmbed(cfg.patch_size, cfg.embed_dim, dtype=self.dtype, name="patch_embed")(images)
+        if cfg.conv_stem:
+            x = ConvStem(cfg.conv_stem, cfg.patch_size, cfg.embed_dim, dtype=self.dtype, name="conv_stem")(images)
+        else:
+            x = PatchEmbed(cfg.patch_size, cfg.embed_dim, dtype=self.dtype, name="patch_embed")(images)
         if cfg.use_abs_pos:
             # The official model starts at zeros because it always loads pretrained weights. From
             # scratch, zeros make every token of the zero-padded image area exactly 0 before

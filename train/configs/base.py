@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     # single output 0, which the official predictor returns for a box).
     c.loss.box_single_output = False
     c.loss.text_prob = 0.5  # with text prompts on: the fraction of captioned masks whose first prompt is their text
+    # Caption mode: weight of a dense loss on the encoder's output alone, each token's kind
+    # among its image's captions (train.step.dense_text_loss). 0: none, the paper's losses only.
+    c.loss.dense_text_weight = 0.0
 
     # Text prompts (paper, section 7.5; off by default; sam_jax/train/text.py). "image" (the
     # paper's): the CLIP image embedding of a crop around a large mask is its prompt. "caption":
