@@ -19,6 +19,7 @@ data parallel over the local devices.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -121,21 +122,21 @@ def kinds_loss(params: dict, batch: dict[str, jax.Array], config: SamConfig) -> 
     return loss, {"loss": loss, "token_accuracy": (hit & shape).sum() / jnp.maximum(shape.sum(), 1)}
 
 
+@functools.partial(jax.jit, static_argnames="config")  # module level: compiled once, not at every log
+def _mask_hits(params: dict, images: jax.Array, masks: jax.Array, labels: jax.Array, config: SamConfig) -> tuple[jax.Array, jax.Array]:
+    kinds = token_logits(params, images, config)[..., 1:]
+    cells = (masks > 0.25).astype(jnp.float32)
+    mean = jnp.einsum("bmhw,bhwk->bmk", cells, kinds) / jnp.maximum(cells.sum((2, 3)), 1.0)[..., None]
+    counted = (labels >= 0) & (cells.sum((2, 3)) > 0)
+    return ((jnp.argmax(mean, -1) == labels) & counted).sum(), counted.sum()
+
+
 def mask_accuracy(params: dict, data: dict[str, np.ndarray], config: SamConfig, batch_size: int = 25) -> float:
     """The share of the categorised masks whose kind logits, averaged over the cells they mostly
     cover (at least a quarter), pick their category: what a decoder that reads every pixel sees."""
-
-    @jax.jit
-    def hits(p, images, masks, labels):
-        kinds = token_logits(p, images, config)[..., 1:]
-        cells = (masks > 0.25).astype(jnp.float32)
-        mean = jnp.einsum("bmhw,bhwk->bmk", cells, kinds) / jnp.maximum(cells.sum((2, 3)), 1.0)[..., None]
-        counted = (labels >= 0) & (cells.sum((2, 3)) > 0)
-        return ((jnp.argmax(mean, -1) == labels) & counted).sum(), counted.sum()
-
     right = total = 0
     for i in range(0, len(data["images"]), batch_size):
-        r, t = hits(params, data["images"][i : i + batch_size], data["masks"][i : i + batch_size], data["labels"][i : i + batch_size])
+        r, t = _mask_hits(params, data["images"][i : i + batch_size], data["masks"][i : i + batch_size], data["labels"][i : i + batch_size], config)
         right, total = right + int(r), total + int(t)
     return right / max(total, 1)
 
