@@ -250,9 +250,12 @@ def _pretrain_kinds(args: argparse.Namespace) -> None:
     from sam_jax.train.pretrain import pretrain_kinds
     from sam_jax.train.text import dataset_categories
 
-    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else dataset_categories(args.data)
+    if args.categories:
+        categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    else:
+        categories = sorted({c for d in args.data for c in dataset_categories(d)})
     if not categories:
-        raise CliError(f"{args.data}: no annotation has a 'category'; name them with --categories")
+        raise CliError(f"{', '.join(args.data)}: no annotation has a 'category'; name them with --categories")
     result = pretrain_kinds(
         args.data, args.out, categories=categories, model=args.model, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, heldout_dir=args.heldout, eval_every=args.log_every,
@@ -434,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pretrain-kinds", help="pretrain a model's image encoder to tell the annotations' categories apart in every token"
     )
-    p.add_argument("data", help="training folder of NAME.jpg + NAME.json whose annotations carry a 'category'")
+    p.add_argument("data", nargs="+", help="training folder(s) of NAME.jpg + NAME.json whose annotations carry a 'category'")
     p.add_argument("out", help="the checkpoint to write (new); train from it with --config.init=encoder:OUT")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: every category in DATA)")
     p.add_argument("--model", default="tiny_p8_conv", help="model config name (default tiny_p8_conv)")

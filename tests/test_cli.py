@@ -117,6 +117,8 @@ def test_pretrain_kinds_bad_inputs(tmp_path, capsys):
     assert "already exists" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "exists")], capsys)
     assert "warmup_steps < steps" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "a"), "--steps", "20"], capsys)
     assert "unknown model type" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "a"), "--model", "vit_x"], capsys)
+    missing = tmp_path / "missing"  # DATA may be several folders
+    assert f"not a folder: {missing}" in _one_line_error(["pretrain-kinds", str(data), str(missing), str(tmp_path / "a")], capsys)
     for p in data.glob("*.json"):  # the same records without categories
         record = json.loads(p.read_text())
         for ann in record["annotations"]:

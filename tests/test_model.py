@@ -241,14 +241,24 @@ def test_demo_scores_segment_everything_against_ground_truth(tmp_path):
 
 
 def test_demo_with_text_prompts(tmp_path):
-    """`python -m sam_jax.demo --text`, shortened: a random CLIP, the text recipe, the text
-    mIoU of each caption on the held-out images, text-prompted overlays."""
+    """`python -m sam_jax.demo --text`, shortened: a random CLIP, the kinds pretraining, the
+    text recipe from its encoder, the text mIoU of each caption on the held-out images,
+    text-prompted overlays."""
     from PIL import Image
 
     from sam_jax.demo import main
 
     out = tmp_path / "demo"
-    main(["--text", "--out", str(out), "--steps", "2", "--train-images", "8", "--eval-images", "2", "--cache-dir", ""])
+    main(["--text", "--out", str(out), "--train-images", "8", "--eval-images", "2", "--kinds-images", "4", "--steps", "2",
+          "--pretrain-steps", "2", "--cache-dir", ""])
+    assert len(list((out / "data" / "text_kinds").glob("*.json"))) == 4
+    config, trained = load_params(out / "train" / "shapes_text_p8" / "model")
+    _, kinds = load_params(out / "train" / "kinds")
+    stem = lambda p: p["image_encoder"]["conv_stem"]["conv_0"]["kernel"]  # noqa: E731
+    fresh = init_params(config, jax.random.key(0))
+    # Text training started from the pretrained encoder: 2 small steps away from it, not from an init.
+    np.testing.assert_allclose(stem(trained), stem(kinds), atol=1e-2)
+    assert np.abs(stem(kinds) - np.asarray(stem(fresh))).max() > 0.05
     result = json.loads((out / "result.json").read_text())
     text = result["heldout_text"]
     assert set(text["per_category"]) <= {"circle", "rectangle", "triangle"} and 0.0 <= text["miou_text"] <= 1.0
@@ -257,7 +267,7 @@ def test_demo_with_text_prompts(tmp_path):
         assert Image.open(out / f"text_{i}.png").size == (256, 192)
         assert set(result["images"][i]["text_masks"]) == {"a circle", "a rectangle", "a triangle"}
     with pytest.raises(SystemExit):
-        main(["--text", "--checkpoint", str(out / "train" / "shapes_text_tiny" / "model")])
+        main(["--text", "--checkpoint", str(out / "train" / "shapes_text_p8" / "model")])
 
 
 @pytest.mark.parametrize("use_rel_pos", [True, False])

@@ -23,7 +23,7 @@ import functools
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +67,8 @@ def kind_targets(record: dict, categories: list[str], config: SamConfig) -> tupl
     return targets.transpose(1, 2, 0).astype(np.float32), weight.astype(np.float32)
 
 
-def load_kinds(data_dir: str | Path, categories: list[str], config: SamConfig) -> dict[str, np.ndarray]:
-    """Every record of an SA-1B-layout folder -> images (N, S, S, 3) float32 normalised and
+def load_kinds(data_dir: str | Path | Sequence[str | Path], categories: list[str], config: SamConfig) -> dict[str, np.ndarray]:
+    """Every record of an SA-1B-layout folder (or of several, in their order) -> images (N, S, S, 3) float32 normalised and
     padded, targets (N, g, g, 1 + K), weight (N, g, g), and for scoring whole masks: masks
     (N, M, g, g) float32 cell covers of up to M categorised masks, labels (N, M) int32 (-1: none).
     Unreadable records are skipped with a warning, as in training."""
@@ -76,7 +76,8 @@ def load_kinds(data_dir: str | Path, categories: list[str], config: SamConfig) -
 
     images, targets, weights, covers, labels = [], [], [], [], []
     s, g = config.image_size, config.embedding_size
-    for image_path, json_path in list_records(data_dir):
+    dirs = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
+    for image_path, json_path in (r for d in dirs for r in list_records(d)):
         try:
             record = load_record(image_path, json_path)
         except DataError as e:
@@ -95,7 +96,7 @@ def load_kinds(data_dir: str | Path, categories: list[str], config: SamConfig) -
         covers.append(frame.reshape(len(keep), g, s // g, g, s // g).mean((2, 4)))
         labels.append([categories.index(record["categories"][i]) for i in keep])
     if not images:
-        raise DataError(f"{data_dir}: no readable records")
+        raise DataError(f"{', '.join(map(str, dirs))}: no readable records")
     m = max(1, max(len(x) for x in labels))
     mask_arr = np.zeros((len(images), m, g, g), np.float32)
     label_arr = np.full((len(images), m), -1, np.int32)
@@ -142,7 +143,7 @@ def mask_accuracy(params: dict, data: dict[str, np.ndarray], config: SamConfig, 
 
 
 def pretrain_kinds(
-    data_dir: str | Path,
+    data_dir: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
     categories: list[str],
@@ -157,7 +158,8 @@ def pretrain_kinds(
     eval_every: int = 500,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """Train `model`'s image encoder on the kinds task; write the SAM params (the encoder
+    """Train `model`'s image encoder on the kinds task, on the records of `data_dir` (a folder or
+    several); write the SAM params (the encoder
     trained, the rest at their init) to `out` with `checkpoint.save_params`, for
     `init = "encoder:OUT"`. At each log before the last, the params are also written to
     `OUT.step_N` (the previous one removed; the last removed once `out` is written), so a

@@ -12,8 +12,10 @@ docs/text-training.md). So:
    trains SAM with text from it (this file), `loss.dense_text_weight` keeping each token's
    kind aligned with its caption's text token (`train.step.dense_text_loss`).
 
-The CLIP folder (`text.clip`), the data and `init` are set by the caller.
-Measured: docs/text-training.md, "A convolutional stem pretrained on the kinds".
+The CLIP folder (`text.clip`), the data and `init` are set by the caller;
+`python -m sam_jax.demo --text` runs both stages on 3-kind shapes. Measured there: captions
+0.791 on the held-out images (text-blind 0.429) from an encoder at 0.881 kind accuracy
+(docs/text-training.md, "A convolutional stem pretrained on the kinds" and after).
 """
 
 from __future__ import annotations
