@@ -255,10 +255,10 @@ def test_demo_with_text_prompts(tmp_path):
     config, trained = load_params(out / "train" / "shapes_text_p8" / "model")
     _, kinds = load_params(out / "train" / "kinds")
     stem = lambda p: p["image_encoder"]["conv_stem"]["conv_0"]["kernel"]  # noqa: E731
-    fresh = init_params(config, jax.random.key(0))
-    # Text training started from the pretrained encoder: 2 small steps away from it, not from an init.
+    # Text training started from the pretrained encoder (2 small steps away from it; a random
+    # init of these 3x3x3 kernels, std ~0.19, would differ from it by ~0.27 an element).
+    assert config.image_encoder.conv_stem and np.abs(stem(kinds)).max() > 0.1
     np.testing.assert_allclose(stem(trained), stem(kinds), atol=1e-2)
-    assert np.abs(stem(kinds) - np.asarray(stem(fresh))).max() > 0.05
     result = json.loads((out / "result.json").read_text())
     text = result["heldout_text"]
     assert set(text["per_category"]) <= {"circle", "rectangle", "triangle"} and 0.0 <= text["miou_text"] <= 1.0
