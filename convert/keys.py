@@ -202,4 +202,10 @@ def key_table(config: SamConfig) -> list[Row]:
             "instead of the official patch projection: it cannot be converted to or from official checkpoints "
             "(save_params / load_model keep it whole)"
         )
+    if config.mask_decoder.click_map_sigmas:
+        raise ValueError(
+            f"the {config.name} model has click maps (mask_decoder.click_map_sigmas={config.mask_decoder.click_map_sigmas}), "
+            "which the official SAM does not have: it cannot be converted to or from official checkpoints "
+            "(save_params / load_model keep it whole)"
+        )
     return [*_image_encoder(config), *_prompt_encoder(config), *_mask_decoder(config)]

@@ -120,6 +120,23 @@ class MaskDecoderConfig:
     transformer_mlp_dim: int = 2048
     transformer_num_heads: int = 8
     attention_downsample_rate: int = 2
+    # Click maps (not in the official SAM): Gaussians of these widths (std, in model-input
+    # pixels) around the row's positive points and around its negative points and an
+    # inside-the-box map, at the mask logits' resolution (`mask_decoder.click_maps`). Each mask
+    # token also gives, through a zero-initialised linear layer, one weight per map, and its
+    # logits gain their weighted sum: a learned radial profile around the clicks, which the
+    # 4-channel upscaled features of a small decoder cannot draw (docs/demo-recipe.md). ():
+    # none, the official SAM.
+    click_map_sigmas: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(not s > 0 for s in self.click_map_sigmas):
+            raise ValueError(f"click_map_sigmas must be positive widths in pixels, got {self.click_map_sigmas!r}")
+
+    @property
+    def num_click_maps(self) -> int:
+        """Channels of `mask_decoder.click_maps`: 2 per width and the box (0: none)."""
+        return 2 * len(self.click_map_sigmas) + 1 if self.click_map_sigmas else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +178,13 @@ class SamConfig:
         enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
         if "conv_stem" in enc:
             enc["conv_stem"] = tuple(enc["conv_stem"])
+        dec = dict(d.pop("mask_decoder"))
+        if "click_map_sigmas" in dec:
+            dec["click_map_sigmas"] = tuple(dec["click_map_sigmas"])
         return cls(
             image_encoder=ImageEncoderConfig(**enc),
             prompt_encoder=PromptEncoderConfig(**d.pop("prompt_encoder")),
-            mask_decoder=MaskDecoderConfig(**d.pop("mask_decoder")),
+            mask_decoder=MaskDecoderConfig(**dec),
             pixel_mean=tuple(d.pop("pixel_mean")),
             pixel_std=tuple(d.pop("pixel_std")),
             **d,
@@ -217,7 +237,8 @@ def tiny() -> SamConfig:
 
 def tiny_p8() -> SamConfig:
     """`tiny` with 8-px patches: a 32x32 grid (128x128 mask logits), 2 blocks of windowed
-    attention (windows of 8, no global block), high-res features from a 16-channel pixel stem.
+    attention (windows of 8, no global block), high-res features from a 16-channel pixel stem,
+    click maps in the decoder.
     The `make demo` model (shapes_p8 recipe): small shapes need the finer grid, at 32x32 global
     attention costs 3x the step on a CPU, and the decoder's 4-channel upscaling alone draws
     imprecise edges (the stem, in the demo recipe over three seeds: held-out 1-click 0.692
@@ -225,12 +246,16 @@ def tiny_p8() -> SamConfig:
     cross-attention works in 16 dims (32 / `attention_downsample_rate`), so 4 heads compare a
     pixel's positional encoding with the click's in 4 dims each, 2 heads in 8 (the official
     models: 16). Same cost; over three seeds of the demo recipe, 1-click 0.710 against 0.691,
-    every seed +0.016 to +0.025, the small masks most (docs/demo-recipe.md)."""
+    every seed +0.016 to +0.025, the small masks most (docs/demo-recipe.md). Click maps of 4 to
+    64 px (`MaskDecoderConfig.click_map_sigmas`): in the demo recipe on its seed, held-out
+    1-click 0.754 against 0.729 over 400 images and box 0.778 against 0.705; on a second seed
+    1-click 0.693 against 0.695, box 0.767 against 0.620; ~20% a step (docs/demo-recipe.md,
+    2026-11-28)."""
     base = tiny()
     encoder = dataclasses.replace(
         base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=(), high_res_channels=16
     )
-    decoder = dataclasses.replace(base.mask_decoder, transformer_num_heads=2)
+    decoder = dataclasses.replace(base.mask_decoder, transformer_num_heads=2, click_map_sigmas=(4.0, 8.0, 16.0, 32.0, 64.0))
     return dataclasses.replace(base, name="tiny_p8", image_encoder=encoder, mask_decoder=decoder)
 
 
@@ -239,10 +264,12 @@ def tiny_p8_conv() -> SamConfig:
     convolutions (32, 64, 64, 64, 64, 64 wide; strides 2, 2, 2, 1, 1, 1; a 63-px receptive
     field). The text-prompt model (`shapes_text_p8`): its encoder learns to tell circles,
     rectangles and triangles apart in every token (`train.pretrain`), which the patch
-    projection does not within a CPU session (docs/text-training.md)."""
+    projection does not within a CPU session (docs/text-training.md). Without `tiny_p8`'s click
+    maps (added after the text recipe was measured; a caption has no click to draw)."""
     base = tiny_p8()
     encoder = dataclasses.replace(base.image_encoder, conv_stem=(32, 64, 64, 64, 64, 64))
-    return dataclasses.replace(base, name="tiny_p8_conv", image_encoder=encoder)
+    decoder = dataclasses.replace(base.mask_decoder, click_map_sigmas=())
+    return dataclasses.replace(base, name="tiny_p8_conv", image_encoder=encoder, mask_decoder=decoder)
 
 
 CONFIGS = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h, "tiny": tiny, "tiny_p8": tiny_p8, "tiny_p8_conv": tiny_p8_conv}

@@ -167,6 +167,78 @@ def test_high_res_features_land_on_their_pixels():
         key_table(config)
 
 
+def test_click_maps_are_drawn_around_the_prompts():
+    """`click_maps`: Gaussians around the positive and the negative points and the box's
+    inside, on the logits' grid, points at their pixel's centre; padding ignored. Each mask's
+    weighted sum, taken from the separable factors, equals the dense maps' one."""
+    from sam_jax.modeling.mask_decoder import click_maps
+
+    points = jnp.array([[[40.0, 50.0], [100.0, 10.0], [10.0, 20.0], [60.0, 80.0]], [[0.0, 0.0]] * 4])
+    labels = jnp.array([[1, 0, 2, 3], [-1, -1, -1, -1]])
+    factors = click_maps(points, labels, 256, 128, (4.0, 8.0))
+    maps = np.asarray(factors.dense())
+    assert maps.shape == (2, 128, 128, 5)
+    ys, xs = (np.arange(128) + 0.5) * 2.0, (np.arange(128) + 0.5) * 2.0
+    d2 = (ys[:, None] - 50.5) ** 2 + (xs[None, :] - 40.5) ** 2
+    np.testing.assert_allclose(maps[0, ..., 0], np.exp(-d2 / 32.0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(maps[0, ..., 1], np.exp(-d2 / 128.0), rtol=1e-5, atol=1e-7)
+    d2 = (ys[:, None] - 10.5) ** 2 + (xs[None, :] - 100.5) ** 2
+    np.testing.assert_allclose(maps[0, ..., 3], np.exp(-d2 / 128.0), rtol=1e-5, atol=1e-7)
+    inside = ((ys >= 20.5) & (ys <= 80.5))[:, None] & ((xs >= 10.5) & (xs <= 60.5))[None, :]
+    np.testing.assert_array_equal(maps[0, ..., 4], inside)
+    assert inside.sum() == 30 * 25
+    np.testing.assert_array_equal(maps[1], 0.0)  # no prompt: no clicks, no box
+    weights = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    np.testing.assert_allclose(factors.weigh(weights), np.einsum("bmk,byxk->bmyx", weights, maps), rtol=1e-5, atol=1e-5)
+    # Two positive points: the sum of their two bumps.
+    two = np.asarray(click_maps(jnp.array([[[20.0, 20.0], [200.0, 200.0]]]), jnp.array([[1, 1]]), 256, 128, (4.0,)).dense())
+    assert two[0, 10, 10, 0] > 0.9 and two[0, 100, 100, 0] > 0.9 and two[0, 55, 55, 0] < 1e-6
+
+
+def test_click_maps_start_at_zero_and_move_the_clicked_logits():
+    """A decoder with `click_map_sigmas` starts as the same decoder without them (zero-initialised
+    click weights); with weights, its logits move around the click; it refuses the official
+    conversion and round-trips its config."""
+    from sam_jax.config import MaskDecoderConfig
+    from sam_jax.convert.keys import key_table
+    from sam_jax.model import decode, encode
+
+    p8 = get_config("tiny_p8")
+    plain = dataclasses.replace(p8, mask_decoder=dataclasses.replace(p8.mask_decoder, click_map_sigmas=()))
+    config = dataclasses.replace(p8, mask_decoder=dataclasses.replace(p8.mask_decoder, click_map_sigmas=(4.0, 16.0)))
+    assert config.mask_decoder.num_click_maps == 5 and plain.mask_decoder.num_click_maps == 0
+    assert SamConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    params = init_params(config, jax.random.key(0))
+    dec = params["mask_decoder"]
+    weights = {k for k in dec if k.startswith("output_click_weights_")}
+    assert weights == {f"output_click_weights_{i}" for i in range(4)}
+    plain_params = {**params, "mask_decoder": {k: v for k, v in dec.items() if k not in weights}}
+    emb = encode(params, jax.random.normal(jax.random.key(1), (1, 256, 256, 3)), config=config)
+    prompts = make_prompts(batch_size=1, mask_size=128, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1)))
+    masks, iou = decode(params, emb, prompts, config=config)
+    plain_masks, plain_iou = decode(plain_params, emb, prompts, config=plain)
+    np.testing.assert_array_equal(masks, plain_masks)
+    np.testing.assert_array_equal(iou, plain_iou)
+    # Weigh the narrow positive map by 10 in every mask token (bias only): +10 at the click.
+    bias = jnp.zeros(5).at[0].set(10.0)
+    bumped = {**params, "mask_decoder": {**dec, **{k: {**dec[k], "bias": bias} for k in weights}}}
+    diff = np.asarray(decode(bumped, emb, prompts, config=config)[0] - masks)[0]  # (3, 128, 128)
+    np.testing.assert_allclose(diff[:, 40, 50], 10.0 * np.exp(-((81.0 - 80.5) ** 2 + (101.0 - 100.5) ** 2) / 32.0), rtol=1e-4)
+    assert np.abs(diff[:, :20]).max() < 1e-3  # 40+ px from the click
+    with pytest.raises(ValueError, match="takes 5 click maps"):
+        from sam_jax.modeling.mask_decoder import MaskDecoder
+
+        MaskDecoder(config.mask_decoder, transformer_dim=32).init(
+            jax.random.key(0), jnp.zeros((1, 4, 4, 32)), jnp.zeros((1, 4, 4, 32)), jnp.zeros((1, 1, 32)),
+            jnp.zeros((1, 4, 4, 32)), jnp.ones((1, 1), bool), True,
+        )
+    with pytest.raises(ValueError, match="click_map_sigmas must be positive"):
+        MaskDecoderConfig(click_map_sigmas=(4.0, 0.0))
+    tiny = get_config("tiny")  # no high-res features or stem: only the click maps stop the official key names
+    with pytest.raises(ValueError, match="has click maps"):
+        key_table(dataclasses.replace(tiny, mask_decoder=dataclasses.replace(tiny.mask_decoder, click_map_sigmas=(4.0,))))
+
+
 def test_checkpoint_directory_round_trip(tiny_params, tiny_config, tmp_path):
     path = save_params(tmp_path / "ckpt", tiny_params, tiny_config)
     config, params = load_params(path)

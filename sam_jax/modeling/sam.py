@@ -16,7 +16,7 @@ from flax import linen as nn
 from sam_jax.config import SamConfig
 from sam_jax.modeling.common import accum_dtype
 from sam_jax.modeling.image_encoder import ImageEncoderViT, split_high_res
-from sam_jax.modeling.mask_decoder import MaskDecoder
+from sam_jax.modeling.mask_decoder import MaskDecoder, click_maps
 from sam_jax.modeling.prompt_encoder import PromptEncoder
 from sam_jax.prompts import Prompts
 
@@ -60,7 +60,11 @@ class Sam(nn.Module):
         if self.config.prompt_encoder.text_embed_dim is not None:  # a text model: text rows have their own mask tokens
             # The token mask (B, N + M) lists the N point tokens, then the M text tokens (M = 0: no text).
             text_rows = mask[:, prompts.points.shape[1] :].any(axis=-1)
-        return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output, high_res, text_rows)
+        maps = None
+        if self.config.mask_decoder.click_map_sigmas:
+            cfg = self.config
+            maps = click_maps(prompts.points, prompts.labels, cfg.image_size, cfg.low_res_mask_size, cfg.mask_decoder.click_map_sigmas)
+        return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output, high_res, text_rows, maps)
 
     def __call__(self, images: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
         """Encode then decode one prompt per image (used to initialize every parameter)."""
