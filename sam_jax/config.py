@@ -248,8 +248,8 @@ def tiny_p8() -> SamConfig:
     models: 16). Same cost; over three seeds of the demo recipe, 1-click 0.710 against 0.691,
     every seed +0.016 to +0.025, the small masks most (docs/demo-recipe.md). Click maps of 4 to
     64 px (`MaskDecoderConfig.click_map_sigmas`): in the demo recipe on its seed, held-out
-    1-click 0.754 against 0.729 over 400 images and box 0.778 against 0.705; on a second seed
-    1-click 0.693 against 0.695, box 0.767 against 0.620; ~20% a step (docs/demo-recipe.md,
+    1-click 0.753 against 0.729 over 400 images and box 0.780 against 0.705; on a second seed
+    1-click 0.693 against 0.695, box 0.767 against 0.620; ~15-20% a step (docs/demo-recipe.md,
     2026-11-28)."""
     base = tiny()
     encoder = dataclasses.replace(

@@ -10,7 +10,7 @@ token-weighted sum of maps drawn around the row's clicks (`click_maps`).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,10 +56,9 @@ class MaskDecoder(nn.Module):
         shared tokens, text training pulled the point and box outputs towards the kind's union
         (docs/text-training.md, "Text rows have their own mask tokens").
 
-        click_maps (`ClickMaps` on the (4h, 4w) grid), given exactly when
-        `config.click_map_sigmas` is set (`click_maps` below): each mask token's
-        `output_click_weights_i` (a zero-initialised linear layer) weighs the K maps, and the
-        weighted sum is added to its mask logits.
+        click_maps (B, 4h, 4w, K), given exactly when `config.click_map_sigmas` is set
+        (`click_maps` below): each mask token's `output_click_weights_i` (a zero-initialised
+        linear layer) weighs the K maps, and the weighted sum is added to its mask logits.
         """
         cfg = self.config
         c = self.transformer_dim
@@ -120,15 +119,11 @@ class MaskDecoder(nn.Module):
         if (click_maps is None) != (cfg.num_click_maps == 0):
             raise ValueError(
                 f"this decoder takes {cfg.num_click_maps} click maps (click_map_sigmas={cfg.click_map_sigmas}); "
-                f"got {'none' if click_maps is None else 'some'}"
+                f"got {'none' if click_maps is None else tuple(click_maps.shape)}"
             )
         if click_maps is not None:
-            want = (b, 2, len(cfg.click_map_sigmas))
-            if click_maps.point_y.shape[:3] != want or click_maps.box_x.shape != (b, 4 * w):
-                raise ValueError(
-                    f"click maps for {click_maps.point_y.shape[:3]} rows, labels, widths and a {click_maps.box_x.shape[-1]}-wide "
-                    f"grid; this decoder wants {want} and {4 * w}"
-                )
+            if click_maps.shape != (b, 4 * h, 4 * w, cfg.num_click_maps):
+                raise ValueError(f"click maps {tuple(click_maps.shape)}, expected {(b, 4 * h, 4 * w, cfg.num_click_maps)}")
             click_weights = jnp.stack(
                 [
                     nn.Dense(
@@ -143,7 +138,9 @@ class MaskDecoder(nn.Module):
                 ],
                 axis=1,
             )  # (B, num_mask_tokens, K)
-            masks = masks + click_maps.weigh(click_weights[:, sl].astype(jnp.float32))
+            masks = masks + jnp.einsum(
+                "nmk,nhwk->nmhw", click_weights[:, sl], click_maps.astype(self.dtype), preferred_element_type=masks.dtype
+            )
         hidden = (cfg.iou_head_hidden_dim,) * (cfg.iou_head_depth - 1)
         iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
         iou_pred = iou_pred.astype(accum_dtype(self.dtype))
@@ -157,55 +154,33 @@ def add_per_image(x: jax.Array, y: jax.Array) -> jax.Array:
     return (x.reshape(g, x.shape[0] // g, *x.shape[1:]) + y[:, None].astype(x.dtype)).reshape(x.shape)
 
 
-class ClickMaps(NamedTuple):
-    """The maps a decoder with `click_map_sigmas` weighs into its masks, kept as separable
-    factors on the mask logits' G x G grid (N points, S widths): map (L, s) is the sum over the
-    row's points n of label L (1: positive, 0: negative) of point_y[:, L', s, n] (outer)
-    point_x[:, s, n] (L' = 0 for positive, 1 for negative), a Gaussian of width s around the
-    point; the box map is box_y (outer) box_x, 1 inside the row's box. Never materialised in
-    the decoder: each mask's weighted sum is a (G, 2SN) @ (2SN, G) product."""
-
-    point_y: jax.Array  # (B, 2, S, N, G): exp(-dy^2 / 2s^2), zero for points of another label
-    point_x: jax.Array  # (B, S, N, G): exp(-dx^2 / 2s^2)
-    box_y: jax.Array  # (B, G): 1 on the rows of the grid inside the box (0 without one)
-    box_x: jax.Array  # (B, G)
-
-    def dense(self) -> jax.Array:
-        """(B, G, G, 2S + 1): the positive maps by width, the negative ones, the box map."""
-        points = jnp.einsum("blsny,bsnx->byxls", self.point_y, self.point_x)
-        points = points.reshape(*points.shape[:3], -1)
-        return jnp.concatenate([points, (self.box_y[:, :, None] * self.box_x[:, None, :])[..., None]], axis=-1)
-
-    def weigh(self, weights: jax.Array) -> jax.Array:
-        """weights (B, M, 2S + 1), ordered as `dense`'s channels -> (B, M, G, G): the weighted
-        sum of the maps for each of M masks."""
-        b, m = weights.shape[:2]
-        two, s = self.point_y.shape[1:3]
-        w = weights[..., : two * s].reshape(b, m, two, s)
-        y = jnp.einsum("bmls,blsny->bmsny", w, self.point_y)  # each point's factor, weighed
-        out = jnp.einsum("bmsny,bsnx->bmyx", y, self.point_x)
-        return out + weights[..., -1, None, None] * self.box_y[:, None, :, None] * self.box_x[:, None, None, :]
-
-
-def click_maps(points: jax.Array, labels: jax.Array, image_size: int, grid: int, sigmas: tuple[float, ...]) -> ClickMaps:
-    """The click maps of a prompt batch, as `ClickMaps`' separable factors.
+def click_maps(points: jax.Array, labels: jax.Array, image_size: int, grid: int, sigmas: tuple[float, ...]) -> jax.Array:
+    """The maps a decoder with `click_map_sigmas` weighs into its masks.
 
     points (B, N, 2) (x, y) in model-input pixels and labels (B, N) (1 positive, 0 negative,
-    2 / 3 box corners, -1 padding), on the square input of side image_size; the maps lie on
-    the mask logits' grid of side `grid`. For each width s, the positive map is the sum over
-    the positive points of exp(-d^2 / 2s^2), d the distance from a logit cell's centre to the
-    point, the negative map likewise (0 without such points); the box map is 1 inside the
-    row's box. Points are taken at their pixel's centre (+0.5), as the prompt encoder does.
-    No gradient flows into the prompts.
+    2 / 3 box corners, -1 padding) of a prompt batch, on the square input of side image_size
+    -> (B, grid, grid, 2S + 1) float32 on the mask logits' grid, S = len(sigmas): for each
+    width s, exp(-d^2 / 2s^2) with d the distance from a logit cell's centre to the nearest
+    positive point (0 without one), the same for the negative points, then 1 inside the row's
+    box (0 without one). The nearest point, not a sum over the points: more clicks never make
+    a map larger than the one or two points of training (summed Gaussians gave 5-click mIoU
+    0.655 against 0.816 in the demo recipe). Points are taken at their pixel's centre (+0.5),
+    as the prompt encoder does. No gradient flows into the prompts.
     """
     points = jax.lax.stop_gradient(points).astype(jnp.float32) + 0.5
     centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) * (image_size / grid)
-    inv = jnp.asarray([-0.5 / (s * s) for s in sigmas], jnp.float32)[None, :, None, None]  # (1, S, 1, 1)
-    along = lambda axis: jnp.exp(inv * jnp.square(centres - points[..., axis, None])[:, None])  # (B, S, N, G)
-    gy, gx = along(1), along(0)
-    of_label = jnp.stack([labels == 1, labels == 0], axis=1).astype(jnp.float32)  # (B, 2, N)
-    point_y = of_label[:, :, None, :, None] * gy[:, None]
+    dx2 = jnp.square(centres[None, None, :] - points[..., 0:1])  # (B, N, grid) along x
+    dy2 = jnp.square(centres[None, None, :] - points[..., 1:2])  # (B, N, grid) along y
+    maps = []
+    for label in (1, 0):
+        # +inf for the points of other labels, added to the distances rather than selected, so
+        # that a batch with a constant label pattern does not fold a (B, N, grid, grid) constant.
+        far = jnp.where(labels == label, 0.0, jnp.inf)[:, :, None, None]
+        nearest = jnp.min(dy2[:, :, :, None] + dx2[:, :, None, :] + far, axis=1)  # (B, grid, grid)
+        maps += [jnp.exp(-nearest / (2.0 * s * s)) for s in sigmas]
     corner = lambda label: jnp.max(jnp.where((labels == label)[..., None], points, -jnp.inf), axis=1)  # (B, 2)
     top_left, bottom_right = corner(2), corner(3)
-    inside = lambda axis: ((centres >= top_left[:, axis, None]) & (centres <= bottom_right[:, axis, None])).astype(jnp.float32)
-    return ClickMaps(point_y, gx, inside(1), inside(0))
+    inside_x = (centres[None] >= top_left[:, 0:1]) & (centres[None] <= bottom_right[:, 0:1])  # (B, grid)
+    inside_y = (centres[None] >= top_left[:, 1:2]) & (centres[None] <= bottom_right[:, 1:2])
+    maps.append((inside_y[:, :, None] & inside_x[:, None, :]).astype(jnp.float32))
+    return jnp.stack(maps, axis=-1)

@@ -11,9 +11,9 @@ minutes of training, ~8.5 in all; 460 s and 8 min 13 s wall on 2026-11-27):
   (`train.evaluate.grid_ceiling`), 0.89 on 128x128.
 - click maps in the decoder (`tiny_p8`'s `click_map_sigmas`): Gaussians of 4 to 64 px around
   the clicks and the box's inside, weighed by each mask token into its logits. On seed 0,
-  1-click 0.752 on the demo's 100 held-out images (0.754 over 400; 0.744 and 0.729 without),
-  box 0.778 (0.705); seed 1: 0.693 (0.695), box 0.767 (0.620). A step costs ~20% more
-  (2026-11-28, docs/demo-recipe.md).
+  1-click 0.752 on the demo's 100 held-out images (0.753 over 400; 0.744 and 0.729 without),
+  5 clicks 0.816 (0.720), box 0.779 (0.705); seed 1: 0.693 (0.695), box 0.767 (0.620). A step
+  costs ~15-20% more: 658 s of training on 2026-11-28 (docs/demo-recipe.md).
 - focal:dice at 20:5 (the paper's 20:1 leaves every mask background for the first ~250
   steps of a run this short), one correction point and no point-free iteration.
   (`loss.points_per_iter` 2, up to 2 points in that iteration, over three seeds: 5 clicks
