@@ -18,10 +18,13 @@ $(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
-# 2 CPU devices (data parallel over the 2 cores); huge pages for XLA:CPU's per-step scratch
-# blocks over 64 MB (sam_jax/host_memory.py; ignored where glibc or THP lacks them).
+# 2 CPU devices (data parallel over the 2 cores). glibc's hugetlb tunable keeps XLA:CPU's
+# per-step scratch blocks over 64 MB in the process (sam_jax/host_memory.py): set to a huge page
+# size the kernel offers, 1 GiB, it lets a thread's heap grow to 4 GiB; else 1 (transparent huge
+# pages for those blocks). Ignored where the C library is not glibc.
+HUGETLB := $(if $(wildcard /sys/kernel/mm/hugepages/hugepages-1048576kB),1073741824,1)
 demo: $(VENV)/.demo-installed
-	GLIBC_TUNABLES="glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES}" \
+	GLIBC_TUNABLES="glibc.malloc.hugetlb=$(HUGETLB)$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES}" \
 	XLA_FLAGS="--xla_force_host_platform_device_count=2 $$XLA_FLAGS" $(PY) -m sam_jax.demo --out demo_out
 
 # Two pytest workers (pytest-xdist): on the 2-core CI machine the suite runs in ~16 minutes

@@ -249,8 +249,8 @@ def tiny_p8() -> SamConfig:
     every seed +0.016 to +0.025, the small masks most (docs/demo-recipe.md). Click maps of 4 to
     64 px (`MaskDecoderConfig.click_map_sigmas`): in the demo recipe on its seed, held-out
     1-click 0.753 against 0.729 over 400 images and box 0.780 against 0.705; on a second seed
-    1-click 0.693 against 0.695, box 0.767 against 0.620; ~15-20% a step (docs/demo-recipe.md,
-    2026-11-28)."""
+    1-click 0.693 against 0.695, box 0.767 against 0.620; ~4% a step with `make demo`'s glibc
+    tunable, ~17% without (sam_jax/host_memory.py, docs/demo-recipe.md, 2026-11-28)."""
     base = tiny()
     encoder = dataclasses.replace(
         base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=(), high_res_channels=16

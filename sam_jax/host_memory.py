@@ -24,13 +24,25 @@ user's back: call `retain_on_cpu()` first to get it.
 
 Past that limit: XLA:CPU takes all of a call's temporaries as one block (the
 `preallocated-temp` allocation of its buffer assignment; `compiled.memory_analysis()
-.temp_size_in_bytes`): 63.5 MB for the `make demo` step, just under the limit, 75 MB with a
-48-wide decoder, 84 MB at 64 wide. glibc's `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc
-2.35+, read at process start, so set in the environment: `make demo` does) asks for
-transparent huge pages on such mappings, so one fault maps 2 MB instead of 4 kB: the 64-wide
-step then costs 0.154 s instead of 0.196 s (800 faults a step instead of 43,000; the 32-wide
-step 0.098 s against 0.101 s; 2026-11-27). Where THP is off (`never` in
-/sys/kernel/mm/transparent_hugepage/enabled) or the C library is not glibc it does nothing.
+.temp_size_in_bytes`): 63.5 MiB for the `make demo` step without click maps, 68 MiB with them
+(`tiny_p8`), 75 MB with a 48-wide decoder, 84 MB at 64 wide. glibc sizes a thread's heaps by
+its hugetlb tunable (`GLIBC_TUNABLES`, read at process start, so set in the environment):
+- `glibc.malloc.hugetlb=1073741824`, a huge page size the kernel offers (1 GiB:
+  /sys/kernel/mm/hugepages/hugepages-1048576kB), lets a thread's heap grow to 4 x that size
+  (glibc's `heap_max_size`), so such a block is kept and reused like the others. glibc only
+  tries the huge pages themselves for a new heap and falls back to normal pages where none
+  are reserved (HugePages_Total 0 here). `make demo` sets it where the kernel offers 1 GiB
+  pages: the `tiny_p8` step then takes ~0 page faults instead of ~1,170 a step and ~9 ms of
+  system time instead of 31-41, and costs ~4% more than the same step without click maps
+  instead of ~17% (2 CPU devices, interleaved rounds of 20 steps); `make demo` trained in
+  531 s instead of 662, bit for bit the same run (2026-11-28).
+- `glibc.malloc.hugetlb=1` (glibc 2.35+; `make demo`'s fallback) asks for transparent huge
+  pages on such mappings, so one fault maps 2 MB instead of 4 kB, but the block is still mapped
+  and zeroed afresh each call: the 64-wide step then costs 0.154 s instead of 0.196 s (800
+  faults a step instead of 43,000; the 32-wide step 0.098 s against 0.101 s; 2026-11-27).
+  Where THP is off (`never` in /sys/kernel/mm/transparent_hugepage/enabled) it does nothing.
+Neither does anything where the C library is not glibc. A 2 MB size makes a thread's heaps 8 MB
+at most, which is worse: an 80 MB block then faults as without a tunable.
 """
 
 from __future__ import annotations

@@ -30,14 +30,16 @@ def accum_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def dense(features: int, axes: Axes, *, dtype: Any, use_bias: bool = True, name: str | None = None) -> nn.Dense:
-    """A `torch.nn.Linear` counterpart with kernel (in, out) and logical axes `axes`."""
+def dense(
+    features: int, axes: Axes, *, dtype: Any, use_bias: bool = True, kernel_init: Any = default_kernel_init, name: str | None = None
+) -> nn.Dense:
+    """A `torch.nn.Linear` counterpart with kernel (in, out) and logical axes `axes` (bias: zeros)."""
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(default_kernel_init, axes),
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
         name=name,
     )

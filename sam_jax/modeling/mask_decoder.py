@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sam_jax.config import MaskDecoderConfig
-from sam_jax.modeling.common import MLP, LayerNorm, accum_dtype, conv_transpose_2x2, embedding, gelu
+from sam_jax.modeling.common import MLP, LayerNorm, accum_dtype, conv_transpose_2x2, dense, embedding, gelu
 from sam_jax.modeling.transformer import TwoWayTransformer
 
 
@@ -124,16 +124,12 @@ class MaskDecoder(nn.Module):
         if click_maps is not None:
             if click_maps.shape != (b, 4 * h, 4 * w, cfg.num_click_maps):
                 raise ValueError(f"click maps {tuple(click_maps.shape)}, expected {(b, 4 * h, 4 * w, cfg.num_click_maps)}")
+            zeros = nn.initializers.zeros_init()
             click_weights = jnp.stack(
                 [
-                    nn.Dense(
-                        cfg.num_click_maps,
-                        dtype=self.dtype,
-                        param_dtype=jnp.float32,
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed", None)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
-                        name=f"output_click_weights_{i}",
-                    )(mask_tokens_out[:, i, :])
+                    dense(cfg.num_click_maps, ("embed", None), dtype=self.dtype, kernel_init=zeros, name=f"output_click_weights_{i}")(
+                        mask_tokens_out[:, i, :]
+                    )
                     for i in range(num_mask_tokens)
                 ],
                 axis=1,

@@ -1,7 +1,7 @@
 """The `make demo` recipe: the `tiny_p8` model (8-px patches) on the synthetic shapes.
 
-`shapes_tiny` with a finer grid and a schedule for 10 minutes on 2 CPU cores (`make demo`: ~8
-minutes of training, ~8.5 in all; 460 s and 8 min 13 s wall on 2026-11-27):
+`shapes_tiny` with a finer grid and a schedule for 10 minutes on 2 CPU cores (`make demo`: ~9
+minutes of training, ~9.5 in all; 531 s and 9 min 28 s wall on 2026-11-28):
 - `tiny_p8`: 32x32 tokens, 128x128 mask logits, a decoder of 2 heads (1-click +0.016 to +0.025
   over three seeds, 2026-11-27), high-res features from a pixel stem (SAM 2's
   `use_high_res_features_in_sam`; at equal time, 1-click +0.007 to +0.054 over three seeds,
@@ -13,7 +13,9 @@ minutes of training, ~8.5 in all; 460 s and 8 min 13 s wall on 2026-11-27):
   the clicks and the box's inside, weighed by each mask token into its logits. On seed 0,
   1-click 0.752 on the demo's 100 held-out images (0.753 over 400; 0.744 and 0.729 without),
   5 clicks 0.816 (0.720), box 0.779 (0.705); seed 1: 0.693 (0.695), box 0.767 (0.620). A step
-  costs ~15-20% more: 658 s of training on 2026-11-28 (docs/demo-recipe.md).
+  costs ~4% more where `make demo`'s glibc tunable lets a thread's heap keep the step's 68 MiB
+  scratch block (~17% without: 658 s of training against 531 s, 2026-11-28;
+  sam_jax/host_memory.py, docs/demo-recipe.md).
 - focal:dice at 20:5 (the paper's 20:1 leaves every mask background for the first ~250
   steps of a run this short), one correction point and no point-free iteration.
   (`loss.points_per_iter` 2, up to 2 points in that iteration, over three seeds: 5 clicks
