@@ -14,7 +14,7 @@ minutes of training, ~9.5 in all; 531 s and 9 min 28 s wall on 2026-11-28):
   1-click 0.752 on the demo's 100 held-out images (0.753 over 400; 0.744 and 0.729 without),
   5 clicks 0.816 (0.720), box 0.779 (0.705); seed 1: 0.693 (0.695), box 0.767 (0.620). A step
   costs ~4% more where `make demo`'s glibc tunable lets a thread's heap keep the step's 68 MiB
-  scratch block (~17% without: 658 s of training against 531 s, 2026-11-28;
+  scratch block (~17% without: 662 s of training against 531 s, 2026-11-28;
   sam_jax/host_memory.py, docs/demo-recipe.md).
 - focal:dice at 20:5 (the paper's 20:1 leaves every mask background for the first ~250
   steps of a run this short), one correction point and no point-free iteration.
