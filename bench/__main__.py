@@ -22,7 +22,9 @@ def _case_list(text: str) -> list[str]:
     names = [c.strip() for c in text.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown case(s) {unknown or text!r}; expected a comma-separated subset of {','.join(CASES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown case(s) {unknown or text!r}; expected a comma-separated subset of {','.join(CASES)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -53,13 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.cases import CASES
 
     p = argparse.ArgumentParser(prog="python -m bench", description="sam-jax against the official SAM, side by side.")
-    p.add_argument("--model", default="vit_b", choices=sorted(CONFIGS), help="model variant (random weights); default vit_b")
-    p.add_argument("--cases", type=_case_list, default=list(CASES), help=f"comma-separated subset of {','.join(CASES)} (default: all)")
-    p.add_argument("--repeats", type=_int_at_least(1), default=3, help="timed runs of each side per case (median reported); default 3")
-    p.add_argument("--warmup", type=_int_at_least(1), default=1, help="untimed runs of each side before timing; default 1")
-    p.add_argument("--encoder-batches", type=_positive_ints, default=(1, 4), help="image encoder batch sizes; default 1,4")
-    p.add_argument("--amg-points-per-side", type=_int_at_least(1), default=32,
-                   help="point grid of the mask generator in the amg and memory cases; default 32 (the official default)")
+    p.add_argument(
+        "--model", default="vit_b", choices=sorted(CONFIGS), help="model variant (random weights); default vit_b"
+    )
+    p.add_argument(
+        "--cases",
+        type=_case_list,
+        default=list(CASES),
+        help=f"comma-separated subset of {','.join(CASES)} (default: all)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        default=3,
+        help="timed runs of each side per case (median reported); default 3",
+    )
+    p.add_argument(
+        "--warmup", type=_int_at_least(1), default=1, help="untimed runs of each side before timing; default 1"
+    )
+    p.add_argument(
+        "--encoder-batches", type=_positive_ints, default=(1, 4), help="image encoder batch sizes; default 1,4"
+    )
+    p.add_argument(
+        "--amg-points-per-side",
+        type=_int_at_least(1),
+        default=32,
+        help="point grid of the mask generator in the amg and memory cases; default 32 (the official default)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file to write (default {DEFAULT_OUT})")
     return p
 
@@ -85,8 +107,8 @@ def _meta(args: argparse.Namespace, threads: int) -> dict:
         "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(),
         "loadavg_start": os.getloadavg(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "weights": f"random (tests.official.randomize_, seed 0), tests.official.sharpen_(**{models.SHARPEN})",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "weights": f"random (bench.official.randomize_, seed 0), bench.official.sharpen_(**{models.SHARPEN})",
         "photo": "skimage.data.astronaut() 512x512",
     }
 
@@ -98,12 +120,24 @@ def run(args: argparse.Namespace) -> dict:
 
     threads = models.set_torch_threads()
     matmul = matmul_rates()
-    print(f"matrix products (float32): XLA {matmul['jax_gflops']:.0f} GFLOP/s, PyTorch {matmul['torch_gflops']:.0f} GFLOP/s on {threads} CPUs", flush=True)
+    print(
+        f"matrix products (float32): XLA {matmul['jax_gflops']:.0f} GFLOP/s, PyTorch {matmul['torch_gflops']:.0f} GFLOP/s on {threads} CPUs",
+        flush=True,
+    )
     result = {"meta": _meta(args, threads), "matmul": matmul, "rows": {}}
     rows = []
     with tempfile.TemporaryDirectory(prefix="sam_jax_bench_") as tmp:
-        ctx = Context(args.model, models.build_pair(args.model), models.photo(), matmul, Path(tmp),
-                      args.repeats, args.warmup, args.encoder_batches, args.amg_points_per_side)
+        ctx = Context(
+            args.model,
+            models.build_pair(args.model),
+            models.photo(),
+            matmul,
+            Path(tmp),
+            args.repeats,
+            args.warmup,
+            args.encoder_batches,
+            args.amg_points_per_side,
+        )
         for name in args.cases:
             t = time.perf_counter()
             print(f"[{name}] ...", flush=True)

@@ -24,8 +24,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +76,9 @@ def encoder_gflop(model: str) -> float:
 
 def ours_encoder(model: str, dtype: str, attention: str, batch: int, iters: int, params=None) -> dict[str, Any]:
     cfg = get_config(model)
-    cfg = dataclasses.replace(cfg, dtype=dtype, image_encoder=dataclasses.replace(cfg.image_encoder, attention=attention))
+    cfg = dataclasses.replace(
+        cfg, dtype=dtype, image_encoder=dataclasses.replace(cfg.image_encoder, attention=attention)
+    )
     if params is None:
         params = init_params(cfg, jax.random.key(0))
     sam = SamModel(cfg, params)
@@ -90,7 +93,7 @@ def ours_encoder(model: str, dtype: str, attention: str, batch: int, iters: int,
 def official_encoder(model: str, batch: int, iters: int, autocast: bool) -> dict[str, Any]:
     import torch
 
-    from tests.official import build_official
+    from bench.official import build_official
 
     net = build_official(get_config(model)).image_encoder.to("cuda").eval()
     x = torch.randn(batch, 3, 1024, 1024, device="cuda")
@@ -128,8 +131,12 @@ def mask_agreement(model: str, impl: str, points: int) -> dict[str, Any]:
         for m32, m16 in zip(a, b):
             union = np.logical_or(m32, m16).sum()
             ious.append(1.0 if union == 0 else np.logical_and(m32, m16).sum() / union)
-    return {"masks": len(ious), "mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious)),
-            "fraction_iou_ge_0.98": float(np.mean(np.array(ious) >= 0.98))}
+    return {
+        "masks": len(ious),
+        "mean_iou": float(np.mean(ious)),
+        "min_iou": float(np.min(ious)),
+        "fraction_iou_ge_0.98": float(np.mean(np.array(ious) >= 0.98)),
+    }
 
 
 def _write(path: Path, results: dict) -> None:
@@ -164,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         has_torch_gpu = False
     device = jax.devices()[0]
     results: dict[str, Any] = {
-        "meta": {"jax": jax.__version__, "device": getattr(device, "device_kind", str(device)), "platform": device.platform,
-                 "batch": args.batch, "iters": args.iters, "date": time.strftime("%Y-%m-%d %H:%M")},
+        "meta": {
+            "jax": jax.__version__,
+            "device": getattr(device, "device_kind", str(device)),
+            "platform": device.platform,
+            "batch": args.batch,
+            "iters": args.iters,
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        },
         "items": {},
     }
     if has_torch_gpu:
@@ -187,9 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, results)
         return results["items"][name]
 
-    mm = {} if not args.matmul_n else item("matmul_bf16_jax", lambda: {"tflops": jax_matmul_tflops(args.matmul_n, "bfloat16", args.iters)})
-    mm_torch = item("matmul_bf16_torch", lambda: {"tflops": torch_matmul_tflops(args.matmul_n, args.iters)}) if has_torch_gpu and args.matmul_n else {}
-    gflop = {m: item(f"gflop_{m}", lambda m=m: {"gflop_per_image": encoder_gflop(m)}).get("gflop_per_image") for m in models}
+    mm = (
+        {}
+        if not args.matmul_n
+        else item("matmul_bf16_jax", lambda: {"tflops": jax_matmul_tflops(args.matmul_n, "bfloat16", args.iters)})
+    )
+    mm_torch = (
+        item("matmul_bf16_torch", lambda: {"tflops": torch_matmul_tflops(args.matmul_n, args.iters)})
+        if has_torch_gpu and args.matmul_n
+        else {}
+    )
+    gflop = {
+        m: item(f"gflop_{m}", lambda m=m: {"gflop_per_image": encoder_gflop(m)}).get("gflop_per_image") for m in models
+    }
 
     def with_rate(r: dict, model: str, mm_rate: dict) -> dict:
         if "images_per_s" in r and gflop.get(model) and mm_rate.get("tflops"):
@@ -201,18 +224,27 @@ def main(argv: list[str] | None = None) -> int:
     for i, model in enumerate(models):
         params = init_params(get_config(model), jax.random.key(0))
         for impl in impls if i == 0 else [best.get("impl", impls[0])]:
-            r = item(f"ours_{model}_bf16_{impl}", lambda: with_rate(ours_encoder(model, "bfloat16", impl, args.batch, args.iters, params), model, mm))
+            r = item(
+                f"ours_{model}_bf16_{impl}",
+                lambda: with_rate(ours_encoder(model, "bfloat16", impl, args.batch, args.iters, params), model, mm),
+            )
             if "images_per_s" in r and r["images_per_s"] > best.get("images_per_s", 0):
                 best = {"impl": impl, "images_per_s": r["images_per_s"]}
         if has_torch_gpu:
-            item(f"official_{model}_bf16_autocast", lambda: with_rate(official_encoder(model, args.batch, args.iters, True), model, mm_torch))
+            item(
+                f"official_{model}_bf16_autocast",
+                lambda: with_rate(official_encoder(model, args.batch, args.iters, True), model, mm_torch),
+            )
         del params
     if has_torch_gpu:
         item(f"official_{models[0]}_fp32", lambda: official_encoder(models[0], args.batch, args.iters, False))
     for impl in [a for a in args.fp32_attention.split(",") if a]:
         item(f"ours_{models[0]}_fp32_{impl}", lambda: ours_encoder(models[0], "float32", impl, args.batch, args.iters))
     if args.agreement:
-        item(f"agreement_{models[0]}_bf16_vs_fp32", lambda: mask_agreement(models[0], best.get("impl", "chunked"), args.agreement))
+        item(
+            f"agreement_{models[0]}_bf16_vs_fp32",
+            lambda: mask_agreement(models[0], best.get("impl", "chunked"), args.agreement),
+        )
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

@@ -17,8 +17,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,12 +60,17 @@ class Context:
             self.weights_path = models.save_weights(self.pair.state_dict, self.workdir / "weights.npz")
         return self.weights_path
 
-    def time_both(self, ours: Callable[[], Any], official: Callable[[], Any]) -> tuple[list[float], list[float], dict[str, Any]]:
+    def time_both(
+        self, ours: Callable[[], Any], official: Callable[[], Any]
+    ) -> tuple[list[float], list[float], dict[str, Any]]:
         """`time_pair` with the context's repeats and warm-up -> (ours runs, official runs,
         {"ours": last output, "official": last output})."""
         out: dict[str, Any] = {}
         runs = time_pair(
-            lambda: out.__setitem__("ours", ours()), lambda: out.__setitem__("official", official()), self.repeats, self.warmup
+            lambda: out.__setitem__("ours", ours()),
+            lambda: out.__setitem__("official", official()),
+            self.repeats,
+            self.warmup,
         )
         return *runs, out
 
@@ -123,7 +129,9 @@ def encoder_input(ctx: Context, batch: int) -> np.ndarray:
     views = [ctx.photo, ctx.photo[:, ::-1], ctx.photo[::-1], ctx.photo[::-1, ::-1]]
     resize = ResizeLongestSide(ctx.config.image_size)
     images = [resize.apply_image(np.ascontiguousarray(views[i % len(views)])) for i in range(batch)]
-    return np.array(jnp.concatenate([preprocess(jnp.asarray(im)[None], ctx.config) for im in images]))  # writable, for torch
+    return np.array(
+        jnp.concatenate([preprocess(jnp.asarray(im)[None], ctx.config) for im in images])
+    )  # writable, for torch
 
 
 def official_encode(model, x) -> np.ndarray:
@@ -164,7 +172,11 @@ def case_encoder(ctx: Context) -> list[Row]:
         flop = encoder_flops(ctx.config, b)
         rows.append(
             timed_row(
-                f"encoder_b{b}", "encoder", f"image encoder, batch {b}", a, o,
+                f"encoder_b{b}",
+                "encoder",
+                f"image encoder, batch {b}",
+                a,
+                o,
                 check=close_check(out["ours"], out["official"], atol=1e-3),
                 extra=rate_extra(flop, median(a), median(o), ctx.matmul),
             )
@@ -207,8 +219,14 @@ def _predict_flops(ctx: Context, predictor, coords: np.ndarray, labels: np.ndarr
         static_argnames=("input_size", "original_size", "multimask_output", "return_logits"),
     )
     return xla_flops(
-        fn, ctx.pair.ours.params, predictor.features, prompts, input_size=predictor.input_size,
-        original_size=predictor.original_size, multimask_output=True, return_logits=False,
+        fn,
+        ctx.pair.ours.params,
+        predictor.features,
+        prompts,
+        input_size=predictor.input_size,
+        original_size=predictor.original_size,
+        multimask_output=True,
+        return_logits=False,
     )
 
 
@@ -232,7 +250,11 @@ def case_predict(ctx: Context) -> list[Row]:
         flop = _predict_flops(ctx, ours, coords, labels)
         rows.append(
             timed_row(
-                f"predict_{n}", "predict", f"predict, {n} point prompt{'s' * (n > 1)}", a, o,
+                f"predict_{n}",
+                "predict",
+                f"predict, {n} point prompt{'s' * (n > 1)}",
+                a,
+                o,
                 check=masks_check(out["ours"], out["official"]),
                 extra=rate_extra(flop, median(a), median(o), ctx.matmul),
             )
@@ -254,16 +276,24 @@ def _amg_flops(ctx: Context, gen, image: np.ndarray) -> float:
     h, w = image.shape[:2]
     batch = jax.jit(
         functools.partial(
-            process_point_batch, config=cfg, pred_iou_thresh=gen.pred_iou_thresh,
-            stability_score_thresh=gen.stability_score_thresh, stability_score_offset=gen.stability_score_offset,
+            process_point_batch,
+            config=cfg,
+            pred_iou_thresh=gen.pred_iou_thresh,
+            stability_score_thresh=gen.stability_score_thresh,
+            stability_score_offset=gen.stability_score_offset,
         ),
         static_argnames=("input_size", "crop_box", "orig_size"),
     )
     p = gen.points_per_batch
     one = xla_flops(
-        batch, params, jax.ShapeDtypeStruct((1, e, e, cfg.prompt_embed_dim), jnp.float32),
-        jax.ShapeDtypeStruct((p, 2), jnp.float32), jax.ShapeDtypeStruct((p,), jnp.bool_),
-        input_size=get_preprocess_shape(h, w, s), crop_box=(0, 0, w, h), orig_size=(h, w),
+        batch,
+        params,
+        jax.ShapeDtypeStruct((1, e, e, cfg.prompt_embed_dim), jnp.float32),
+        jax.ShapeDtypeStruct((p, 2), jnp.float32),
+        jax.ShapeDtypeStruct((p,), jnp.bool_),
+        input_size=get_preprocess_shape(h, w, s),
+        crop_box=(0, 0, w, h),
+        orig_size=(h, w),
     )
     return encoder_flops(ctx.config, 1) + math.ceil(len(gen.point_grids[0]) / p) * one
 
@@ -271,7 +301,10 @@ def _amg_flops(ctx: Context, gen, image: np.ndarray) -> float:
 def case_amg(ctx: Context) -> list[Row]:
     """The automatic mask generator with default settings (but `points_per_side`) on the photo."""
     kw = dict(points_per_side=ctx.amg_points_per_side)
-    ours, ref = models.mask_generator("ours", ctx.pair.ours, **kw), models.mask_generator("official", ctx.pair.official, **kw)
+    ours, ref = (
+        models.mask_generator("ours", ctx.pair.ours, **kw),
+        models.mask_generator("official", ctx.pair.official, **kw),
+    )
     if ours.crop_n_layers:
         raise BenchError("the amg case assumes the default crop_n_layers=0")
     a, o, out = ctx.time_both(lambda: ours.generate(ctx.photo), lambda: ref.generate(ctx.photo))
@@ -279,8 +312,13 @@ def case_amg(ctx: Context) -> list[Row]:
     h, w = ctx.photo.shape[:2]
     return [
         timed_row(
-            "amg", "amg", f"automatic masks, {h}x{w} photo", a, o,
-            check=amg_check(out["ours"], out["official"]), extra=rate_extra(flop, median(a), median(o), ctx.matmul),
+            "amg",
+            "amg",
+            f"automatic masks, {h}x{w} photo",
+            a,
+            o,
+            check=amg_check(out["ours"], out["official"]),
+            extra=rate_extra(flop, median(a), median(o), ctx.matmul),
         )
     ]
 
@@ -288,9 +326,22 @@ def case_amg(ctx: Context) -> list[Row]:
 # ----------------------------------------------------------------------------- fresh processes
 
 
-def run_child(ctx: Context, mode: str, side: str, cache_dir: Path | None = None, timeout: float = 1800) -> dict[str, Any]:
+def run_child(
+    ctx: Context, mode: str, side: str, cache_dir: Path | None = None, timeout: float = 1800
+) -> dict[str, Any]:
     """Run `python -m bench.child` -> its RESULT dict, plus `process_s` (the child's whole wall time)."""
-    cmd = [sys.executable, "-m", "bench.child", mode, "--side", side, "--model", ctx.model, "--weights", str(ctx.weights())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.child",
+        mode,
+        "--side",
+        side,
+        "--model",
+        ctx.model,
+        "--weights",
+        str(ctx.weights()),
+    ]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
     if mode == "amg":
@@ -302,7 +353,7 @@ def run_child(ctx: Context, mode: str, side: str, cache_dir: Path | None = None,
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
         raise BenchError(f"{' '.join(cmd[2:6])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {**json.loads(lines[-1][len(RESULT):]), "process_s": wall}
+    return {**json.loads(lines[-1][len(RESULT) :]), "process_s": wall}
 
 
 def case_memory(ctx: Context) -> list[Row]:
@@ -315,8 +366,16 @@ def case_memory(ctx: Context) -> list[Row]:
     }
     return [
         Row(
-            "memory", "memory", "peak memory, automatic masks (process)", "MB", ours["peak_mb"], ref["peak_mb"],
-            [ours["peak_mb"]], [ref["peak_mb"]], check=check, extra={"ours": ours, "official": ref},
+            "memory",
+            "memory",
+            "peak memory, automatic masks (process)",
+            "MB",
+            ours["peak_mb"],
+            ref["peak_mb"],
+            [ours["peak_mb"]],
+            [ref["peak_mb"]],
+            check=check,
+            extra={"ours": ours, "official": ref},
         )
     ]
 
@@ -346,9 +405,16 @@ def case_compile(ctx: Context) -> list[Row]:
         }
         rows.append(
             Row(
-                f"compile_{name}", "compile", f"first predict, new process, {name} cache", "s",
-                ours["first_call_s"], ref["first_call_s"], [ours["first_call_s"]], [ref["first_call_s"]],
-                check=_first_call_check(ours, ref), extra=extra,
+                f"compile_{name}",
+                "compile",
+                f"first predict, new process, {name} cache",
+                "s",
+                ours["first_call_s"],
+                ref["first_call_s"],
+                [ours["first_call_s"]],
+                [ref["first_call_s"]],
+                check=_first_call_check(ours, ref),
+                extra=extra,
             )
         )
     return rows
@@ -387,7 +453,9 @@ def _train_flops(trainer, batch: dict[str, np.ndarray]) -> float:
 
     cfg = trainer.cfg
     fn = jax.jit(
-        functools.partial(train_step, model_config=trainer.model_config, cfg=cfg.loss, tx=trainer.tx, schedule=trainer.schedule)
+        functools.partial(
+            train_step, model_config=trainer.model_config, cfg=cfg.loss, tx=trainer.tx, schedule=trainer.schedule
+        )
     )
     shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype), batch)
     return xla_flops(fn, trainer.state, shapes)
@@ -420,7 +488,18 @@ def time_training(ctx: Context, name: str, cfg, workdir: Path, steps: int) -> Ro
         **rate_extra(flop, t, None, ctx.matmul),
     }
     check = {"ok": bool(np.all(np.isfinite(losses))), "last_loss": losses[-1]}
-    return Row(f"train_{name}", "train", f"train step, {name} (batch {cfg.batch_size})", "s", t, None, runs, [], check=check, extra=extra)
+    return Row(
+        f"train_{name}",
+        "train",
+        f"train step, {name} (batch {cfg.batch_size})",
+        "s",
+        t,
+        None,
+        runs,
+        [],
+        check=check,
+        extra=extra,
+    )
 
 
 def case_train(ctx: Context) -> list[Row]:
@@ -430,7 +509,13 @@ def case_train(ctx: Context) -> list[Row]:
     if not data.exists():
         make_shapes(data, 32, seed=0, image_size=(96, 128))
     return [
-        time_training(ctx, name, cfg, ctx.workdir / f"train_{name}", ctx.repeats if name == "shapes_tiny" else min(ctx.repeats, FULL_SIZE_TRAIN_STEPS))
+        time_training(
+            ctx,
+            name,
+            cfg,
+            ctx.workdir / f"train_{name}",
+            ctx.repeats if name == "shapes_tiny" else min(ctx.repeats, FULL_SIZE_TRAIN_STEPS),
+        )
         for name, cfg in train_configs(ctx.model, data).items()
     ]
 

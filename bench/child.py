@@ -67,7 +67,12 @@ def first_call(side: str, model, image: np.ndarray, args: argparse.Namespace) ->
     _predict_once(side, model, image)
     second = time.perf_counter() - t
     best = int(np.argmax(scores))
-    return {"first_call_s": first, "second_call_s": second, "best_score": float(scores[best]), "best_area": int(masks[best].sum())}
+    return {
+        "first_call_s": first,
+        "second_call_s": second,
+        "best_score": float(scores[best]),
+        "best_area": int(masks[best].sum()),
+    }
 
 
 MODES = {"amg": amg, "first-call": first_call}
@@ -92,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--weights", required=True, help=".npz of the official state dict (bench.models.save_weights)")
     p.add_argument("--cache-dir", default=None, help="ours: JAX persistent compilation cache directory")
-    p.add_argument("--points-per-side", type=int, default=32, help="amg: the generator's point grid (official default 32)")
+    p.add_argument(
+        "--points-per-side", type=int, default=32, help="amg: the generator's point grid (official default 32)"
+    )
     args = p.parse_args(argv)
     start = time.perf_counter()
     model = _load(args.side, args.model, args.weights, args.cache_dir)

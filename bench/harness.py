@@ -13,8 +13,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,9 @@ def time_call(fn: Callable[[], Any], pause: float = 0.0) -> float:
     return time.perf_counter() - t
 
 
-def time_pair(ours: Callable[[], Any], official: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+def time_pair(
+    ours: Callable[[], Any], official: Callable[[], Any], repeats: int, warmup: int = 1
+) -> tuple[list[float], list[float]]:
     """Alternate the two implementations: `warmup` untimed calls each, then `repeats` timed
     rounds of ours, official, each call after `PAUSE_S`. Returns the run times (ours, official)."""
     for _ in range(warmup):

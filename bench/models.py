@@ -1,6 +1,6 @@
 """The two models on the same weights, and the photo every case runs on.
 
-The official model gets random weights (`tests.official.randomize_`: every parameter,
+The official model gets random weights (`bench.official.randomize_`: every parameter,
 as in the parity tests) made confident with `sharpen_` (`SHARPEN`): random weights give
 masks of stability ~0.7 and predicted IoU ~0, so with the default settings the automatic
 mask generator would keep no mask and never reach its RLE, NMS and record steps; these
@@ -23,7 +23,6 @@ import numpy as np
 
 from sam_jax.config import SamConfig, get_config
 from sam_jax.model import SamModel
-
 
 SHARPEN = dict(pe_scale=8.0, logit_scale=1000.0, iou_offset=1.0)
 
@@ -66,7 +65,7 @@ class Pair:
 
 
 def build_pair(model: str, seed: int = 0) -> Pair:
-    from tests.official import build_official, randomize_, sharpen_, state_dict_numpy
+    from bench.official import build_official, randomize_, sharpen_, state_dict_numpy
 
     config = get_config(model)
     official = sharpen_(randomize_(build_official(config), seed=seed), **SHARPEN)
@@ -89,7 +88,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def official_from_weights(path: str | os.PathLike, config: SamConfig):
     import torch
 
-    from tests.official import build_official
+    from bench.official import build_official
 
     model = build_official(config)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(path).items()}, strict=True)
@@ -103,7 +102,7 @@ def ours_from_weights(path: str | os.PathLike, config: SamConfig) -> SamModel:
 def predictor(side: str, model):
     """A new predictor of `side` ("ours" or "official") over its model."""
     if side == "official":
-        from tests.official import official_predictor
+        from bench.official import official_predictor
 
         return official_predictor(model)
     from sam_jax.predictor import SamPredictor
@@ -114,7 +113,7 @@ def predictor(side: str, model):
 def mask_generator(side: str, model, **kwargs):
     """A new automatic mask generator of `side` ("ours" or "official"); kwargs as officially."""
     if side == "official":
-        from tests.official import official_mask_generator
+        from bench.official import official_mask_generator
 
         return official_mask_generator(model, **kwargs)
     from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator

@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
-
 from sam_jax.convert.errors import CheckpointError, check_keys, set_path
 from sam_jax.convert.keys import conv, identity, linear
+
 from sam_jax.modeling.clip import CLIPConfig, abstract_clip_params
 
 Path = tuple[str, ...]
@@ -114,7 +115,6 @@ def expected_hf_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
     """{HF key: the shape HF stores it in} for every tensor of a `CLIPModel` with this config."""
     expected = _expected_shapes(config)
     return {row.hf: _HF_SHAPE[row.transform](expected[row.flax]) for row in clip_key_table(config)}
-
 
 
 def clip_to_flax(state_dict: Mapping[str, Any], config: CLIPConfig) -> dict[str, Any]:

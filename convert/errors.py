@@ -34,4 +34,3 @@ def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for part in path[:-1]:
         tree = tree.setdefault(part, {})
     tree[path[-1]] = value
-

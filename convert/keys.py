@@ -10,7 +10,7 @@ derived by string substitution.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -114,7 +114,9 @@ def _image_encoder(cfg: SamConfig) -> Iterator[Row]:
         yield from _linear(f"{ob}.attn.proj", f"{hb}.attn.proj", (*fb, "attn", "proj"))
         if enc.use_rel_pos:
             for axis in ("h", "w"):
-                yield Row(f"{ob}.attn.rel_pos_{axis}", f"{hb}.attn.rel_pos_{axis}", (*fb, "attn", f"rel_pos_{axis}"), identity)
+                yield Row(
+                    f"{ob}.attn.rel_pos_{axis}", f"{hb}.attn.rel_pos_{axis}", (*fb, "attn", f"rel_pos_{axis}"), identity
+                )
         yield from _norm(f"{ob}.norm2", f"{hb}.layer_norm2", (*fb, "norm2"))
         yield from _linear(f"{ob}.mlp.lin1", f"{hb}.mlp.lin1", (*fb, "mlp", "lin1"))
         yield from _linear(f"{ob}.mlp.lin2", f"{hb}.mlp.lin2", (*fb, "mlp", "lin2"))
@@ -171,21 +173,38 @@ def _mask_decoder(cfg: SamConfig) -> Iterator[Row]:
         ol, hl, fl = f"{ot}.layers.{i}", f"{ht}.layers.{i}", (*ft, f"layers_{i}")
         yield from _attention(f"{ol}.self_attn", f"{hl}.self_attn", (*fl, "self_attn"))
         yield from _norm(f"{ol}.norm1", f"{hl}.layer_norm1", (*fl, "norm1"))
-        yield from _attention(f"{ol}.cross_attn_token_to_image", f"{hl}.cross_attn_token_to_image", (*fl, "cross_attn_token_to_image"))
+        yield from _attention(
+            f"{ol}.cross_attn_token_to_image", f"{hl}.cross_attn_token_to_image", (*fl, "cross_attn_token_to_image")
+        )
         yield from _norm(f"{ol}.norm2", f"{hl}.layer_norm2", (*fl, "norm2"))
         yield from _linear(f"{ol}.mlp.lin1", f"{hl}.mlp.lin1", (*fl, "mlp", "lin1"))
         yield from _linear(f"{ol}.mlp.lin2", f"{hl}.mlp.lin2", (*fl, "mlp", "lin2"))
         yield from _norm(f"{ol}.norm3", f"{hl}.layer_norm3", (*fl, "norm3"))
         yield from _norm(f"{ol}.norm4", f"{hl}.layer_norm4", (*fl, "norm4"))
-        yield from _attention(f"{ol}.cross_attn_image_to_token", f"{hl}.cross_attn_image_to_token", (*fl, "cross_attn_image_to_token"))
-    yield from _attention(f"{ot}.final_attn_token_to_image", f"{ht}.final_attn_token_to_image", (*ft, "final_attn_token_to_image"))
+        yield from _attention(
+            f"{ol}.cross_attn_image_to_token", f"{hl}.cross_attn_image_to_token", (*fl, "cross_attn_image_to_token")
+        )
+    yield from _attention(
+        f"{ot}.final_attn_token_to_image", f"{ht}.final_attn_token_to_image", (*ft, "final_attn_token_to_image")
+    )
     yield from _norm(f"{ot}.norm_final_attn", f"{ht}.layer_norm_final_attn", (*ft, "norm_final_attn"))
-    yield from _conv(f"{o}.output_upscaling.0", f"{h}.upscale_conv1", (*f, "output_upscaling_0"), transform=conv_transpose)
+    yield from _conv(
+        f"{o}.output_upscaling.0", f"{h}.upscale_conv1", (*f, "output_upscaling_0"), transform=conv_transpose
+    )
     yield from _norm(f"{o}.output_upscaling.1", f"{h}.upscale_layer_norm", (*f, "output_upscaling_1"))
-    yield from _conv(f"{o}.output_upscaling.3", f"{h}.upscale_conv2", (*f, "output_upscaling_3"), transform=conv_transpose)
+    yield from _conv(
+        f"{o}.output_upscaling.3", f"{h}.upscale_conv2", (*f, "output_upscaling_3"), transform=conv_transpose
+    )
     for i in range(dec.num_multimask_outputs + 1):
-        yield from _mlp(f"{o}.output_hypernetworks_mlps.{i}", f"{h}.output_hypernetworks_mlps.{i}", (*f, f"output_hypernetworks_mlps_{i}"), 3)
-    yield from _mlp(f"{o}.iou_prediction_head", f"{h}.iou_prediction_head", (*f, "iou_prediction_head"), dec.iou_head_depth)
+        yield from _mlp(
+            f"{o}.output_hypernetworks_mlps.{i}",
+            f"{h}.output_hypernetworks_mlps.{i}",
+            (*f, f"output_hypernetworks_mlps_{i}"),
+            3,
+        )
+    yield from _mlp(
+        f"{o}.iou_prediction_head", f"{h}.iou_prediction_head", (*f, "iou_prediction_head"), dec.iou_head_depth
+    )
 
 
 def key_table(config: SamConfig) -> list[Row]:

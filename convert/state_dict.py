@@ -10,14 +10,15 @@ except that the loader casts to the float32 params when a checkpoint is half pre
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import jax
 import numpy as np
-
-from sam_jax.config import CONFIGS, SamConfig, get_config
 from sam_jax.convert.errors import CheckpointError, check_keys, set_path
 from sam_jax.convert.keys import Row, key_table
+
+from sam_jax.config import CONFIGS, SamConfig, get_config
 
 KeyStyle = Literal["official", "hf"]
 # Hugging Face ties the positional-encoding matrix to a second name; some files hold both.
@@ -48,7 +49,7 @@ def infer_model_type(state_dict: Mapping[str, np.ndarray]) -> str:
     if patch not in state_dict:
         raise CheckpointError(f"cannot infer the model type: the checkpoint has no {patch!r}")
     width = int(np.shape(state_dict[patch])[0])
-    depth = len({k[len(block):].split(".")[0] for k in state_dict if k.startswith(block)})
+    depth = len({k[len(block) :].split(".")[0] for k in state_dict if k.startswith(block)})
     for name in ("vit_b", "vit_l", "vit_h"):
         enc = CONFIGS[name]().image_encoder
         if (enc.embed_dim, enc.depth) == (width, depth):
@@ -64,7 +65,6 @@ def _expected_shapes(config: SamConfig) -> dict[tuple[str, ...], tuple[int, ...]
 
     flat = jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
-
 
 
 def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig) -> dict[str, Any]:

@@ -229,9 +229,7 @@ def _read_record(checkpoint: str, archive: zipfile.ZipFile, record: str) -> byte
     try:
         return archive.read(record)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-        raise CheckpointError(
-            f"{checkpoint} is corrupt: cannot read record '{record}' ({exc})"
-        ) from exc
+        raise CheckpointError(f"{checkpoint} is corrupt: cannot read record '{record}' ({exc})") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read {checkpoint}: {exc.strerror or exc}") from exc
 
@@ -251,8 +249,7 @@ def _is_big_endian(checkpoint: str, archive: zipfile.ZipFile, prefix: str) -> bo
     byteorder = _read_record(checkpoint, archive, record).strip()
     if byteorder not in (b"little", b"big"):
         raise CheckpointError(
-            f"{checkpoint} is corrupt: record '{record}' says {byteorder[:20]!r}, "
-            "not 'little' or 'big'"
+            f"{checkpoint} is corrupt: record '{record}' says {byteorder[:20]!r}, not 'little' or 'big'"
         )
     return byteorder == b"big"
 
@@ -280,9 +277,7 @@ def _state_dict(checkpoint: str, root: object) -> dict[str, _TensorRef]:
             break
     for key, value in root.items():
         if not isinstance(key, str):
-            raise CheckpointError(
-                f"{checkpoint} is not a tensor state dict: key {key!r:.80}{where} is not a string"
-            )
+            raise CheckpointError(f"{checkpoint} is not a tensor state dict: key {key!r:.80}{where} is not a string")
         if not isinstance(value, _TensorRef):
             raise CheckpointError(
                 f"{checkpoint} is not a tensor state dict: "

@@ -1,7 +1,7 @@
 """Segment Anything in JAX/Flax.
 
-    from sam_jax import sam_model_registry
-    sam = sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")
+from sam_jax import sam_model_registry
+sam = sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")
 """
 
 from sam_jax.build_sam import build_sam, build_sam_vit_b, build_sam_vit_h, build_sam_vit_l, sam_model_registry

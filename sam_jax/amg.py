@@ -17,9 +17,10 @@ pixel (official convention: a one-pixel mask at (x, y) has box (x, y, x, y)).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 from itertools import product
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -288,9 +289,7 @@ def _nms(
     return jnp.zeros(n, dtype=bool).at[order].set(keep_sorted), order
 
 
-def batched_nms(
-    boxes: ArrayLike, scores: ArrayLike, iou_threshold: float, valid: ArrayLike | None = None
-) -> jax.Array:
+def batched_nms(boxes: ArrayLike, scores: ArrayLike, iou_threshold: float, valid: ArrayLike | None = None) -> jax.Array:
     """Greedy non-maximum suppression with `torchvision.ops.nms` semantics, in fixed shapes.
 
     boxes (N, 4) XYXY float, scores (N,), valid (N,) bool or None (all valid) ->

@@ -15,7 +15,8 @@ Records: `segmentation` (per `output_mode`: "binary_mask", "uncompressed_rle" or
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +109,9 @@ class SamAutomaticMaskGenerator:
         else:
             self.point_grids = [np.asarray(g, np.float64) for g in point_grids]
             if len(self.point_grids) < crop_n_layers + 1:
-                raise ValueError(f"point_grids needs one grid per crop layer ({crop_n_layers + 1}), got {len(point_grids)}")
+                raise ValueError(
+                    f"point_grids needs one grid per crop layer ({crop_n_layers + 1}), got {len(point_grids)}"
+                )
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -183,7 +186,9 @@ class SamAutomaticMaskGenerator:
         self.predictor.reset_image()
         data = _cat(batches)
         if len(data["rles"]):
-            data = _take(data, amg.nms_indices(data["boxes"].astype(np.float32), data["iou_preds"], self.box_nms_thresh))
+            data = _take(
+                data, amg.nms_indices(data["boxes"].astype(np.float32), data["iou_preds"], self.box_nms_thresh)
+            )
         data["boxes"] = amg.uncrop_boxes_xyxy(data["boxes"], list(crop_box))
         data["points"] = amg.uncrop_points(data["points"], list(crop_box))
         data["crop_boxes"] = np.tile(np.asarray(crop_box, np.int64), (len(data["rles"]), 1))

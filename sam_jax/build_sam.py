@@ -18,7 +18,9 @@ from sam_jax.config import get_config
 from sam_jax.model import SamModel, init_params
 
 
-def _build(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: str | None = None, seed: int = 0) -> SamModel:
+def _build(
+    name: str, checkpoint: str | os.PathLike | None = None, *, dtype: str | None = None, seed: int = 0
+) -> SamModel:
     if checkpoint is None:
         config = get_config(name)
         model = SamModel(config, init_params(config, jax.random.key(seed)))

@@ -50,13 +50,19 @@ def load_params(directory: str | os.PathLike) -> tuple[SamConfig, Params]:
     """Read a checkpoint directory written by `save_params` -> (config, params as numpy arrays)."""
     path = Path(directory).absolute()
     if not (path / PARAMS_ITEM).is_dir() or not (path / CONFIG_ITEM).is_dir():
-        raise CheckpointError(f"{path} is not a sam-jax checkpoint directory (no '{PARAMS_ITEM}' and '{CONFIG_ITEM}' items)")
+        raise CheckpointError(
+            f"{path} is not a sam-jax checkpoint directory (no '{PARAMS_ITEM}' and '{CONFIG_ITEM}' items)"
+        )
     ocp, ckptr = _checkpointer()
-    config = SamConfig.from_dict(ckptr.restore(path, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM])
+    config = SamConfig.from_dict(
+        ckptr.restore(path, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+    )
     from sam_jax.model import abstract_params
 
     target = abstract_params(config)
-    restore = lambda t: ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(t)}))[PARAMS_ITEM]  # noqa: E731
+    restore = lambda t: ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(t)}))[
+        PARAMS_ITEM
+    ]
     try:
         return config, restore(target)
     except Exception as error:  # orbax's error for a tree that differs varies with its version
@@ -70,7 +76,9 @@ def load_params(directory: str | os.PathLike) -> tuple[SamConfig, Params]:
         params = restore(legacy)
     except Exception:
         raise mismatch from None
-    params["mask_decoder"]["text_mask_tokens"] = {k: np.array(v) for k, v in params["mask_decoder"]["mask_tokens"].items()}
+    params["mask_decoder"]["text_mask_tokens"] = {
+        k: np.array(v) for k, v in params["mask_decoder"]["mask_tokens"].items()
+    }
     return config, params
 
 
@@ -92,7 +100,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return load_torch_checkpoint(path)
 
 
-def load_model(checkpoint: str | os.PathLike, model_type: str | SamConfig = "auto", dtype: str | None = None) -> SamModel:
+def load_model(
+    checkpoint: str | os.PathLike, model_type: str | SamConfig = "auto", dtype: str | None = None
+) -> SamModel:
     """Load any supported checkpoint as a `SamModel`.
 
     model_type: "auto" (from the checkpoint), a registry name, or a config; a checkpoint
@@ -136,7 +146,9 @@ def export_safetensors(params: Params, config: SamConfig, path: str | os.PathLik
     return path
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_type: str | SamConfig = "auto") -> SamConfig:
+def convert_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, model_type: str | SamConfig = "auto"
+) -> SamConfig:
     """An official `.pth` or a `.safetensors` -> a sam-jax checkpoint directory. Returns the config."""
     model = load_model(src, model_type)
     save_params(dst, model.params, model.config)

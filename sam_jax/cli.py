@@ -57,7 +57,9 @@ def parse_point(text: str) -> tuple[float, float, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid point {text!r}: expected X,Y or X,Y,LABEL (LABEL 1 or 0)") from None
     if label not in (0, 1) or not (np.isfinite(x) and np.isfinite(y)):
-        raise argparse.ArgumentTypeError(f"invalid point {text!r}: finite X,Y and LABEL 1 (foreground) or 0 (background)")
+        raise argparse.ArgumentTypeError(
+            f"invalid point {text!r}: finite X,Y and LABEL 1 (foreground) or 0 (background)"
+        )
     return x, y, label
 
 
@@ -170,7 +172,8 @@ def _segment(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = image_path.stem
     files = [
-        [f"{stem}_mask{i}.png" if n == 1 else f"{stem}_text{j}_mask{i}.png" for i in range(masks.shape[1])] for j in range(n)
+        [f"{stem}_mask{i}.png" if n == 1 else f"{stem}_text{j}_mask{i}.png" for i in range(masks.shape[1])]
+        for j in range(n)
     ]
     for j in range(n):
         for mask, name in zip(masks[j], files[j]):
@@ -203,11 +206,11 @@ def _segment(args: argparse.Namespace) -> None:
 
 
 def _auto(args: argparse.Namespace) -> None:
+    from pycocotools import mask as mask_utils
     from tqdm import tqdm
 
     from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
     from sam_jax.visualize import mask_colors, overlay
-    from pycocotools import mask as mask_utils
 
     paths = collect_images(args.inputs)
     generator = SamAutomaticMaskGenerator(
@@ -238,7 +241,10 @@ def _auto(args: argparse.Namespace) -> None:
         h, w = image.shape[:2]
         write_json(
             out / f"{path.stem}.json",
-            {"image": {"image_id": image_id, "file_name": path.name, "height": h, "width": w}, "annotations": annotations},
+            {
+                "image": {"image_id": image_id, "file_name": path.name, "height": h, "width": w},
+                "annotations": annotations,
+            },
         )
         masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in sorted(records, key=lambda r: -r["area"])]
         overlay(image, masks, colors=mask_colors(len(masks))).save(out / f"{path.stem}_overlay.png")
@@ -257,10 +263,21 @@ def _pretrain_kinds(args: argparse.Namespace) -> None:
     if not categories:
         raise CliError(f"{', '.join(args.data)}: no annotation has a 'category'; name them with --categories")
     result = pretrain_kinds(
-        args.data, args.out, categories=categories, model=args.model, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, heldout_dir=args.heldout, eval_every=args.log_every,
+        args.data,
+        args.out,
+        categories=categories,
+        model=args.model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        heldout_dir=args.heldout,
+        eval_every=args.log_every,
     )
-    print(f"wrote {args.out} ({result['steps']} steps, {result['seconds']:.0f} s); train with --config.init=encoder:{args.out}")
+    print(
+        f"wrote {args.out} ({result['steps']} steps, {result['seconds']:.0f} s); train with --config.init=encoder:{args.out}"
+    )
 
 
 def _make_shapes(args: argparse.Namespace) -> None:
@@ -310,7 +327,9 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
         last = trainer.train()
     finally:
         trainer.close()
-    print(f"trained to step {trainer.step} (loss {last.get('loss', float('nan')):.4f}); model -> {trainer.workdir / 'model'}")
+    print(
+        f"trained to step {trainer.step} (loss {last.get('loss', float('nan')):.4f}); model -> {trainer.workdir / 'model'}"
+    )
 
 
 def _engine(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -338,9 +357,16 @@ def _eval(args: argparse.Namespace) -> None:
         raise CliError(f"--template must contain {{}} (where the category goes), got {args.template!r}")
     model = _load(args)
     if categories and model.config.prompt_encoder.text_embed_dim is None:
-        raise CliError(f"--text-categories: {args.checkpoint} has no text projection: it was not trained with text prompts")
+        raise CliError(
+            f"--text-categories: {args.checkpoint} has no text projection: it was not trained with text prompts"
+        )
     results = evaluate(
-        model.params, model.config, args.data, num_clicks=args.clicks, max_images=args.max_images, max_masks_per_image=args.max_masks
+        model.params,
+        model.config,
+        args.data,
+        num_clicks=args.clicks,
+        max_images=args.max_images,
+        max_masks_per_image=args.max_masks,
     )
     print(format_table(results))
     if categories:
@@ -352,8 +378,10 @@ def _eval(args: argparse.Namespace) -> None:
         for c in categories:
             score = f"{text['per_category'][c]:.4f}" if c in text["per_category"] else "(no image has one)"
             print(f"text {args.template.format(c)!r:<24} {score}")
-        print(f"text, all {text['num_queries']} queries  {text['miou_text']:.4f}  (every query answered with all the shapes: "
-              f"{text['miou_all_shapes']:.4f})")
+        print(
+            f"text, all {text['num_queries']} queries  {text['miou_text']:.4f}  (every query answered with all the shapes: "
+            f"{text['miou_all_shapes']:.4f})"
+        )
         results["text"] = text
     if args.out:
         write_json(Path(args.out), results)
@@ -390,14 +418,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="masks for point / box / text prompts on one image")
     p.add_argument("image")
     _add_model_args(p)
-    p.add_argument("--point", action="append", type=parse_point, default=[], help="X,Y[,LABEL] (repeatable; LABEL 1 fg / 0 bg)")
+    p.add_argument(
+        "--point", action="append", type=parse_point, default=[], help="X,Y[,LABEL] (repeatable; LABEL 1 fg / 0 bg)"
+    )
     p.add_argument("--box", type=parse_box, default=None, help="X0,Y0,X1,Y1")
     p.add_argument(
-        "--text", action="append", default=[], metavar="TEXT",
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
         help="a text prompt (repeatable: one prompt per --text, each with the points and box); needs --clip and a checkpoint trained with text",
     )
     p.add_argument(
-        "--clip", default=None, metavar="FOLDER",
+        "--clip",
+        default=None,
+        metavar="FOLDER",
         help="the Hugging Face CLIP folder for --text (config.json, model.safetensors, tokenizer.json)",
     )
     p.add_argument("--multimask", action="store_true", help="three masks instead of one")
@@ -424,8 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=192)
     p.add_argument("--width", type=int, default=256)
-    p.add_argument("--min-size", type=float, help="smallest shape extent, a fraction of the image's shorter side (default 0.04)")
-    p.add_argument("--max-size", type=float, help="largest shape extent, a fraction of the image's shorter side (default 0.4)")
+    p.add_argument(
+        "--min-size", type=float, help="smallest shape extent, a fraction of the image's shorter side (default 0.04)"
+    )
+    p.add_argument(
+        "--max-size", type=float, help="largest shape extent, a fraction of the image's shorter side (default 0.4)"
+    )
     p.add_argument("--categories", help="comma-separated shape kinds to draw from (default: all 8, circle ... ring)")
     p.add_argument(
         "--colour-by-category",
@@ -435,15 +474,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_make_shapes)
 
     p = sub.add_parser(
-        "pretrain-kinds", help="pretrain a model's image encoder to tell the annotations' categories apart in every token"
+        "pretrain-kinds",
+        help="pretrain a model's image encoder to tell the annotations' categories apart in every token",
     )
-    p.add_argument("data", nargs="+", help="training folder(s) of NAME.jpg + NAME.json whose annotations carry a 'category'")
+    p.add_argument(
+        "data", nargs="+", help="training folder(s) of NAME.jpg + NAME.json whose annotations carry a 'category'"
+    )
     p.add_argument("out", help="the checkpoint to write (new); train from it with --config.init=encoder:OUT")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: every category in DATA)")
     p.add_argument("--model", default="tiny_p8_conv", help="model config name (default tiny_p8_conv)")
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak learning rate (default 2e-3), cosine decay to 0")
+    p.add_argument(
+        "--lr", type=float, default=2e-3, help="AdamW's peak learning rate (default 2e-3), cosine decay to 0"
+    )
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout", default=None, help="a held-out folder: per-mask accuracy at each log")
@@ -455,16 +499,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model/ go here")
     p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="several processes: process 0's address (all three or none)")
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="several processes: process 0's address (all three or none)",
+    )
     p.add_argument("--num-processes", type=int, default=None, metavar="N", help="several processes: how many")
-    p.add_argument("--process-id", type=int, default=None, metavar="I", help="several processes: this one's index, 0 to N-1")
+    p.add_argument(
+        "--process-id", type=int, default=None, metavar="I", help="several processes: this one's index, 0 to N-1"
+    )
     p.set_defaults(func=_train, takes_overrides=True)
 
     p = sub.add_parser(
         "engine", help="data engine rounds: pseudo-label, filter, train on labeled + pseudo, evaluate (resumes)"
     )
-    p.add_argument("--config", required=True, help="a config with an engine section, e.g. train/configs/engine_shapes_tiny.py")
-    p.add_argument("--workdir", required=True, help="round_*/ (pseudo-labels, training data, training, report.json) go here")
+    p.add_argument(
+        "--config", required=True, help="a config with an engine section, e.g. train/configs/engine_shapes_tiny.py"
+    )
+    p.add_argument(
+        "--workdir", required=True, help="round_*/ (pseudo-labels, training data, training, report.json) go here"
+    )
     p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
     p.add_argument("--quiet", action="store_true", help="only the table and a last line")
     p.set_defaults(func=_engine, takes_overrides=True)
@@ -477,11 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-masks", type=int, default=None, help="per image")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument(
-        "--text-categories", default=None, metavar="A,B,...",
+        "--text-categories",
+        default=None,
+        metavar="A,B,...",
         help="also score text prompts: each category's caption alone against all its masks in an image (needs --clip)",
     )
     p.add_argument("--clip", default=None, metavar="FOLDER", help="the Hugging Face CLIP folder for --text-categories")
-    p.add_argument("--template", default="{}", help="category -> caption, as the training config's text.template (default '{}')")
+    p.add_argument(
+        "--template", default="{}", help="category -> caption, as the training config's text.template (default '{}')"
+    )
     p.set_defaults(func=_eval)
     return parser
 
@@ -489,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not (getattr(args, "takes_overrides", False) and all(e.startswith("--config.") and "=" in e for e in extra)):
+    if extra and not (
+        getattr(args, "takes_overrides", False) and all(e.startswith("--config.") and "=" in e for e in extra)
+    ):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from sam_jax.convert.errors import CheckpointError
     from sam_jax.train.sa1b import DataError

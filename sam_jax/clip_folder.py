@@ -20,8 +20,9 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -95,15 +96,23 @@ def clip_tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) ->
     BPE with "</w>" word ends; BOS ... EOS around every text."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token=EOS, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok = Tokenizer(
+        models.BPE(
+            vocab, merges, unk_token=EOS, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False
+        )
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    tok.post_processor = processors.RobertaProcessing((EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=False, add_prefix_space=False)
+    tok.post_processor = processors.RobertaProcessing(
+        (EOS, vocab[EOS]), (BOS, vocab[BOS]), trim_offsets=False, add_prefix_space=False
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(BOS, normalized=False), AddedToken(EOS, normalized=False)])
     return tok
@@ -134,7 +143,9 @@ def hf_state_dict(params: Any, config: CLIPConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def save_clip_folder(folder: str | os.PathLike, config: CLIPConfig, params: Any, vocab: dict[str, int], merges: list[tuple[str, str]]) -> Path:
+def save_clip_folder(
+    folder: str | os.PathLike, config: CLIPConfig, params: Any, vocab: dict[str, int], merges: list[tuple[str, str]]
+) -> Path:
     """Write config.json, model.safetensors, vocab.json, merges.txt, tokenizer.json and
     tokenizer_config.json into `folder` (created; existing files there are replaced)."""
     from safetensors.numpy import save_file
@@ -142,7 +153,9 @@ def save_clip_folder(folder: str | os.PathLike, config: CLIPConfig, params: Any,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if max(vocab.values()) >= config.text_config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(vocab)} tokens; the CLIP's vocab_size is {config.text_config.vocab_size}")
+        raise ValueError(
+            f"the tokenizer has {len(vocab)} tokens; the CLIP's vocab_size is {config.text_config.vocab_size}"
+        )
 
     def write(name: str, text: str) -> None:
         tmp = folder / (name + ".tmp")
@@ -172,17 +185,35 @@ def small_clip_config(vocab_size: int, projection_dim: int = 64) -> CLIPConfig:
     """A small CLIP (text 64 x 2 layers, vision 32 px in 8 px patches) for `vocab_size` tokens."""
     return CLIPConfig(
         text_config=CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
         ),
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8),
+        vision_config=CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=projection_dim,
         name="clip_small_random",
     )
 
 
 def make_random_clip(
-    folder: str | os.PathLike, corpus: Sequence[str], *, config: CLIPConfig | None = None, n_merges: int = 200, seed: int = 0
+    folder: str | os.PathLike,
+    corpus: Sequence[str],
+    *,
+    config: CLIPConfig | None = None,
+    n_merges: int = 200,
+    seed: int = 0,
 ) -> Path:
     """A CLIP folder with a BPE learned from `corpus` and random weights (`small_clip_config` unless
     `config` is given; its vocab_size must cover the tokenizer). Deterministic for a seed."""

@@ -16,7 +16,8 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,9 @@ class CLIPTokenizer:
         """`tokenizer`: a `tokenizers.Tokenizer` whose post-processor adds BOS and EOS;
         `pad_token`: the padding token (None: the EOS, as CLIP pads)."""
         if context_length < 3:
-            raise ValueError(f"CLIPTokenizer: context_length must be at least 3 (BOS, a token, EOS); got {context_length}")
+            raise ValueError(
+                f"CLIPTokenizer: context_length must be at least 3 (BOS, a token, EOS); got {context_length}"
+            )
         self.context_length = int(context_length)
         self.eos_id = tokenizer.token_to_id(eos_token)
         if self.eos_id is None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-
 ATTENTION_IMPLS = ("chunked", "xla", "cudnn")
 
 
@@ -172,7 +171,7 @@ class SamConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SamConfig:
         d = dict(d)
         enc = dict(d.pop("image_encoder"))
         enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
@@ -198,18 +197,14 @@ def vit_b() -> SamConfig:
 def vit_l() -> SamConfig:
     return SamConfig(
         name="vit_l",
-        image_encoder=ImageEncoderConfig(
-            embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)
-        ),
+        image_encoder=ImageEncoderConfig(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
     )
 
 
 def vit_h() -> SamConfig:
     return SamConfig(
         name="vit_h",
-        image_encoder=ImageEncoderConfig(
-            embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)
-        ),
+        image_encoder=ImageEncoderConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
     )
 
 
@@ -255,7 +250,9 @@ def tiny_p8() -> SamConfig:
     encoder = dataclasses.replace(
         base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=(), high_res_channels=16
     )
-    decoder = dataclasses.replace(base.mask_decoder, transformer_num_heads=2, click_map_sigmas=(4.0, 8.0, 16.0, 32.0, 64.0))
+    decoder = dataclasses.replace(
+        base.mask_decoder, transformer_num_heads=2, click_map_sigmas=(4.0, 8.0, 16.0, 32.0, 64.0)
+    )
     return dataclasses.replace(base, name="tiny_p8", image_encoder=encoder, mask_decoder=decoder)
 
 
@@ -272,7 +269,14 @@ def tiny_p8_conv() -> SamConfig:
     return dataclasses.replace(base, name="tiny_p8_conv", image_encoder=encoder, mask_decoder=decoder)
 
 
-CONFIGS = {"vit_b": vit_b, "vit_l": vit_l, "vit_h": vit_h, "tiny": tiny, "tiny_p8": tiny_p8, "tiny_p8_conv": tiny_p8_conv}
+CONFIGS = {
+    "vit_b": vit_b,
+    "vit_l": vit_l,
+    "vit_h": vit_h,
+    "tiny": tiny,
+    "tiny_p8": tiny_p8,
+    "tiny_p8_conv": tiny_p8_conv,
+}
 
 
 def get_config(name: str) -> SamConfig:

@@ -98,7 +98,9 @@ def train_and_segment(args: argparse.Namespace) -> dict:
     prefix, shapes = ("text_", TEXT_SHAPES) if args.text else ("", {})
     train_images = args.train_images or (1000 if args.text else 400)
     train_dir, heldout_dir, kinds_dir = (out / "data" / f"{prefix}{name}" for name in ("train", "heldout", "kinds"))
-    folders = [(train_dir, train_images, 0), (heldout_dir, args.eval_images, 1)] + ([(kinds_dir, args.kinds_images, 7)] if args.text else [])
+    folders = [(train_dir, train_images, 0), (heldout_dir, args.eval_images, 1)] + (
+        [(kinds_dir, args.kinds_images, 7)] if args.text else []
+    )
     for d, n, seed in folders:
         if len(list_records(d) if d.is_dir() else []) != n:
             make_shapes(d, n, seed=seed, **shapes)
@@ -123,8 +125,16 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         else:  # stage 1: the kinds in every token (not resumable: a crash keeps kinds.step_N, docs/text-training.md)
             steps = args.pretrain_steps
             print(f"stage 1: pretraining {cfg.model}'s encoder on the kinds, {steps} steps of 8 images -> {kinds}")
-            pretrain_kinds([train_dir, kinds_dir], kinds, categories=list(TEXT_KINDS), model=cfg.model, steps=steps,
-                           warmup_steps=min(50, steps - 1), heldout_dir=heldout_dir, eval_every=min(500, steps))
+            pretrain_kinds(
+                [train_dir, kinds_dir],
+                kinds,
+                categories=list(TEXT_KINDS),
+                model=cfg.model,
+                steps=steps,
+                warmup_steps=min(50, steps - 1),
+                heldout_dir=heldout_dir,
+                eval_every=min(500, steps),
+            )
         cfg.init = f"encoder:{kinds}"
         cfg.text.captions = ",".join(TEXT_KINDS)
     if args.steps is not None:
@@ -148,10 +158,12 @@ def train_and_segment(args: argparse.Namespace) -> dict:
 
         captions = caption_embeddings(cfg, text_encoder)
         text_results = evaluate_text(model.params, model.config, heldout_dir, captions)
-        print("text prompt alone -> mIoU against all shapes of that kind, held-out: "
-              + ", ".join(f"{cfg.text.template.format(c)!r} {v:.3f}" for c, v in text_results["per_category"].items())
-              + f"; all {text_results['miou_text']:.3f} ({text_results['num_queries']} queries; answering each with"
-              f" all the shapes: {text_results['miou_all_shapes']:.3f})")
+        print(
+            "text prompt alone -> mIoU against all shapes of that kind, held-out: "
+            + ", ".join(f"{cfg.text.template.format(c)!r} {v:.3f}" for c, v in text_results["per_category"].items())
+            + f"; all {text_results['miou_text']:.3f} ({text_results['num_queries']} queries; answering each with"
+            f" all the shapes: {text_results['miou_all_shapes']:.3f})"
+        )
     predictor = SamPredictor(model, text_encoder=text_encoder)
     # Minutes of training leave the IoU head uncalibrated (it predicts ~0.1-0.3) and the logits
     # soft: keep masks by stability alone, at a lower bar than the official 0.95. For the point
@@ -160,9 +172,11 @@ def train_and_segment(args: argparse.Namespace) -> dict:
     # 12 (0.64, 0.59). With focal alpha 0.25 (until 2026-11-27), 0.6 kept 67 (0.88, 0.22), 0.8
     # 27 (0.83, 0.39), 0.9 7 (0.61, 0.65).
     stability = 0.85
-    generator = SamAutomaticMaskGenerator(model, points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=stability)
+    generator = SamAutomaticMaskGenerator(
+        model, points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=stability
+    )
     shown, auto_results = [], []
-    for i, (image_path, json_path) in enumerate(list_records(heldout_dir)[:max(AUTO_EVAL_IMAGES, SHOWN_IMAGES)]):
+    for i, (image_path, json_path) in enumerate(list_records(heldout_dir)[: max(AUTO_EVAL_IMAGES, SHOWN_IMAGES)]):
         record = load_record(image_path, json_path)
         image = record["image"]
         records = sorted(generator.generate(image), key=lambda r: -r["area"])  # once: scored, and drawn below
@@ -172,13 +186,19 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         anns = json.loads(json_path.read_text())["annotations"]
         points = np.array([a["point_coords"][0] for a in anns[:2]], np.float32)  # a point inside each of 2 shapes
         predictor.set_image(image)
-        masks, scores, _ = predictor.predict(point_coords=points[:, None], point_labels=np.ones((len(points), 1), np.int32), multimask_output=False)
-        masks = masks[:, 0]
-        overlay(image, list(masks), colors=mask_colors(len(masks)), points=points, labels=np.ones(len(points), np.int32)).save(
-            out / f"points_{i}.png"
+        masks, scores, _ = predictor.predict(
+            point_coords=points[:, None], point_labels=np.ones((len(points), 1), np.int32), multimask_output=False
         )
-        overlay(image, [r["segmentation"] for r in records], colors=mask_colors(len(records), seed=1)).save(out / f"auto_{i}.png")
-        shown.append({"image": image_path.name, "point_scores": scores[:, 0].round(3).tolist(), "auto_masks": len(records)})
+        masks = masks[:, 0]
+        overlay(
+            image, list(masks), colors=mask_colors(len(masks)), points=points, labels=np.ones(len(points), np.int32)
+        ).save(out / f"points_{i}.png")
+        overlay(image, [r["segmentation"] for r in records], colors=mask_colors(len(records), seed=1)).save(
+            out / f"auto_{i}.png"
+        )
+        shown.append(
+            {"image": image_path.name, "point_scores": scores[:, 0].round(3).tolist(), "auto_masks": len(records)}
+        )
         if text_encoder is not None:
             texts = [cfg.text.template.format(c) for c in captions]
             masks, scores, _ = predictor.predict(text=texts)  # (3 texts, 3 masks, H, W): keep each one's best
@@ -186,17 +206,26 @@ def train_and_segment(args: argparse.Namespace) -> dict:
             overlay(image, list(best), colors=mask_colors(len(texts), seed=2)).save(out / f"text_{i}.png")
             shown[-1]["text_masks"] = dict(zip(texts, (best.reshape(len(texts), -1).sum(1)).tolist()))
     auto = score_auto_masks(auto_results[:AUTO_EVAL_IMAGES])
-    print(f"segment everything on {auto['num_images']} held-out images: {auto['masks_per_image']:.1f} masks an image "
-          f"for {auto['gt_per_image']:.1f} shapes; shapes found (IoU >= 0.5) {auto['gt_recall']:.2f}, "
-          f"masks that match a shape {auto['precision']:.2f}")
+    print(
+        f"segment everything on {auto['num_images']} held-out images: {auto['masks_per_image']:.1f} masks an image "
+        f"for {auto['gt_per_image']:.1f} shapes; shapes found (IoU >= 0.5) {auto['gt_recall']:.2f}, "
+        f"masks that match a shape {auto['precision']:.2f}"
+    )
     elapsed = time.perf_counter() - t0
-    trained = (f"trained {trainer.step} steps in {train_seconds:.0f} s" if trainer.resumed_from != trainer.step
-               else f"the checkpoint in {workdir} was already trained ({trainer.step} steps)")
-    print(f"{trained}; held-out 1-click mIoU {results['miou_1click']:.3f}, "
-          f"5-click {results['miou_5click']:.3f}, box {results['miou_box']:.3f}")
-    print(f"wrote {out}/points_*.png (point prompts), {out}/auto_*.png (segment everything)"
-          + (f", {out}/text_*.png (text prompts: {', '.join(texts)})" if text_encoder is not None else "")
-          + f", {out / 'result.json'} in {elapsed:.0f} s")
+    trained = (
+        f"trained {trainer.step} steps in {train_seconds:.0f} s"
+        if trainer.resumed_from != trainer.step
+        else f"the checkpoint in {workdir} was already trained ({trainer.step} steps)"
+    )
+    print(
+        f"{trained}; held-out 1-click mIoU {results['miou_1click']:.3f}, "
+        f"5-click {results['miou_5click']:.3f}, box {results['miou_box']:.3f}"
+    )
+    print(
+        f"wrote {out}/points_*.png (point prompts), {out}/auto_*.png (segment everything)"
+        + (f", {out}/text_*.png (text prompts: {', '.join(texts)})" if text_encoder is not None else "")
+        + f", {out / 'result.json'} in {elapsed:.0f} s"
+    )
     return {
         "model": model.config.name,
         "steps": trainer.step,
@@ -211,7 +240,9 @@ def train_and_segment(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default=None, help="official .pth, .safetensors or sam-jax directory (variant inferred)")
+    ap.add_argument(
+        "--checkpoint", default=None, help="official .pth, .safetensors or sam-jax directory (variant inferred)"
+    )
     ap.add_argument("--image", default=None, help="with --checkpoint: an RGB image (default: scikit-image's cat photo)")
     ap.add_argument("--point", default=None, help="with --checkpoint: X,Y of a foreground point (default: the centre)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
@@ -220,7 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pretrain-steps", type=int, default=6000, help="with --text: steps of the kinds pretraining")
     ap.add_argument("--eval-images", type=int, default=100, help="held-out images (100: ~400 masks, ~20 s to evaluate)")
     ap.add_argument("--out", default="demo_out")
-    ap.add_argument("--text", action="store_true", help="train with text prompts too (kinds pretraining, then the shapes_text_p8 recipe)")
+    ap.add_argument(
+        "--text",
+        action="store_true",
+        help="train with text prompts too (kinds pretraining, then the shapes_text_p8 recipe)",
+    )
     ap.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
     args = ap.parse_args(argv)
     if args.text and args.checkpoint:

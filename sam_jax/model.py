@@ -50,7 +50,9 @@ def abstract_params(config: SamConfig, *, boxed: bool = False) -> Params:
     return jax.eval_shape(functools.partial(init_params, config, boxed=boxed), jax.random.key(0))
 
 
-def encode(params: Params, images: jax.Array, *, config: SamConfig, drop_path_rng: jax.Array | None = None) -> jax.Array:
+def encode(
+    params: Params, images: jax.Array, *, config: SamConfig, drop_path_rng: jax.Array | None = None
+) -> jax.Array:
     """images (B, S, S, 3) normalized and padded (`transforms.preprocess`) -> (B, h, w, C) float32.
 
     Training passes `drop_path_rng` (a PRNG key) to apply the encoder's stochastic
@@ -59,9 +61,7 @@ def encode(params: Params, images: jax.Array, *, config: SamConfig, drop_path_rn
     """
     if drop_path_rng is None or config.image_encoder.drop_path_rate == 0.0:
         return Sam(config).apply({"params": params}, images, method=Sam.encode)
-    return Sam(config).apply(
-        {"params": params}, images, False, method=Sam.encode, rngs={"drop_path": drop_path_rng}
-    )
+    return Sam(config).apply({"params": params}, images, False, method=Sam.encode, rngs={"drop_path": drop_path_rng})
 
 
 def decode(
@@ -100,14 +100,16 @@ class SamModel:
         """images (B, S, S, 3) normalized and padded -> embeddings (B, h, w, C)."""
         return self._encode(self.params, images)
 
-    def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+    def decode(
+        self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
         """embeddings (B, h, w, C), prompts of batch B -> mask logits (B, M, 4h, 4w), IoU (B, M)."""
         return self._decode(self.params, embeddings, prompts, multimask_output=multimask_output)
 
-    def with_dtype(self, dtype: str) -> "SamModel":
+    def with_dtype(self, dtype: str) -> SamModel:
         return SamModel(dataclasses.replace(self.config, dtype=str(jnp.dtype(dtype))), self.params)
 
-    def with_attention(self, impl: str) -> "SamModel":
+    def with_attention(self, impl: str) -> SamModel:
         """The same model with the image encoder's attention kernel `impl` ("chunked", "cudnn"
         or "xla"; see `ImageEncoderConfig.attention`): "cudnn" with bfloat16 on NVIDIA GPUs."""
         encoder = dataclasses.replace(self.config.image_encoder, attention=impl)

@@ -34,15 +34,16 @@ upstream: they are encoded like any other coordinate.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.model import Params, SamModel, decode
-from sam_jax.prompts import bucket_size, make_prompts, Prompts
 from sam_jax.config import SamConfig
+from sam_jax.model import Params, SamModel, decode
+from sam_jax.prompts import Prompts, bucket_size, make_prompts
 from sam_jax.transforms import ResizeLongestSide, postprocess_masks, preprocess
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def check_text(text: Any, name: str = "text") -> list[str] | str:
 
 
 class SamPredictor:
-    def __init__(self, sam_model: SamModel, text_encoder: "TextEncoder | None" = None) -> None:
+    def __init__(self, sam_model: SamModel, text_encoder: TextEncoder | None = None) -> None:
         """sam_model: a `SamModel`; text_encoder: a CLIP `TextEncoder` for `predict(text=...)`
         (needs a model with a text projection of the encoder's width)."""
         self.model = sam_model
@@ -186,7 +187,9 @@ class SamPredictor:
 
     def _require_image(self) -> None:
         if not self.is_image_set:
-            raise RuntimeError("An image must be set with .set_image(...) (or .set_image_batch(...)) before prediction.")
+            raise RuntimeError(
+                "An image must be set with .set_image(...) (or .set_image_batch(...)) before prediction."
+            )
 
     # ------------------------------------------------------------------ prompts
 
@@ -359,6 +362,7 @@ class SamPredictor:
                 raise ValueError(f"{name} has {len(value)} entries for {num} images")
             args.append(value)
         outs = [
-            self._run(i, pc, pl, bx, mi, multimask_output, return_logits, tx) for i, (pc, pl, bx, mi, tx) in enumerate(zip(*args))
+            self._run(i, pc, pl, bx, mi, multimask_output, return_logits, tx)
+            for i, (pc, pl, bx, mi, tx) in enumerate(zip(*args))
         ]
         return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]

@@ -23,7 +23,7 @@ decoder serves every mix of prompts and a handful of point counts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -56,7 +56,7 @@ class Prompts:
     text: jax.Array | np.ndarray | None = None
     text_mask: jax.Array | np.ndarray | None = None
 
-    def without_masks(self) -> "Prompts":
+    def without_masks(self) -> Prompts:
         """The same prompts with mask_input and has_mask None, when no row has a mask prompt
         (the decoder then runs the image side once for all rows): host arrays only."""
         if self.has_mask is not None and np.any(np.asarray(self.has_mask)):
@@ -102,7 +102,9 @@ def make_prompts(
     if boxes is not None:
         bx = np.asarray(boxes, np.float32).reshape(batch_size, 2, 2)
         parts_xy.append(bx)
-        parts_lab.append(np.broadcast_to(np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], np.int32), (batch_size, 2)))
+        parts_lab.append(
+            np.broadcast_to(np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], np.int32), (batch_size, 2))
+        )
     xy = np.concatenate(parts_xy, axis=1) if parts_xy else np.zeros((batch_size, 0, 2), np.float32)
     lab = np.concatenate(parts_lab, axis=1) if parts_lab else np.zeros((batch_size, 0), np.int32)
     used = lab.shape[1] + int(point_coords is not None and boxes is None)
@@ -122,8 +124,12 @@ def make_prompts(
         text = np.asarray(text, np.float32)
         text = text[:, None] if text.ndim == 2 else text
         if text.ndim != 3 or text.shape[0] != batch_size:
-            raise ValueError(f"text must be (B, Dt) or (B, M, Dt) CLIP embeddings with B={batch_size}, got shape {text.shape}")
-        text_mask = np.ones(text.shape[:2], bool) if text_mask is None else np.asarray(text_mask, bool).reshape(text.shape[:2])
+            raise ValueError(
+                f"text must be (B, Dt) or (B, M, Dt) CLIP embeddings with B={batch_size}, got shape {text.shape}"
+            )
+        text_mask = (
+            np.ones(text.shape[:2], bool) if text_mask is None else np.asarray(text_mask, bool).reshape(text.shape[:2])
+        )
     elif text_mask is not None:
         raise ValueError("text_mask was given without text")
     return Prompts(points=xy, labels=lab, mask_input=masks, has_mask=has_mask, text=text, text_mask=text_mask)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,7 +39,7 @@ class TextEncoder:
         self._image = jax.jit(functools.partial(encode_image, config=self.config))
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, *, dtype: str = "float32") -> "TextEncoder":
+    def from_folder(cls, folder: str | os.PathLike, *, dtype: str = "float32") -> TextEncoder:
         """A Hugging Face CLIP folder: config.json, model.safetensors and tokenizer.json."""
         from sam_jax.convert.clip import load_clip
 

@@ -24,7 +24,7 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def official_tiny(tiny_config):
-    from tests.official import build_official, randomize_
+    from bench.official import build_official, randomize_
 
     return randomize_(build_official(tiny_config), seed=0)
 
@@ -32,7 +32,8 @@ def official_tiny(tiny_config):
 @pytest.fixture(scope="session")
 def tiny_params(official_tiny, tiny_config):
     from sam_jax.convert.state_dict import to_flax
-    from tests.official import state_dict_numpy
+
+    from bench.official import state_dict_numpy
 
     return to_flax(state_dict_numpy(official_tiny), tiny_config)
 

@@ -1,7 +1,7 @@
 """`sam_jax.amg` against the official `segment_anything/utils/amg.py` and direct references.
 
 The official module needs only torch (and pycocotools for `coco_encode_rle`);
-`tests.official` registers the bare `segment_anything` package so that importing
+`bench.official` registers the bare `segment_anything` package so that importing
 it does not run the package `__init__` (which needs torchvision). Two references
 are written here: greedy NMS as torchvision's CPU kernel computes it, and
 `remove_small_regions` with an 8-connected flood fill in place of cv2.
@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import segment_anything.utils.amg as official_amg
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from pycocotools import mask as mask_utils
 
-import tests.official  # noqa: F401  (registers the bare `segment_anything` package)
-import segment_anything.utils.amg as official_amg
+import bench.official  # noqa: F401  (registers the bare `segment_anything` package)
 from sam_jax import amg
 
 # --------------------------------------------------------------------------- grids and crops
@@ -104,7 +103,11 @@ def test_batched_mask_to_box_known():
 
 @pytest.mark.parametrize(
     "crop_box, orig_box",
-    [([0, 0, 1024, 768], [0, 0, 1024, 768]), ([0, 0, 600, 450], [0, 0, 1024, 768]), ([424, 318, 1024, 768], [0, 0, 1024, 768])],
+    [
+        ([0, 0, 1024, 768], [0, 0, 1024, 768]),
+        ([0, 0, 600, 450], [0, 0, 1024, 768]),
+        ([424, 318, 1024, 768], [0, 0, 1024, 768]),
+    ],
 )
 @pytest.mark.parametrize("dtype", [np.int64, np.float32])
 def test_is_box_near_crop_edge(crop_box, orig_box, dtype):

@@ -6,24 +6,35 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from bench.official import official_mask_generator
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.model import SamModel
-from tests.official import official_mask_generator
 
 # Random weights give near-zero, image-dominated logits: every point yields about the same
 # mask, with stability ~0; `sharpen_` makes them confident. With NMS at 1.0 every surviving
 # mask is compared.
 SETTINGS = [
     dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.8, box_nms_thresh=1.0),
-    dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.0, stability_score_thresh=0.5, crop_n_layers=1, box_nms_thresh=1.0, crop_nms_thresh=1.0),
-    dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.8, box_nms_thresh=1.0, min_mask_region_area=200),
+    dict(
+        points_per_side=6,
+        points_per_batch=16,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.5,
+        crop_n_layers=1,
+        box_nms_thresh=1.0,
+        crop_nms_thresh=1.0,
+    ),
+    dict(
+        points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.8, box_nms_thresh=1.0, min_mask_region_area=200
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def sharp_models(tiny_config):
     from sam_jax.convert.state_dict import to_flax
-    from tests.official import build_official, randomize_, sharpen_, state_dict_numpy
+
+    from bench.official import build_official, randomize_, sharpen_, state_dict_numpy
 
     ref = sharpen_(randomize_(build_official(tiny_config), seed=0))
     return ref, SamModel(tiny_config, to_flax(state_dict_numpy(ref), tiny_config))
@@ -76,9 +87,15 @@ def test_output_modes_and_records(sharp_models, photo):
 def test_batch_and_progress(tiny_params, tiny_config, photo):
     calls = []
     gen = SamAutomaticMaskGenerator(
-        SamModel(tiny_config, tiny_params), points_per_side=4, points_per_batch=5, pred_iou_thresh=0.0, stability_score_thresh=0.5
+        SamModel(tiny_config, tiny_params),
+        points_per_side=4,
+        points_per_batch=5,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.5,
     )
-    out = gen.generate_batch([photo, photo[:200, :150].copy()], progress=lambda done, total: calls.append((done, total)))
+    out = gen.generate_batch(
+        [photo, photo[:200, :150].copy()], progress=lambda done, total: calls.append((done, total))
+    )
     assert len(out) == 2 and calls[-1] == (4, 4)  # 16 points in batches of 5, per image
     assert all(r["segmentation"].shape == (200, 150) for r in out[1])
 

@@ -23,7 +23,15 @@ from bench.cases import CASES, amg_check, close_check, masks_check
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = (["train"], [c for c in CASES if c != "train"])
 EXPECTED_ROWS = {
-    "encoder_b1", "encoder_b2", "predict_1", "predict_64", "amg", "memory", "compile_cold", "compile_warm", "train_shapes_tiny",
+    "encoder_b1",
+    "encoder_b2",
+    "predict_1",
+    "predict_64",
+    "amg",
+    "memory",
+    "compile_cold",
+    "compile_warm",
+    "train_shapes_tiny",
 }
 
 
@@ -35,10 +43,25 @@ def results(tmp_path_factory) -> dict:
     procs = []
     for i, cases in enumerate(GROUPS):
         cmd = [
-            sys.executable, "-m", "bench", "--model", "tiny", "--cases", ",".join(cases), "--repeats", "1",
-            "--encoder-batches", "1,2", "--amg-points-per-side", "4", "--out", str(tmp / f"{i}.json"),
+            sys.executable,
+            "-m",
+            "bench",
+            "--model",
+            "tiny",
+            "--cases",
+            ",".join(cases),
+            "--repeats",
+            "1",
+            "--encoder-batches",
+            "1,2",
+            "--amg-points-per-side",
+            "4",
+            "--out",
+            str(tmp / f"{i}.json"),
         ]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, f"{' '.join(p.args[2:])} failed ({p.returncode}):\n{out[-4000:]}"
@@ -144,8 +167,29 @@ def test_accelerator_script_runs_every_item(tmp_path):
     from sam_jax.config import get_config
 
     out = tmp_path / "gpu.json"
-    assert accelerator.main(["--models", "tiny", "--batch", "1", "--iters", "1", "--attention", "chunked,xla",
-                             "--fp32-attention", "xla", "--matmul-n", "256", "--agreement", "2", "--out", str(out)]) == 0
+    assert (
+        accelerator.main(
+            [
+                "--models",
+                "tiny",
+                "--batch",
+                "1",
+                "--iters",
+                "1",
+                "--attention",
+                "chunked,xla",
+                "--fp32-attention",
+                "xla",
+                "--matmul-n",
+                "256",
+                "--agreement",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     items = json.loads(out.read_text())["items"]
     assert not [k for k, v in items.items() if "error" in v or "skipped" in v]
     assert items["gflop_tiny"]["gflop_per_image"] == pytest.approx(encoder_flops(get_config("tiny"), 1) / 1e9)

@@ -32,15 +32,32 @@ def workspace(tmp_path_factory, tiny_params, tiny_config, photo):
 def test_segment(workspace, tiny_params, tiny_config, photo, capsys):
     root, ckpt = workspace
     out = root / "seg"
-    argv = ["segment", str(root / "cat.png"), "--checkpoint", str(ckpt), "--point", "200,150", "--point", "50,40,0",
-            "--box", "100,60,400,280", "--multimask", "--out", str(out), "--cache-dir", str(root / "cache")]
+    argv = [
+        "segment",
+        str(root / "cat.png"),
+        "--checkpoint",
+        str(ckpt),
+        "--point",
+        "200,150",
+        "--point",
+        "50,40,0",
+        "--box",
+        "100,60,400,280",
+        "--multimask",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(root / "cache"),
+    ]
     assert main(argv) == 0
     result = json.loads((out / "cat_scores.json").read_text())
     assert len(result["scores"]) == 3 and result["labels"] == [1, 0]
     predictor = SamPredictor(SamModel(tiny_config, tiny_params))
     predictor.set_image(photo)
     masks, scores, _ = predictor.predict(
-        point_coords=np.array([[200.0, 150.0], [50.0, 40.0]]), point_labels=np.array([1, 0]), box=np.array([100.0, 60, 400, 280])
+        point_coords=np.array([[200.0, 150.0], [50.0, 40.0]]),
+        point_labels=np.array([1, 0]),
+        box=np.array([100.0, 60, 400, 280]),
     )
     np.testing.assert_allclose(result["scores"], scores, atol=1e-5)
     for i, name in enumerate(result["masks"]):
@@ -53,8 +70,13 @@ def test_auto(workspace, tiny_params, tiny_config):
     root, ckpt = workspace
     out = root / "auto"
     opts = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
-    assert main(["auto", str(root / "dir"), str(root / "cat.png"), "--checkpoint", str(ckpt), "--out", str(out), *opts]) == 0
-    gen = SamAutomaticMaskGenerator(SamModel(tiny_config, tiny_params), points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0)
+    assert (
+        main(["auto", str(root / "dir"), str(root / "cat.png"), "--checkpoint", str(ckpt), "--out", str(out), *opts])
+        == 0
+    )
+    gen = SamAutomaticMaskGenerator(
+        SamModel(tiny_config, tiny_params), points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0
+    )
     for stem, path in (("a", root / "dir" / "a.png"), ("b", root / "dir" / "b.jpg"), ("cat", root / "cat.png")):
         doc = json.loads((out / f"{stem}.json").read_text())
         image = np.asarray(Image.open(path).convert("RGB"))
@@ -80,31 +102,103 @@ def test_bad_inputs(workspace, capsys):
     root, ckpt = workspace
     (root / "broken.png").write_bytes(b"not an image")
     seg = ["segment", "--checkpoint", str(ckpt), "--out", str(root / "x")]
-    assert "no such image file" in _one_line_error([*seg[:1], str(root / "nope.png"), *seg[1:], "--point", "1,2"], capsys)
-    assert "cannot read the image" in _one_line_error([*seg[:1], str(root / "broken.png"), *seg[1:], "--point", "1,2"], capsys)
-    assert "invalid point '1;2'" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:], "--point", "1;2"], capsys, 2)
-    assert "invalid point '1,2,5'" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:], "--point", "1,2,5"], capsys, 2)
+    assert "no such image file" in _one_line_error(
+        [*seg[:1], str(root / "nope.png"), *seg[1:], "--point", "1,2"], capsys
+    )
+    assert "cannot read the image" in _one_line_error(
+        [*seg[:1], str(root / "broken.png"), *seg[1:], "--point", "1,2"], capsys
+    )
+    assert "invalid point '1;2'" in _one_line_error(
+        [*seg[:1], str(root / "cat.png"), *seg[1:], "--point", "1;2"], capsys, 2
+    )
+    assert "invalid point '1,2,5'" in _one_line_error(
+        [*seg[:1], str(root / "cat.png"), *seg[1:], "--point", "1,2,5"], capsys, 2
+    )
     assert "invalid box" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:], "--box", "1,2,3"], capsys, 2)
     assert "x1 >= x0" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:], "--box", "9,2,3,4"], capsys)
     assert "at least one --point" in _one_line_error([*seg[:1], str(root / "cat.png"), *seg[1:]], capsys)
-    assert "no such file" in _one_line_error(["auto", str(root / "missing"), "--checkpoint", str(ckpt), "--out", str(root / "y")], capsys)
-    assert "no such file" in _one_line_error([*seg[:1], str(root / "cat.png"), "--checkpoint", str(root / "none.pth"), "--out", "x", "--point", "1,2"], capsys)
+    assert "no such file" in _one_line_error(
+        ["auto", str(root / "missing"), "--checkpoint", str(ckpt), "--out", str(root / "y")], capsys
+    )
+    assert "no such file" in _one_line_error(
+        [*seg[:1], str(root / "cat.png"), "--checkpoint", str(root / "none.pth"), "--out", "x", "--point", "1,2"],
+        capsys,
+    )
 
 
 def test_make_shapes(tmp_path, capsys):
     out = tmp_path / "shapes"
-    assert main(["make-shapes", str(out), "--n", "2", "--height", "64", "--width", "96", "--min-size", "0.3", "--max-size", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "make-shapes",
+                str(out),
+                "--n",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "96",
+                "--min-size",
+                "0.3",
+                "--max-size",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     assert len(records) == 2 and all(r["image"]["height"] == 64 and r["image"]["width"] == 96 for r in records)
-    assert np.median([max(a["bbox"][2:]) for r in records for a in r["annotations"]]) >= 0.3 * 64 * 0.7  # rectangles: 0.7 r
-    assert "size_range" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--min-size", "0.5", "--max-size", "0.2"], capsys)
+    assert (
+        np.median([max(a["bbox"][2:]) for r in records for a in r["annotations"]]) >= 0.3 * 64 * 0.7
+    )  # rectangles: 0.7 r
+    assert "size_range" in _one_line_error(
+        ["make-shapes", str(tmp_path / "bad"), "--min-size", "0.5", "--max-size", "0.2"], capsys
+    )
     assert "size_range" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--min-size", "0"], capsys)
-    assert main(["make-shapes", str(tmp_path / "rings"), "--n", "1", "--height", "64", "--width", "96", "--categories", "ring"]) == 0
-    assert {a["category"] for a in json.loads(next((tmp_path / "rings").glob("*.json")).read_text())["annotations"]} == {"ring"}
+    assert (
+        main(
+            [
+                "make-shapes",
+                str(tmp_path / "rings"),
+                "--n",
+                "1",
+                "--height",
+                "64",
+                "--width",
+                "96",
+                "--categories",
+                "ring",
+            ]
+        )
+        == 0
+    )
+    assert {
+        a["category"] for a in json.loads(next((tmp_path / "rings").glob("*.json")).read_text())["annotations"]
+    } == {"ring"}
     assert "blob" in _one_line_error(["make-shapes", str(tmp_path / "bad"), "--categories", "circle,blob"], capsys)
     # --colour-by-category: the same shapes, each painted its kind's colour.
     coded = tmp_path / "coded"
-    assert main(["make-shapes", str(coded), "--n", "2", "--height", "64", "--width", "96", "--min-size", "0.3", "--max-size", "0.5", "--colour-by-category"]) == 0
+    assert (
+        main(
+            [
+                "make-shapes",
+                str(coded),
+                "--n",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "96",
+                "--min-size",
+                "0.3",
+                "--max-size",
+                "0.5",
+                "--colour-by-category",
+            ]
+        )
+        == 0
+    )
     assert [json.loads(p.read_text()) for p in sorted(coded.glob("*.json"))] == records
     assert (coded / "shapes_000000.jpg").read_bytes() != (out / "shapes_000000.jpg").read_bytes()
 
@@ -115,16 +209,24 @@ def test_pretrain_kinds_bad_inputs(tmp_path, capsys):
     assert main(["make-shapes", str(data), "--n", "2", "--height", "64", "--width", "96"]) == 0
     (tmp_path / "exists").mkdir()
     assert "already exists" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "exists")], capsys)
-    assert "warmup_steps < steps" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "a"), "--steps", "20"], capsys)
-    assert "unknown model type" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "a"), "--model", "vit_x"], capsys)
+    assert "warmup_steps < steps" in _one_line_error(
+        ["pretrain-kinds", str(data), str(tmp_path / "a"), "--steps", "20"], capsys
+    )
+    assert "unknown model type" in _one_line_error(
+        ["pretrain-kinds", str(data), str(tmp_path / "a"), "--model", "vit_x"], capsys
+    )
     missing = tmp_path / "missing"  # DATA may be several folders
-    assert f"not a folder: {missing}" in _one_line_error(["pretrain-kinds", str(data), str(missing), str(tmp_path / "a")], capsys)
+    assert f"not a folder: {missing}" in _one_line_error(
+        ["pretrain-kinds", str(data), str(missing), str(tmp_path / "a")], capsys
+    )
     for p in data.glob("*.json"):  # the same records without categories
         record = json.loads(p.read_text())
         for ann in record["annotations"]:
             del ann["category"]
         p.write_text(json.dumps(record))
-    assert "no annotation has a 'category'" in _one_line_error(["pretrain-kinds", str(data), str(tmp_path / "a")], capsys)
+    assert "no annotation has a 'category'" in _one_line_error(
+        ["pretrain-kinds", str(data), str(tmp_path / "a")], capsys
+    )
 
 
 def test_make_shapes_help_states_the_library_defaults(capsys):

@@ -21,11 +21,11 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
+from sam_jax.convert.clip import clip_key_table, clip_to_flax, expected_hf_shapes, load_clip, load_clip_config
+from sam_jax.convert.errors import CheckpointError
 
 from sam_jax.clip_folder import learn_bpe
 from sam_jax.clip_tokenizer import CLIPTokenizer
-from sam_jax.convert.clip import clip_key_table, clip_to_flax, expected_hf_shapes, load_clip, load_clip_config
-from sam_jax.convert.errors import CheckpointError
 from sam_jax.modeling.clip import (
     CLIPConfig,
     clip_image_preprocess,
@@ -142,7 +142,9 @@ def test_tokenizer_truncates_long_text_with_warning(tokenizer, hf_tokenizer):
 def test_tokenizer_context_length_from_config(tok_folder, hf_tokenizer, tmp_path):
     folder = tmp_path / "clip"
     shutil.copytree(tok_folder, folder)
-    (folder / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {"max_position_embeddings": 16}}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "clip", "text_config": {"max_position_embeddings": 16}})
+    )
     with pytest.warns(UserWarning, match=r"context length 16 were truncated \(indices \[4\]\)"):
         ids, mask = CLIPTokenizer.from_folder(folder)(TEXTS)  # "café, naïve — ok?" is 17 tokens with BOS/EOS
     ref_ids, ref_mask = _hf_ids(hf_tokenizer, TEXTS, max_length=16)
@@ -158,11 +160,23 @@ def test_tokenizer_context_length_from_config(tok_folder, hf_tokenizer, tmp_path
 def _save_hf_clip(folder, *, hidden_act: str, eos_token_id: int, bos_token_id: int) -> transformers.CLIPModel:
     config = transformers.CLIPConfig(
         text_config=dict(
-            vocab_size=MODEL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, hidden_act=hidden_act, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            vocab_size=MODEL_VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act=hidden_act,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
         ),
         vision_config=dict(
-            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
             hidden_act=hidden_act,
         ),
         projection_dim=24,
@@ -209,7 +223,11 @@ def test_clip_matches_transformers(hidden_act, legacy_eos, tokenizer, hf_tokeniz
     config, params = load_clip(folder)
     assert config.text_config.hidden_act == config.vision_config.hidden_act == hidden_act
     assert config.text_config.eos_token_id == (2 if legacy_eos else eos)
-    assert (config.text_config.vocab_size, config.projection_dim, config.vision_config.image_size) == (MODEL_VOCAB, 24, 32)
+    assert (config.text_config.vocab_size, config.projection_dim, config.vision_config.image_size) == (
+        MODEL_VOCAB,
+        24,
+        32,
+    )
     text_fn = jax.jit(functools.partial(encode_text, config=config))
     image_fn = jax.jit(functools.partial(encode_image, config=config))
 
@@ -225,7 +243,9 @@ def test_clip_matches_transformers(hidden_act, legacy_eos, tokenizer, hf_tokeniz
     # The EOS rule: ids larger than the EOS before it (legacy argmax pools those, the real rule the EOS).
     ids2, mask2 = _eos_case_ids(np.random.default_rng(0), eos, bos)
     with torch.no_grad():
-        ref2 = _projection(hf.get_text_features(input_ids=torch.from_numpy(ids2), attention_mask=torch.from_numpy(mask2)))
+        ref2 = _projection(
+            hf.get_text_features(input_ids=torch.from_numpy(ids2), attention_mask=torch.from_numpy(mask2))
+        )
     ours2 = np.asarray(text_fn(params, ids2.astype(np.int32), mask2.astype(np.int32)))
     np.testing.assert_allclose(ours2, ref2, rtol=1e-5, atol=1e-5)
     other_rule = dataclasses.replace(config.text_config, eos_token_id=eos if legacy_eos else 2)
@@ -243,9 +263,13 @@ def test_clip_matches_transformers(hidden_act, legacy_eos, tokenizer, hf_tokeniz
 
     # CLIPModel.forward's embeddings are these, normalized.
     with torch.no_grad():
-        out = hf(input_ids=ids_t, attention_mask=mask_t, pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+        out = hf(
+            input_ids=ids_t, attention_mask=mask_t, pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+        )
     np.testing.assert_allclose(ours / np.linalg.norm(ours, axis=-1, keepdims=True), out.text_embeds.numpy(), atol=1e-5)
-    np.testing.assert_allclose(ours_img / np.linalg.norm(ours_img, axis=-1, keepdims=True), out.image_embeds.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        ours_img / np.linalg.norm(ours_img, axis=-1, keepdims=True), out.image_embeds.numpy(), atol=1e-5
+    )
     np.testing.assert_allclose(params["logit_scale"], hf.logit_scale.detach().numpy())
 
 
@@ -264,7 +288,9 @@ def test_encode_rejects_bad_shapes():
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory, hf_tokenizer):
     folder = tmp_path_factory.mktemp("hf_clip")
-    _save_hf_clip(folder, hidden_act="quick_gelu", eos_token_id=hf_tokenizer.eos_token_id, bos_token_id=hf_tokenizer.bos_token_id)
+    _save_hf_clip(
+        folder, hidden_act="quick_gelu", eos_token_id=hf_tokenizer.eos_token_id, bos_token_id=hf_tokenizer.bos_token_id
+    )
     return folder
 
 
@@ -288,7 +314,9 @@ def test_converter_reports_missing_key(hf_folder, tmp_path):
     del sd["vision_model.encoder.layers.1.self_attn.v_proj.bias"]
     shutil.copy(hf_folder / "config.json", tmp_path / "config.json")
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"1 missing \(vision_model\.encoder\.layers\.1\.self_attn\.v_proj\.bias\)"):
+    with pytest.raises(
+        CheckpointError, match=r"1 missing \(vision_model\.encoder\.layers\.1\.self_attn\.v_proj\.bias\)"
+    ):
         load_clip(tmp_path)
 
 
@@ -296,7 +324,9 @@ def test_converter_reports_unexpected_key(hf_folder):
     config = load_clip_config(hf_folder)
     sd = load_file(str(hf_folder / "model.safetensors"))
     sd["text_model.encoder.layers.2.mlp.fc1.weight"] = np.zeros((64, 32), np.float32)  # a third layer
-    with pytest.raises(CheckpointError, match=r"1 unexpected \(text_model\.encoder\.layers\.2\.mlp\.fc1\.weight\)") as err:
+    with pytest.raises(
+        CheckpointError, match=r"1 unexpected \(text_model\.encoder\.layers\.2\.mlp\.fc1\.weight\)"
+    ) as err:
         clip_to_flax(sd, config)
     assert "missing" not in str(err.value)
 
@@ -337,10 +367,17 @@ HUB_TEXT = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # what the
         (
             clip_vit_l14_336,
             dict(
-                text_config=dict(HUB_TEXT, hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768),
+                text_config=dict(
+                    HUB_TEXT, hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768
+                ),
                 vision_config=dict(
-                    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    image_size=336, patch_size=14, projection_dim=768,
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    image_size=336,
+                    patch_size=14,
+                    projection_dim=768,
                 ),
                 projection_dim=768,
             ),
@@ -365,7 +402,9 @@ def test_image_preprocess_matches_hf():
     processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     processor = processor_cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in [(45, 71, 3), (80, 33, 3), (32, 32, 3), (17, 20, 3)]]
+    images = [
+        rng.integers(0, 256, size=s, dtype=np.uint8) for s in [(45, 71, 3), (80, 33, 3), (32, 32, 3), (17, 20, 3)]
+    ]
     ours = clip_image_preprocess(images, 32)
     ref = np.asarray(processor(images=images, return_tensors="np")["pixel_values"]).transpose(0, 2, 3, 1)
     assert ours.shape == (4, 32, 32, 3) and ours.dtype == np.float32
@@ -403,7 +442,10 @@ def test_random_clip_folder_loads_in_transformers(tmp_path):
         assert mine[key] == theirs[key], key
     model = transformers.CLIPModel.from_pretrained(str(folder)).eval()
     with torch.no_grad():
-        out = model.get_text_features(input_ids=torch.from_numpy(ours.input_ids).long(), attention_mask=torch.from_numpy(ours.attention_mask).long())
+        out = model.get_text_features(
+            input_ids=torch.from_numpy(ours.input_ids).long(),
+            attention_mask=torch.from_numpy(ours.attention_mask).long(),
+        )
     np.testing.assert_allclose(_projection(out), encoder.embed_text(texts), atol=1e-5)
     images = np.random.default_rng(0).integers(0, 255, (2, 40, 50, 3), dtype=np.uint8)
     pixels = torch.from_numpy(clip_image_preprocess(images, 32)).permute(0, 3, 1, 2)
@@ -412,5 +454,7 @@ def test_random_clip_folder_loads_in_transformers(tmp_path):
     np.testing.assert_allclose(ref_img, encoder.embed_images(images), atol=1e-5)
     assert encoder.embed_dim == 64
     # Deterministic: the same seed gives the same embeddings.
-    again = TextEncoder.from_folder(make_random_clip(tmp_path / "again", ["circle", "triangle", "rectangle", "a photo of a dog"], seed=3))
+    again = TextEncoder.from_folder(
+        make_random_clip(tmp_path / "again", ["circle", "triangle", "rectangle", "a photo of a dog"], seed=3)
+    )
     np.testing.assert_array_equal(again.embed_text(texts), encoder.embed_text(texts))

@@ -35,7 +35,9 @@ def test_config_fields_rates_and_round_trip():
     enc = ImageEncoderConfig()
     assert enc.drop_path_rate == 0.0 and enc.remat is False
     assert tiny().image_encoder.drop_path_rates == (0.0, 0.0, 0.0, 0.0)
-    np.testing.assert_allclose(with_encoder(tiny(), drop_path_rate=0.6).image_encoder.drop_path_rates, [0.0, 0.2, 0.4, 0.6])
+    np.testing.assert_allclose(
+        with_encoder(tiny(), drop_path_rate=0.6).image_encoder.drop_path_rates, [0.0, 0.2, 0.4, 0.6]
+    )
     with pytest.raises(ValueError, match="drop_path_rate"):
         ImageEncoderConfig(drop_path_rate=1.0)
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
-
-from sam_jax import amg
-from sam_jax.cli import main
 from sam_jax.train import engine
 from sam_jax.train.sa1b import list_records, load_record
 from sam_jax.train.shapes import make_shapes
 from sam_jax.train.trainer import TrainingError, load_config_file
+
+from sam_jax import amg
+from sam_jax.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -57,7 +57,13 @@ def pools(tmp_path_factory) -> Path:
 
 def _argv(root: Path, workdir: Path, rounds: int) -> list[str]:
     return [
-        "engine", "--config", str(CONFIG), "--workdir", str(workdir), "--cache-dir", str(root / "cache"),
+        "engine",
+        "--config",
+        str(CONFIG),
+        "--workdir",
+        str(workdir),
+        "--cache-dir",
+        str(root / "cache"),
         f"--config.engine.labeled_dir={root / 'labeled'}",
         f"--config.engine.unlabeled_dir={root / 'unlabeled'}",
         f"--config.engine.eval_dir={root / 'eval'}",
@@ -92,8 +98,20 @@ def test_match_ious_area_bounds_and_table():
     kept = engine.within_area_bounds(records, hw, min_area=5, max_area_fraction=0.95)
     assert [r["area"] for r in kept] == [5, 50, 94]  # >= 95% of the image dropped, as in the paper
 
-    rows = [{"round": 0, "model_step": 2, "num_images": 3, "masks_per_image": 1.5, "pseudo_mean_best_iou": None,
-             "gt_recall": None, "num_train_records": 9, "train_loss": 2.5, "miou_1click": 0.25, "miou_last_click": 0.5}]
+    rows = [
+        {
+            "round": 0,
+            "model_step": 2,
+            "num_images": 3,
+            "masks_per_image": 1.5,
+            "pseudo_mean_best_iou": None,
+            "gt_recall": None,
+            "num_train_records": 9,
+            "train_loss": 2.5,
+            "miou_1click": 0.25,
+            "miou_last_click": 0.5,
+        }
+    ]
     header, line = engine.format_table(rows).splitlines()
     assert "masks/img" in header and "mIoU last click" in header
     assert line.split() == ["0", "2", "3", "1.50", "-", "-", "9", "2.5000", "0.2500", "0.5000"]

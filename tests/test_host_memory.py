@@ -53,10 +53,17 @@ print(out[0])
 
 
 def _faults(mode: str, allocator: str = "numpy", **env_vars: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in ("SAM_JAX_RETAIN_HOST_MEMORY", "GLIBC_TUNABLES")}  # conftest's opt-out
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("SAM_JAX_RETAIN_HOST_MEMORY", "GLIBC_TUNABLES")
+    }  # conftest's opt-out
     env.update(env_vars)
     out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, mode, allocator], capture_output=True, text=True, check=True, timeout=300, env=env
+        [sys.executable, "-c", _SCRIPT, mode, allocator],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        env=env,
     )
     return int(out.stdout.strip().splitlines()[-1])
 

@@ -32,12 +32,20 @@ def test_token_mask_matches_official_padding_rule():
 
 def test_buckets_and_prompt_layout():
     assert [bucket_size(n) for n in (1, 4, 5, 64, 65, 130)] == [4, 4, 8, 64, 128, 192]
-    p = make_prompts(batch_size=2, mask_size=16, point_coords=np.ones((2, 3, 2)), point_labels=np.ones((2, 3)), boxes=np.zeros((2, 4)))
+    p = make_prompts(
+        batch_size=2,
+        mask_size=16,
+        point_coords=np.ones((2, 3, 2)),
+        point_labels=np.ones((2, 3)),
+        boxes=np.zeros((2, 4)),
+    )
     assert p.points.shape == (2, 8, 2) and p.labels.shape == (2, 8)  # 3 points + 2 corners -> bucket 8
     np.testing.assert_array_equal(p.labels[0], [1, 1, 1, 2, 3, -1, -1, -1])
     assert p.mask_input.shape == (2, 16, 16) and not p.has_mask.any()
     with pytest.raises(ValueError, match="num_points=2"):
-        make_prompts(batch_size=1, mask_size=16, point_coords=np.ones((1, 2, 2)), point_labels=np.ones((1, 2)), num_points=2)
+        make_prompts(
+            batch_size=1, mask_size=16, point_coords=np.ones((1, 2, 2)), point_labels=np.ones((1, 2)), num_points=2
+        )
 
 
 def test_one_compile_per_bucket(tiny_params, tiny_config):
@@ -49,10 +57,17 @@ def test_one_compile_per_bucket(tiny_params, tiny_config):
     for n in (1, 2, 3):
         model.decode(emb, make_prompts(**kw, point_coords=np.ones((1, n, 2)), point_labels=np.ones((1, n))))
     model.decode(emb, make_prompts(**kw, boxes=np.array([[1.0, 2, 30, 40]])))
-    model.decode(emb, make_prompts(**kw, boxes=np.array([[1.0, 2, 30, 40]]), mask_input=np.zeros((1, tiny_config.low_res_mask_size, tiny_config.low_res_mask_size))))
-    assert model._decode._cache_size() == 1  # noqa: SLF001
+    model.decode(
+        emb,
+        make_prompts(
+            **kw,
+            boxes=np.array([[1.0, 2, 30, 40]]),
+            mask_input=np.zeros((1, tiny_config.low_res_mask_size, tiny_config.low_res_mask_size)),
+        ),
+    )
+    assert model._decode._cache_size() == 1
     model.decode(emb, make_prompts(**kw, point_coords=np.ones((1, 5, 2)), point_labels=np.ones((1, 5))))
-    assert model._decode._cache_size() == 2  # noqa: SLF001  (bucket 8)
+    assert model._decode._cache_size() == 2
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny_params, tiny_config, photo):
@@ -63,7 +78,9 @@ def test_bfloat16_compute_keeps_float32_params(tiny_params, tiny_config, photo):
     assert bf16.config.dtype == "bfloat16" and all(a.dtype == np.float32 for a in jax.tree.leaves(bf16.params))
     image = ResizeLongestSide(tiny_config.image_size).apply_image(photo)
     x = preprocess(jnp.asarray(image)[None], tiny_config)
-    prompts = make_prompts(batch_size=1, mask_size=64, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1)))
+    prompts = make_prompts(
+        batch_size=1, mask_size=64, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1))
+    )
     outs = [m.decode(m.encode(x), prompts) for m in (f32, bf16)]
     assert outs[1][0].dtype == jnp.float32  # logits accumulate in float32
     a, b = np.asarray(outs[0][0]) > 0, np.asarray(outs[1][0]) > 0
@@ -93,14 +110,26 @@ def test_conv_stem_replaces_the_patch_projection():
     assert SamConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     params = init_params(cfg, jax.random.key(0))["image_encoder"]
     assert "patch_embed" not in params
-    assert sorted(params["conv_stem"]) == ["conv_0", "conv_1", "conv_2", "conv_3", "norm_0", "norm_1", "norm_2", "norm_3", "proj"]
+    assert sorted(params["conv_stem"]) == [
+        "conv_0",
+        "conv_1",
+        "conv_2",
+        "conv_3",
+        "norm_0",
+        "norm_1",
+        "norm_2",
+        "norm_3",
+        "proj",
+    ]
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3), jnp.float32)
     stem = params["conv_stem"]
     out = ConvStem((8, 16, 16, 12), 8, 64).apply({"params": stem}, images)
     x = images
     for i, stride in enumerate((2, 2, 2, 1)):
         p = stem[f"conv_{i}"]
-        x = jax.lax.conv_general_dilated(x, p["kernel"], (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.lax.conv_general_dilated(
+            x, p["kernel"], (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
         x = x + p["bias"]
         mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
         x = (x - mu) / jnp.sqrt(var + 1e-6) * stem[f"norm_{i}"]["scale"] + stem[f"norm_{i}"]["bias"]
@@ -110,22 +139,29 @@ def test_conv_stem_replaces_the_patch_projection():
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-4, atol=1e-4)
     model = SamModel(cfg, init_params(cfg, jax.random.key(0)))
     assert model.encode(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32)).shape[1:3] == (32, 32)
-    for bad in (dict(patch_size=8, conv_stem=(8, 8)), dict(patch_size=12, conv_stem=(8, 8, 8, 8)), dict(patch_size=8, conv_stem=(8, 0, 8))):
+    for bad in (
+        dict(patch_size=8, conv_stem=(8, 8)),
+        dict(patch_size=12, conv_stem=(8, 8, 8, 8)),
+        dict(patch_size=8, conv_stem=(8, 0, 8)),
+    ):
         with pytest.raises(ValueError, match="conv_stem"):
             ImageEncoderConfig(**bad)
     from sam_jax.convert.keys import key_table
 
     plain = get_config("tiny")  # no high-res features either: only the stem stops the official key names
     with pytest.raises(ValueError, match="convolutional stem"):
-        key_table(dataclasses.replace(plain, image_encoder=dataclasses.replace(plain.image_encoder, conv_stem=(8, 8, 8, 8))))
+        key_table(
+            dataclasses.replace(plain, image_encoder=dataclasses.replace(plain.image_encoder, conv_stem=(8, 8, 8, 8)))
+        )
 
 
 def test_high_res_features_land_on_their_pixels():
     """SAM 2-style high-res features (`tiny_p8`): packed per grid cell by the encoder, each
     stem pixel's stride-2 feature reaches exactly its own logit, through `decode`."""
     from sam_jax.convert.keys import key_table
-    from sam_jax.model import decode, encode
+
     from sam_jax.config import ImageEncoderConfig
+    from sam_jax.model import decode, encode
     from sam_jax.modeling.image_encoder import pack_high_res, split_high_res
 
     rng = np.random.default_rng(0)
@@ -144,11 +180,17 @@ def test_high_res_features_land_on_their_pixels():
     emb = encode(params, jax.random.normal(jax.random.key(1), (1, 256, 256, 3)), config=config)
     assert emb.shape == (1, 32, 32, 4 * c)
     plain, (h1, h0) = split_high_res(emb, config)
-    assert plain.shape == (1, 32, 32, c) and h1.shape == (1, 32, 32, 2, 2, c // 4) and h0.shape == (1, 32, 32, 2, 2, 2, 2, c // 8)
+    assert (
+        plain.shape == (1, 32, 32, c)
+        and h1.shape == (1, 32, 32, 2, 2, c // 4)
+        and h0.shape == (1, 32, 32, 2, 2, 2, 2, c // 8)
+    )
     with pytest.raises(ValueError, match=rf"have {4 * c} channels with high-res features.*computed by another model"):
         split_high_res(plain, config)
     assert split_high_res(plain, get_config("tiny"))[1] is None  # an official-layout embedding passes through
-    prompts = make_prompts(batch_size=1, mask_size=128, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1)))
+    prompts = make_prompts(
+        batch_size=1, mask_size=128, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1))
+    )
     base = np.asarray(decode(params, emb, prompts, config=config)[0])
     # Nudge the stride-2 feature of logit pixel (row 4*5 + 2*1 + 0, col 4*7 + 2*0 + 1) = (22, 29).
     bumped = emb.at[0, 5, 7, 2 * c + (((1 * 2 + 0) * 2 + 0) * 2 + 1) * (c // 8)].add(5.0)
@@ -187,7 +229,9 @@ def test_click_maps_are_drawn_around_the_prompts():
     assert inside.sum() == 30 * 25
     np.testing.assert_array_equal(maps[1], 0.0)  # no prompt: no clicks, no box
     # Two positive points: the nearest one counts, so two points on one pixel draw one bump.
-    two = np.asarray(click_maps(jnp.array([[[20.0, 20.0], [200.0, 200.0], [20.0, 20.0]]]), jnp.array([[1, 1, 1]]), 256, 128, (4.0,)))
+    two = np.asarray(
+        click_maps(jnp.array([[[20.0, 20.0], [200.0, 200.0], [20.0, 20.0]]]), jnp.array([[1, 1, 1]]), 256, 128, (4.0,))
+    )
     assert two[0, 10, 10, 0] == two[0, 100, 100, 0] == two.max() and two.max() < 1.0 and two[0, 55, 55, 0] < 1e-6
 
 
@@ -195,8 +239,9 @@ def test_click_maps_start_at_zero_and_move_the_clicked_logits():
     """A decoder with `click_map_sigmas` starts as the same decoder without them (zero-initialised
     click weights); with weights, its logits move around the click; it refuses the official
     conversion and round-trips its config."""
-    from sam_jax.config import MaskDecoderConfig
     from sam_jax.convert.keys import key_table
+
+    from sam_jax.config import MaskDecoderConfig
     from sam_jax.model import decode, encode
 
     p8 = get_config("tiny_p8")
@@ -210,7 +255,9 @@ def test_click_maps_start_at_zero_and_move_the_clicked_logits():
     assert weights == {f"output_click_weights_{i}" for i in range(4)}
     plain_params = {**params, "mask_decoder": {k: v for k, v in dec.items() if k not in weights}}
     emb = encode(params, jax.random.normal(jax.random.key(1), (1, 256, 256, 3)), config=config)
-    prompts = make_prompts(batch_size=1, mask_size=128, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1)))
+    prompts = make_prompts(
+        batch_size=1, mask_size=128, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1))
+    )
     masks, iou = decode(params, emb, prompts, config=config)
     plain_masks, plain_iou = decode(plain_params, emb, prompts, config=plain)
     np.testing.assert_array_equal(masks, plain_masks)
@@ -219,20 +266,29 @@ def test_click_maps_start_at_zero_and_move_the_clicked_logits():
     bias = jnp.zeros(5).at[0].set(10.0)
     bumped = {**params, "mask_decoder": {**dec, **{k: {**dec[k], "bias": bias} for k in weights}}}
     diff = np.asarray(decode(bumped, emb, prompts, config=config)[0] - masks)[0]  # (3, 128, 128)
-    np.testing.assert_allclose(diff[:, 40, 50], 10.0 * np.exp(-((81.0 - 80.5) ** 2 + (101.0 - 100.5) ** 2) / 32.0), rtol=1e-4)
+    np.testing.assert_allclose(
+        diff[:, 40, 50], 10.0 * np.exp(-((81.0 - 80.5) ** 2 + (101.0 - 100.5) ** 2) / 32.0), rtol=1e-4
+    )
     assert np.abs(diff[:, :20]).max() < 1e-3  # 40+ px from the click
     with pytest.raises(ValueError, match="takes 5 click maps"):
         from sam_jax.modeling.mask_decoder import MaskDecoder
 
         MaskDecoder(config.mask_decoder, transformer_dim=32).init(
-            jax.random.key(0), jnp.zeros((1, 4, 4, 32)), jnp.zeros((1, 4, 4, 32)), jnp.zeros((1, 1, 32)),
-            jnp.zeros((1, 4, 4, 32)), jnp.ones((1, 1), bool), True,
+            jax.random.key(0),
+            jnp.zeros((1, 4, 4, 32)),
+            jnp.zeros((1, 4, 4, 32)),
+            jnp.zeros((1, 1, 32)),
+            jnp.zeros((1, 4, 4, 32)),
+            jnp.ones((1, 1), bool),
+            True,
         )
     with pytest.raises(ValueError, match="click_map_sigmas must be positive"):
         MaskDecoderConfig(click_map_sigmas=(4.0, 0.0))
     tiny = get_config("tiny")  # no high-res features or stem: only the click maps stop the official key names
     with pytest.raises(ValueError, match="has click maps"):
-        key_table(dataclasses.replace(tiny, mask_decoder=dataclasses.replace(tiny.mask_decoder, click_map_sigmas=(4.0,))))
+        key_table(
+            dataclasses.replace(tiny, mask_decoder=dataclasses.replace(tiny.mask_decoder, click_map_sigmas=(4.0,)))
+        )
 
 
 def test_checkpoint_directory_round_trip(tiny_params, tiny_config, tmp_path):
@@ -292,10 +348,11 @@ def test_demo_trains_evaluates_and_segments(tmp_path):
 def test_demo_scores_segment_everything_against_ground_truth(tmp_path):
     """`score_auto_masks`: each image's ground-truth masks plus one empty-of-shapes mask find
     every shape (recall 1) and match all but that one."""
-    from sam_jax.demo import score_auto_masks
     from sam_jax.train.evaluate import usable_masks
     from sam_jax.train.sa1b import list_records, load_record
     from sam_jax.train.shapes import make_shapes
+
+    from sam_jax.demo import score_auto_masks
 
     make_shapes(tmp_path, 3, seed=0, image_size=(64, 96))
     loaded = [load_record(*r) for r in list_records(tmp_path)]
@@ -317,8 +374,25 @@ def test_demo_with_text_prompts(tmp_path):
     from sam_jax.demo import main
 
     out = tmp_path / "demo"
-    main(["--text", "--out", str(out), "--train-images", "8", "--eval-images", "2", "--kinds-images", "4", "--steps", "2",
-          "--pretrain-steps", "2", "--cache-dir", ""])
+    main(
+        [
+            "--text",
+            "--out",
+            str(out),
+            "--train-images",
+            "8",
+            "--eval-images",
+            "2",
+            "--kinds-images",
+            "4",
+            "--steps",
+            "2",
+            "--pretrain-steps",
+            "2",
+            "--cache-dir",
+            "",
+        ]
+    )
     assert len(list((out / "data" / "text_kinds").glob("*.json"))) == 4
     config, trained = load_params(out / "train" / "shapes_text_p8" / "model")
     _, kinds = load_params(out / "train" / "kinds")
@@ -355,11 +429,17 @@ def test_attention_query_chunks_give_the_same_result(use_rel_pos):
     for block in (10, 30, 60):  # 1, 3 and 6 rows per chunk
         chunked = Attention(4, use_rel_pos=use_rel_pos, input_size=(12, 10), query_block=block)
         np.testing.assert_allclose(chunked.apply(params, x), ref, atol=2e-6, rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), jax.grad(loss(chunked))(params), ref_grad)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+            jax.grad(loss(chunked))(params),
+            ref_grad,
+        )
     # The same attention through `jax.nn.dot_product_attention`, relative positions folded into q and k.
     fused = Attention(4, use_rel_pos=use_rel_pos, input_size=(12, 10), impl="xla")
     np.testing.assert_allclose(fused.apply(params, x), ref, atol=2e-6, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), jax.grad(loss(fused))(params), ref_grad)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), jax.grad(loss(fused))(params), ref_grad
+    )
 
 
 def test_fold_rel_pos_gives_the_official_logits():
@@ -393,9 +473,13 @@ def test_encoder_with_xla_attention_matches_chunked(tiny_config, tiny_params, ph
     """The whole encoder with `attention="xla"` (the folded form) equals the default."""
     from sam_jax.model import encode
 
-    cfg = dataclasses.replace(tiny_config, image_encoder=dataclasses.replace(tiny_config.image_encoder, attention="xla"))
+    cfg = dataclasses.replace(
+        tiny_config, image_encoder=dataclasses.replace(tiny_config.image_encoder, attention="xla")
+    )
     images = jax.random.normal(jax.random.key(3), (1, cfg.image_size, cfg.image_size, 3))
-    np.testing.assert_allclose(encode(tiny_params, images, config=cfg), encode(tiny_params, images, config=tiny_config), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        encode(tiny_params, images, config=cfg), encode(tiny_params, images, config=tiny_config), atol=2e-5, rtol=1e-4
+    )
 
 
 def test_shared_embedding_without_masks_equals_one_copy_per_prompt(tiny_config, tiny_params):
@@ -403,19 +487,37 @@ def test_shared_embedding_without_masks_equals_one_copy_per_prompt(tiny_config, 
     first layer run once) gives the masks of B copies with has_mask False."""
     from sam_jax.model import decode, encode
 
-    emb = encode(tiny_params, jax.random.normal(jax.random.key(0), (1, tiny_config.image_size, tiny_config.image_size, 3)), config=tiny_config)
+    emb = encode(
+        tiny_params,
+        jax.random.normal(jax.random.key(0), (1, tiny_config.image_size, tiny_config.image_size, 3)),
+        config=tiny_config,
+    )
     rng = np.random.default_rng(0)
     prompts = make_prompts(
-        batch_size=5, mask_size=tiny_config.low_res_mask_size,
-        point_coords=rng.uniform(0, tiny_config.image_size, (5, 2, 2)), point_labels=np.array([[1, 0]] * 5),
+        batch_size=5,
+        mask_size=tiny_config.low_res_mask_size,
+        point_coords=rng.uniform(0, tiny_config.image_size, (5, 2, 2)),
+        point_labels=np.array([[1, 0]] * 5),
     )
     copies = jnp.broadcast_to(emb, (5, *emb.shape[1:]))
     for multimask in (True, False):
-        ref_masks, ref_iou = decode(tiny_params, copies, jax.tree.map(jnp.asarray, prompts), config=tiny_config, multimask_output=multimask)
-        masks, iou = decode(tiny_params, emb, jax.tree.map(jnp.asarray, prompts.without_masks()), config=tiny_config, multimask_output=multimask)
+        ref_masks, ref_iou = decode(
+            tiny_params, copies, jax.tree.map(jnp.asarray, prompts), config=tiny_config, multimask_output=multimask
+        )
+        masks, iou = decode(
+            tiny_params,
+            emb,
+            jax.tree.map(jnp.asarray, prompts.without_masks()),
+            config=tiny_config,
+            multimask_output=multimask,
+        )
         np.testing.assert_allclose(masks, ref_masks, atol=2e-5, rtol=1e-5)
         np.testing.assert_allclose(iou, ref_iou, atol=2e-6)
-    with_mask = make_prompts(batch_size=1, mask_size=tiny_config.low_res_mask_size, mask_input=np.zeros((1, tiny_config.low_res_mask_size, tiny_config.low_res_mask_size)))
+    with_mask = make_prompts(
+        batch_size=1,
+        mask_size=tiny_config.low_res_mask_size,
+        mask_input=np.zeros((1, tiny_config.low_res_mask_size, tiny_config.low_res_mask_size)),
+    )
     with pytest.raises(ValueError, match="have a mask input"):
         with_mask.without_masks()
 
@@ -431,7 +533,10 @@ def test_grouped_images_equal_one_copy_per_row():
     emb = encode(params, jax.random.normal(jax.random.key(1), (2, s, s, 3)), config=config)
     rng = np.random.default_rng(0)
     prompts = make_prompts(
-        batch_size=6, mask_size=low, point_coords=rng.uniform(0, s, (6, 2, 2)), point_labels=np.array([[1, 0]] * 6),
+        batch_size=6,
+        mask_size=low,
+        point_coords=rng.uniform(0, s, (6, 2, 2)),
+        point_labels=np.array([[1, 0]] * 6),
         mask_input=rng.normal(size=(6, low, low)),
     )
     prompts = jax.tree.map(jnp.asarray, prompts.replace(has_mask=np.array([True, False, True, True, False, False])))

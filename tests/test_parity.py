@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from sam_jax.convert.keys import key_table
+
+from bench.official import build_official, modeling, randomize_, state_dict_numpy
 from sam_jax.model import decode, encode
 from sam_jax.modeling.image_encoder import Block, get_rel_pos, window_partition, window_unpartition
 from sam_jax.prompts import make_prompts
 from sam_jax.transforms import ResizeLongestSide, postprocess_masks, preprocess
-from tests.official import build_official, modeling, randomize_, state_dict_numpy
 
 ATOL = 1e-4
 oie = modeling.image_encoder
@@ -73,7 +73,12 @@ def test_block_non_square(tiny_config, window_size, hw):
     """One encoder block on a non-square grid, windowed (with H and W padded differently) and global."""
     dim, heads = 32, 4
     ref = oie.Block(
-        dim, heads, use_rel_pos=True, rel_pos_zero_init=False, window_size=window_size, input_size=hw,
+        dim,
+        heads,
+        use_rel_pos=True,
+        rel_pos_zero_init=False,
+        window_size=window_size,
+        input_size=hw,
         norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
     )
     randomize_(ref, seed=3)
@@ -99,7 +104,9 @@ def test_block_non_square(tiny_config, window_size, hw):
         expected = ref(t(x)).numpy()
     # The default chunking (none at these sizes) and one grid row of queries per chunk.
     for query_block in (256, hw[1]):
-        ours = Block(heads, window_size=window_size, input_size=hw, query_block=query_block).apply({"params": params}, jnp.asarray(x))
+        ours = Block(heads, window_size=window_size, input_size=hw, query_block=query_block).apply(
+            {"params": params}, jnp.asarray(x)
+        )
         close(ours, expected)
 
 
@@ -124,7 +131,11 @@ PROMPT_CASES = {
 
 
 def _official_prompts(case, mask):
-    pts = (t(np.array([case["points"]], np.float32)), t(np.array([case["labels"]], np.int64))) if "points" in case else None
+    pts = (
+        (t(np.array([case["points"]], np.float32)), t(np.array([case["labels"]], np.int64)))
+        if "points" in case
+        else None
+    )
     box = t(np.array([case["box"]], np.float32)) if "box" in case else None
     return pts, box, (t(mask) if case.get("mask") else None)
 
@@ -160,7 +171,9 @@ def test_prompt_encoder(official_tiny, tiny_params, tiny_config, embedding_and_m
         ref_sparse, ref_dense = official_tiny.prompt_encoder(*_official_prompts(spec, mask))
     pr = _our_prompts(spec, mask, tiny_config)
     e = tiny_config.embedding_size
-    enc = PromptEncoder(tiny_config.prompt_embed_dim, (e, e), (tiny_config.image_size,) * 2, tiny_config.prompt_encoder.mask_in_chans)
+    enc = PromptEncoder(
+        tiny_config.prompt_embed_dim, (e, e), (tiny_config.image_size,) * 2, tiny_config.prompt_encoder.mask_in_chans
+    )
     sparse, dense, token_mask = enc.apply(
         {"params": tiny_params["prompt_encoder"]}, pr.points, pr.labels, pr.mask_input, pr.has_mask
     )
@@ -179,7 +192,9 @@ def test_decoder(official_tiny, tiny_params, tiny_config, embedding_and_mask, ca
             t(emb), official_tiny.prompt_encoder.get_dense_pe(), sparse, dense, multimask
         )
     pr = _our_prompts(spec, mask, tiny_config)
-    masks, iou = decode(tiny_params, jnp.asarray(emb).transpose(0, 2, 3, 1), pr, config=tiny_config, multimask_output=multimask)
+    masks, iou = decode(
+        tiny_params, jnp.asarray(emb).transpose(0, 2, 3, 1), pr, config=tiny_config, multimask_output=multimask
+    )
     close(masks, ref_masks.numpy())
     close(iou, ref_iou.numpy())
 
@@ -247,8 +262,9 @@ def test_end_to_end_photo(official_tiny, tiny_params, tiny_config, photo, case, 
 @pytest.mark.slow
 def test_end_to_end_vit_b(photo):
     """The full-size vit_b, every parameter randomized, on the photo, with points and a box."""
-    from sam_jax.config import vit_b
     from sam_jax.convert.state_dict import to_flax
+
+    from sam_jax.config import vit_b
 
     config = vit_b()
     official = randomize_(build_official(config), seed=7)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-
+from bench.official import official_predictor
 from sam_jax.model import SamModel
 from sam_jax.predictor import SamPredictor
-from tests.official import official_predictor
 
 ATOL = 1e-4
 
@@ -36,7 +35,9 @@ def _masks_agree(a, b):
 CASES = {
     "points": dict(point_coords=np.array([[120.0, 90.0], [300.0, 200.0]]), point_labels=np.array([1, 0])),
     "box": dict(box=np.array([50.0, 40.0, 320.0, 260.0])),
-    "box_points": dict(point_coords=np.array([[150.0, 120.0]]), point_labels=np.array([1]), box=np.array([50.0, 40.0, 320.0, 260.0])),
+    "box_points": dict(
+        point_coords=np.array([[150.0, 120.0]]), point_labels=np.array([1]), box=np.array([50.0, 40.0, 320.0, 260.0])
+    ),
 }
 
 
@@ -125,7 +126,7 @@ def test_no_recompile_within_a_bucket(predictors):
         ours.predict(point_coords=np.full((n, 2), 10.0), point_labels=np.ones(n))
     for b in (3, 4):  # prompts per call: bucket 4
         ours.predict(point_coords=np.full((b, 1, 2), 10.0), point_labels=np.ones((b, 1)))
-    assert ours._predict._cache_size() == 2  # noqa: SLF001  (one per prompt-count bucket: 1 and 4)
+    assert ours._predict._cache_size() == 2
 
 
 BAD = [
@@ -169,6 +170,3 @@ def test_bad_images(predictors, image, message):
 def test_points_outside_the_image_are_allowed(predictors):
     masks, scores, _ = predictors[0].predict(point_coords=[[-20.0, 500.0]], point_labels=[1])
     assert masks.shape == (3, 300, 451) and np.all(np.isfinite(scores))
-
-
-

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sam_jax.checkpoint import save_params
 from sam_jax import cli
+from sam_jax.checkpoint import save_params
 from sam_jax.cli import main
 from sam_jax.clip_folder import make_random_clip
 from sam_jax.model import SamModel, abstract_params
@@ -29,7 +29,9 @@ WORDS = ["circle", "triangle", "rectangle"]
 
 @pytest.fixture(scope="module")
 def text_config(tiny_config):
-    return dataclasses.replace(tiny_config, prompt_encoder=dataclasses.replace(tiny_config.prompt_encoder, text_embed_dim=TEXT_DIM))
+    return dataclasses.replace(
+        tiny_config, prompt_encoder=dataclasses.replace(tiny_config.prompt_encoder, text_embed_dim=TEXT_DIM)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,12 @@ def _reference(predictor, text_emb, *, point_coords=None, point_labels=None, box
     if boxes is not None:
         boxes = predictor.transform.apply_boxes(np.asarray(boxes, np.float64).reshape(b, 4), orig)
     prompts = make_prompts(
-        batch_size=b, mask_size=cfg.low_res_mask_size, point_coords=point_coords, point_labels=point_labels, boxes=boxes, text=text_emb
+        batch_size=b,
+        mask_size=cfg.low_res_mask_size,
+        point_coords=point_coords,
+        point_labels=point_labels,
+        boxes=boxes,
+        text=text_emb,
     )
     emb = jnp.broadcast_to(predictor.features, (b, *predictor.features.shape[1:]))
     low, iou = predictor.model.decode(emb, jax.tree.map(jnp.asarray, prompts), multimask_output)  # jitted `decode`
@@ -128,21 +135,27 @@ def test_several_texts_are_several_prompts(predictor, text_encoder):
     # One text per box; a single string is shared by every box.
     boxes = np.array([[10.0, 20.0, 200.0, 180.0], [100.0, 50.0, 440.0, 290.0]])
     per_box = predictor.predict(box=boxes, text=["circle", "triangle"], multimask_output=False)
-    _same(per_box, _reference(predictor, text_encoder.embed_text(["circle", "triangle"]), boxes=boxes, multimask_output=False))
+    _same(
+        per_box,
+        _reference(predictor, text_encoder.embed_text(["circle", "triangle"]), boxes=boxes, multimask_output=False),
+    )
     shared = predictor.predict(box=boxes, text="circle", multimask_output=False)
-    _same(shared, _reference(predictor, text_encoder.embed_text(["circle", "circle"]), boxes=boxes, multimask_output=False))
+    _same(
+        shared,
+        _reference(predictor, text_encoder.embed_text(["circle", "circle"]), boxes=boxes, multimask_output=False),
+    )
 
 
 def test_compilation_stays_bounded(predictor):
     fresh = SamPredictor(predictor.model, text_encoder=predictor.text_encoder)
     fresh.set_image(np.zeros((300, 451, 3), np.uint8))
-    before = fresh.text_encoder._text._cache_size()  # noqa: SLF001
+    before = fresh.text_encoder._text._cache_size()
     for texts in (["circle", "triangle", "rectangle"], ["circle", "circle", "triangle", "rectangle"]):  # bucket 4
         fresh.predict(text=texts)
     for word in WORDS:
         fresh.predict(text=word)  # bucket 1
-    assert fresh._predict._cache_size() == 2  # noqa: SLF001
-    assert fresh.text_encoder._text._cache_size() - before <= 2  # noqa: SLF001  (CLIP batches of 4 and 1)
+    assert fresh._predict._cache_size() == 2
+    assert fresh.text_encoder._text._cache_size() - before <= 2
 
 
 def test_predict_batch_with_texts(predictor, text_encoder, photo):
@@ -157,7 +170,10 @@ def test_predict_batch_with_texts(predictor, text_encoder, photo):
     _same((masks[0], scores[0], logits[0]), predictor.predict(text="circle"))
     alone = SamPredictor(predictor.model, text_encoder=text_encoder)
     alone.set_image(second)
-    _same((masks[1][1], scores[1][1], logits[1][1]), alone.predict(box=np.array([50.0, 0.0, 199.0, 100.0]), text="rectangle"))
+    _same(
+        (masks[1][1], scores[1][1], logits[1][1]),
+        alone.predict(box=np.array([50.0, 0.0, 199.0, 100.0]), text="rectangle"),
+    )
     with pytest.raises(ValueError, match="text_batch has 1 entries for 2 images"):
         batch.predict_batch(text_batch=["circle"])
     with pytest.raises(ValueError, match="text_batch must be a list"):
@@ -167,7 +183,9 @@ def test_predict_batch_with_texts(predictor, text_encoder, photo):
 def test_errors(predictor, text_encoder, tiny_config, tiny_params, photo):
     plain = SamPredictor(SamModel(tiny_config, tiny_params), text_encoder=text_encoder)  # a checkpoint without text
     plain.set_image(photo)
-    with pytest.raises(ValueError, match="this checkpoint has no text projection: it was not trained with text prompts"):
+    with pytest.raises(
+        ValueError, match="this checkpoint has no text projection: it was not trained with text prompts"
+    ):
         plain.predict(text="circle")
     plain.predict(point_coords=[[100.0, 100.0]], point_labels=[1])  # without text it works as before
     no_encoder = SamPredictor(predictor.model)
@@ -198,7 +216,9 @@ def _one_line_error(argv, capsys) -> str:
     return err
 
 
-def test_cli_segment_with_text(tmp_path, text_model, clip_folder, predictor, tiny_config, tiny_params, photo, capsys, monkeypatch):
+def test_cli_segment_with_text(
+    tmp_path, text_model, clip_folder, predictor, tiny_config, tiny_params, photo, capsys, monkeypatch
+):
     ckpt = save_params(tmp_path / "text_ckpt", text_model.params, text_model.config)
     Image.fromarray(photo).save(tmp_path / "cat.png")
     base = ["segment", str(tmp_path / "cat.png"), "--checkpoint", str(ckpt), "--cache-dir", ""]
@@ -212,7 +232,20 @@ def test_cli_segment_with_text(tmp_path, text_model, clip_folder, predictor, tin
     assert Image.open(out / "cat_overlay.png").size == (451, 300)
     # One prompt per --text, each with the point.
     out = tmp_path / "two"
-    argv = [*base, "--text", "circle", "--text", "triangle", "--point", "200,150", "--clip", str(clip_folder), "--multimask", "--out", str(out)]
+    argv = [
+        *base,
+        "--text",
+        "circle",
+        "--text",
+        "triangle",
+        "--point",
+        "200,150",
+        "--clip",
+        str(clip_folder),
+        "--multimask",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     result = json.loads((out / "cat_scores.json").read_text())
     assert result["text"] == ["circle", "triangle"] and len(result["scores"]) == 2 and len(result["scores"][1]) == 3
@@ -221,16 +254,26 @@ def test_cli_segment_with_text(tmp_path, text_model, clip_folder, predictor, tin
     assert result["masks"][1][2] == "cat_text1_mask2.png" and (out / "cat_text1_mask2.png").is_file()
     capsys.readouterr()
     # Errors: --text without --clip; a checkpoint without a text projection; an empty --text.
-    assert "--text needs --clip FOLDER" in _one_line_error([*base, "--text", "circle", "--out", str(tmp_path / "x")], capsys)
+    assert "--text needs --clip FOLDER" in _one_line_error(
+        [*base, "--text", "circle", "--out", str(tmp_path / "x")], capsys
+    )
     with monkeypatch.context() as m:  # a checkpoint without text layers (loaded: no need to write one)
         m.setattr(cli, "_load", lambda args: SamModel(tiny_config, tiny_params))
-        err = _one_line_error([*base, "--text", "circle", "--clip", str(clip_folder), "--out", str(tmp_path / "x")], capsys)
+        err = _one_line_error(
+            [*base, "--text", "circle", "--clip", str(clip_folder), "--out", str(tmp_path / "x")], capsys
+        )
     assert "has no text projection: it was not trained with text prompts" in err
-    assert "is empty" in _one_line_error([*base, "--text", " ", "--clip", str(clip_folder), "--out", str(tmp_path / "x")], capsys)
-    assert "no config.json" in _one_line_error([*base, "--text", "circle", "--clip", str(tmp_path), "--out", str(tmp_path / "x")], capsys)
+    assert "is empty" in _one_line_error(
+        [*base, "--text", " ", "--clip", str(clip_folder), "--out", str(tmp_path / "x")], capsys
+    )
+    assert "no config.json" in _one_line_error(
+        [*base, "--text", "circle", "--clip", str(tmp_path), "--out", str(tmp_path / "x")], capsys
+    )
 
 
-def test_cli_eval_with_text(tmp_path, text_model, clip_folder, text_encoder, tiny_config, tiny_params, capsys, monkeypatch):
+def test_cli_eval_with_text(
+    tmp_path, text_model, clip_folder, text_encoder, tiny_config, tiny_params, capsys, monkeypatch
+):
     """`sam-jax eval --text-categories`: the clicks, then each caption alone against all masks of
     its category (`evaluate_text`), with the text-blind level; clear errors."""
     from sam_jax.train.shapes import make_shapes
@@ -253,7 +296,9 @@ def test_cli_eval_with_text(tmp_path, text_model, clip_folder, text_encoder, tin
     # Errors: no --clip; --clip alone; an empty list; a template without {}; no image with the category; no text layers.
     assert "needs --clip FOLDER" in _one_line_error([*base, "--text-categories", "circle"], capsys)
     assert "only used with --text-categories" in _one_line_error([*base, "--clip", str(clip_folder)], capsys)
-    assert "--text-categories is empty" in _one_line_error([*base, "--text-categories", " ,", "--clip", str(clip_folder)], capsys)
+    assert "--text-categories is empty" in _one_line_error(
+        [*base, "--text-categories", " ,", "--clip", str(clip_folder)], capsys
+    )
     bad_template = [*base, "--text-categories", "circle", "--clip", str(clip_folder), "--template", "a shape"]
     assert "--template must contain {}" in _one_line_error(bad_template, capsys)
     assert "no held-out image has a mask of the categories" in _one_line_error(

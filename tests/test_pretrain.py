@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sam_jax.train.pretrain import kind_targets, pretrain_kinds
 
 from sam_jax.config import get_config
-from sam_jax.train.pretrain import kind_targets, pretrain_kinds
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -39,22 +39,29 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
     `shapes_text_p8`. (How well the kinds are learnt on real outlines, over thousands of
     steps: docs/text-training.md.)"""
     import jax
-
-    from sam_jax.checkpoint import load_model
-    from sam_jax.clip_folder import make_random_clip
-    from sam_jax.model import abstract_params
     from sam_jax.train import sharding as shd
     from sam_jax.train.configs import shapes_text_p8
     from sam_jax.train.pretrain import load_kinds
     from sam_jax.train.shapes import make_shapes
     from sam_jax.train.trainer import initial_params, model_config
 
+    from sam_jax.checkpoint import load_model
+    from sam_jax.clip_folder import make_random_clip
+    from sam_jax.model import abstract_params
+
     kinds = ["circle", "rectangle", "triangle"]
     make_shapes(tmp_path / "train", 8, seed=0, categories=tuple(kinds), size_range=(0.2, 0.45), colour_by_category=True)
     logs = []
     result = pretrain_kinds(
-        tmp_path / "train", tmp_path / "enc", categories=kinds, steps=100, lr=4e-3, warmup_steps=10,
-        heldout_dir=tmp_path / "train", eval_every=20, log=logs.append,
+        tmp_path / "train",
+        tmp_path / "enc",
+        categories=kinds,
+        steps=100,
+        lr=4e-3,
+        warmup_steps=10,
+        heldout_dir=tmp_path / "train",
+        eval_every=20,
+        log=logs.append,
     )
     first, last = result["history"][0], result["history"][-1]
     assert len(logs) == 6 and result["steps"] == 100 and last["step"] == 100
@@ -84,8 +91,15 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
 
     with mock.patch("sam_jax.train.pretrain.mask_accuracy", side_effect=[0.5, RuntimeError("killed")]):
         with pytest.raises(RuntimeError, match="killed"):
-            pretrain_kinds(tmp_path / "train", tmp_path / "crashed", categories=kinds, steps=4, warmup_steps=1,
-                           heldout_dir=tmp_path / "train", eval_every=2)
+            pretrain_kinds(
+                tmp_path / "train",
+                tmp_path / "crashed",
+                categories=kinds,
+                steps=4,
+                warmup_steps=1,
+                heldout_dir=tmp_path / "train",
+                eval_every=2,
+            )
     assert not (tmp_path / "crashed").exists()
     assert load_model(tmp_path / "crashed.step_2").config.name == "tiny_p8_conv"
     with pytest.raises(ValueError, match="batch_size"):

@@ -40,7 +40,10 @@ def _prompts(cfg, **kw):
 
 def test_text_layers_exist_only_with_text_embed_dim(text_params, tiny_config, tiny_params):
     pe = text_params["prompt_encoder"]
-    assert pe["text_proj_0"]["kernel"].shape == (TEXT_DIM, text_params["prompt_encoder"]["text_embed"]["embedding"].shape[-1])
+    assert pe["text_proj_0"]["kernel"].shape == (
+        TEXT_DIM,
+        text_params["prompt_encoder"]["text_embed"]["embedding"].shape[-1],
+    )
     assert "text_embed" in pe and not any(k.startswith("text") for k in tiny_params["prompt_encoder"])
     tokens = text_params["mask_decoder"]["text_mask_tokens"]["embedding"]
     assert tokens.shape == text_params["mask_decoder"]["mask_tokens"]["embedding"].shape
@@ -58,12 +61,16 @@ def test_text_tokens_change_the_masks_and_padding_slots_do_not(text_config, text
     with_text, _ = f(text_params, embeddings, _prompts(text_config, **points, text=text))
     assert np.abs(np.asarray(with_text) - np.asarray(base)).max() > 1e-3
     # Unused text slots are masked out: the masks are those without text.
-    unused, unused_iou = f(text_params, embeddings, _prompts(text_config, **points, text=text, text_mask=np.zeros((3, 2), bool)))
+    unused, unused_iou = f(
+        text_params, embeddings, _prompts(text_config, **points, text=text, text_mask=np.zeros((3, 2), bool))
+    )
     np.testing.assert_allclose(unused, base, atol=1e-5)
     np.testing.assert_allclose(unused_iou, base_iou, atol=1e-6)
     # One slot used, one padding == the used one alone.
     one, _ = f(text_params, embeddings, _prompts(text_config, **points, text=text[:, :1]))
-    padded, _ = f(text_params, embeddings, _prompts(text_config, **points, text=text, text_mask=np.array([[True, False]] * 3)))
+    padded, _ = f(
+        text_params, embeddings, _prompts(text_config, **points, text=text, text_mask=np.array([[True, False]] * 3))
+    )
     np.testing.assert_allclose(padded, one, atol=1e-5)
 
 
@@ -73,7 +80,13 @@ def test_text_rows_have_their_own_mask_tokens(text_config, text_params, embeddin
     rng = np.random.default_rng(2)
     coords = rng.uniform(0, text_config.image_size, (3, 1, 2))
     text = rng.normal(size=(3, 1, TEXT_DIM)).astype(np.float32)
-    rows = _prompts(text_config, point_coords=coords, point_labels=np.ones((3, 1)), text=text, text_mask=np.array([[True], [False], [True]]))
+    rows = _prompts(
+        text_config,
+        point_coords=coords,
+        point_labels=np.ones((3, 1)),
+        text=text,
+        text_mask=np.array([[True], [False], [True]]),
+    )
     f = jax.jit(lambda p: decode(p, embeddings, rows, config=text_config, multimask_output=None))
     base, _ = f(text_params)
 
@@ -111,7 +124,9 @@ def test_text_only_and_mixed_prompts_in_one_compiled_decoder(text_config, text_p
 
 def test_text_gets_clear_errors(tiny_config, tiny_params, text_config, text_params, embeddings):
     text = np.ones((3, TEXT_DIM), np.float32)
-    tiny_emb = encode(tiny_params, jnp.zeros((3, tiny_config.image_size, tiny_config.image_size, 3)), config=tiny_config)
+    tiny_emb = encode(
+        tiny_params, jnp.zeros((3, tiny_config.image_size, tiny_config.image_size, 3)), config=tiny_config
+    )
     with pytest.raises(ValueError, match="no text projection"):
         decode(tiny_params, tiny_emb, _prompts(tiny_config, text=text), config=tiny_config)
     with pytest.raises(ValueError, match="width 7"):
@@ -129,11 +144,16 @@ def test_text_model_checkpoint_round_trip(text_config, text_params, tmp_path):
     path = save_params(tmp_path / "ckpt", text_params, text_config)
     model = load_model(path)
     assert model.config.prompt_encoder.text_embed_dim == TEXT_DIM
-    jax.tree.map(np.testing.assert_array_equal, model.params["prompt_encoder"], jax.device_get(text_params["prompt_encoder"]))
+    jax.tree.map(
+        np.testing.assert_array_equal, model.params["prompt_encoder"], jax.device_get(text_params["prompt_encoder"])
+    )
     state = to_official(text_params, text_config)
     assert {k for k in state if "text" in k} == {
-        "prompt_encoder.text_proj.0.weight", "prompt_encoder.text_proj.0.bias",
-        "prompt_encoder.text_proj.1.weight", "prompt_encoder.text_proj.1.bias", "prompt_encoder.text_embed.weight",
+        "prompt_encoder.text_proj.0.weight",
+        "prompt_encoder.text_proj.0.bias",
+        "prompt_encoder.text_proj.1.weight",
+        "prompt_encoder.text_proj.1.bias",
+        "prompt_encoder.text_embed.weight",
         "mask_decoder.text_mask_tokens.weight",
     }
     jax.tree.map(np.testing.assert_array_equal, to_flax(state, text_config), jax.device_get(text_params))
@@ -147,7 +167,9 @@ def test_text_checkpoint_from_before_text_mask_tokens_loads(text_config, text_pa
     model = load_model(save_params(tmp_path / "old", old, text_config))
     dec = model.params["mask_decoder"]
     np.testing.assert_array_equal(dec["text_mask_tokens"]["embedding"], dec["mask_tokens"]["embedding"])
-    jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in dec.items() if k != "text_mask_tokens"}, old["mask_decoder"])
+    jax.tree.map(
+        np.testing.assert_array_equal, {k: v for k, v in dec.items() if k != "text_mask_tokens"}, old["mask_decoder"]
+    )
     # Another mismatch is still refused, with orbax's error.
     broken = {**old, "mask_decoder": {k: v for k, v in old["mask_decoder"].items() if k != "iou_token"}}
     with pytest.raises(Exception, match="iou_token|structure|tree|key"):

@@ -13,7 +13,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-
 from sam_jax.convert.errors import CheckpointError, UnsafeCheckpointError
 from sam_jax.convert.torch_pickle import load_torch_checkpoint
 
@@ -101,9 +100,7 @@ def test_round_trip_matches_torch(checkpoint: Path, state: dict[str, torch.Tenso
 
 
 @pytest.mark.parametrize("wrapper", ["model", "state_dict"])
-def test_wrapped_state_dict(
-    tmp_path: Path, state: dict[str, torch.Tensor], wrapper: str
-) -> None:
+def test_wrapped_state_dict(tmp_path: Path, state: dict[str, torch.Tensor], wrapper: str) -> None:
     path = tmp_path / "train.pth"
     torch.save({"epoch": 3, "name": "run", wrapper: state, "extra": torch.ones(2)}, path)
     _assert_matches(load_torch_checkpoint(path), state)
@@ -139,9 +136,7 @@ def test_truncated_file(tmp_path: Path, checkpoint: Path) -> None:
     assert "is truncated" in _load_error(path)
 
 
-@pytest.mark.parametrize(
-    "content", [b"this is a text file, not a checkpoint\n", np.random.default_rng(0).bytes(4096)]
-)
+@pytest.mark.parametrize("content", [b"this is a text file, not a checkpoint\n", np.random.default_rng(0).bytes(4096)])
 def test_not_a_zip(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "junk.pth"
     path.write_bytes(content)

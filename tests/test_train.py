@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from sam_jax.train import losses, prompt_simulation as sim
+from sam_jax.train import losses
+from sam_jax.train import prompt_simulation as sim
 from sam_jax.train.shapes import make_shapes
+
 from tests.train_worker import _params_digest, param_diffs, small_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -51,14 +52,21 @@ def _worker_env(cache: Path, devices: int, xla_flags: str = FAST_COMPILE) -> dic
 
 def _worker(args: list[str], cache: Path, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.train_worker", *args], cwd=ROOT, env=_worker_env(cache, devices), capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "tests.train_worker", *args],
+        cwd=ROOT,
+        env=_worker_env(cache, devices),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"worker {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
-def _workers(jobs: list[tuple[list[str], int]], cache: Path, logs: Path, xla_flags: str = FAST_COMPILE, timeout: float = 900) -> list[subprocess.CompletedProcess]:
+def _workers(
+    jobs: list[tuple[list[str], int]], cache: Path, logs: Path, xla_flags: str = FAST_COMPILE, timeout: float = 900
+) -> list[subprocess.CompletedProcess]:
     """Run the workers `jobs` ([(args, devices)]) side by side; when one fails or the time
     runs out, all are killed (a process waiting for a dead peer would wait for minutes)."""
     import time
@@ -69,7 +77,9 @@ def _workers(jobs: list[tuple[list[str], int]], cache: Path, logs: Path, xla_fla
         for i, (args, devices) in enumerate(jobs):
             with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
                 cmd = [sys.executable, "-m", "tests.train_worker", *args]
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_worker_env(cache, devices, xla_flags), stdout=out, stderr=err))
+                procs.append(
+                    subprocess.Popen(cmd, cwd=ROOT, env=_worker_env(cache, devices, xla_flags), stdout=out, stderr=err)
+                )
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -79,12 +89,20 @@ def _workers(jobs: list[tuple[list[str], int]], cache: Path, logs: Path, xla_fla
                 p.kill()
             p.wait()
     done = [
-        subprocess.CompletedProcess(p.args, p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+        subprocess.CompletedProcess(
+            p.args, p.returncode, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()
+        )
         for i, p in enumerate(procs)
     ]
-    failed = [f"worker {a} exited with {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}" for (a, _), p in zip(jobs, done) if p.returncode]
+    failed = [
+        f"worker {a} exited with {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        for (a, _), p in zip(jobs, done)
+        if p.returncode
+    ]
     if failed:
-        raise AssertionError(f"workers failed or were killed (-9) after {timeout} s or a failure of another:\n" + "\n".join(failed))
+        raise AssertionError(
+            f"workers failed or were killed (-9) after {timeout} s or a failure of another:\n" + "\n".join(failed)
+        )
     return done
 
 
@@ -98,7 +116,7 @@ def _free_port() -> int:
 
 def _result(proc: subprocess.CompletedProcess) -> dict:
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT:")][-1]
-    return json.loads(line[len("RESULT:"):])
+    return json.loads(line[len("RESULT:") :])
 
 
 # ----------------------------------------------------------------------------- losses
@@ -113,7 +131,9 @@ def test_focal_and_dice_limits():
     assert float(losses.sigmoid_focal_loss(wrong, t)[0]) > 1.0
     assert float(losses.dice_loss(wrong, t)[0]) > 0.9
     # focal at logit 0, target 1: alpha * log(2) * 0.5^2
-    np.testing.assert_allclose(losses.sigmoid_focal_loss(jnp.zeros((1, 1)), jnp.ones((1, 1))), 0.25 * np.log(2) * 0.25, rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.sigmoid_focal_loss(jnp.zeros((1, 1)), jnp.ones((1, 1))), 0.25 * np.log(2) * 0.25, rtol=1e-6
+    )
 
 
 def test_sam_loss_trains_the_lowest_loss_mask_and_ignores_padding():
@@ -166,7 +186,9 @@ def test_sam_loss_focal_alpha_and_gamma(shapes):
 
     config, params, batch, cfg = _one_mask_setup(shapes)
     assert (cfg.focal_alpha, cfg.focal_gamma) == (0.25, 2.0)
-    step = lambda c: jax.jit(lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[1]["first_focal"])(params)  # noqa: E731
+    step = lambda c: jax.jit(
+        lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[1]["first_focal"]
+    )(params)
     focal = {}
     for alpha in (0.25, 0.5, None):
         c = cfg.copy_and_resolve_references()
@@ -258,7 +280,6 @@ def test_iteration_schedule_ends_without_a_point():
 
 def test_upsample_logits_is_torch_bilinear():
     import torch
-
     from sam_jax.train.step import upsample_logits
 
     x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
@@ -270,9 +291,10 @@ def test_upsample_logits_is_torch_bilinear():
 def test_targets_at_input_resolution(shapes):
     """`mask_size`: the targets at the input size are the resized, zero-padded masks; the
     low-res targets are their block averages."""
-    from sam_jax.config import get_config
     from sam_jax.train.data import prepare_example, resize_masks
     from sam_jax.train.sa1b import list_records, load_record
+
+    from sam_jax.config import get_config
 
     config = get_config("tiny")
     s, low = config.image_size, config.low_res_mask_size
@@ -313,7 +335,9 @@ def test_sam_loss_candidates_restrict_the_trained_output():
     logits = jnp.stack([-good, good, -good, -good], axis=1)  # (2, 4, 8, 8): output 1 is right
     iou_pred = jnp.zeros((2, 4))
     candidates = jnp.array([[True, False, False, False], [False, True, True, True]])
-    loss, metrics, best, chosen_iou = losses.sam_loss(logits, iou_pred, t, jnp.array([True, True]), candidates=candidates)
+    loss, metrics, best, chosen_iou = losses.sam_loss(
+        logits, iou_pred, t, jnp.array([True, True]), candidates=candidates
+    )
     assert best.tolist() == [0, 1] and chosen_iou.tolist() == [0.0, 1.0]
     # The IoU head is supervised on the candidates only: row 0 on output 0 (actual IoU 0), row 1
     # on outputs 1..3 (actual IoUs 1, 0, 0).
@@ -334,7 +358,10 @@ def test_a_box_trains_the_single_output(shapes):
         c.box_single_output = single
         loss = lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[0]  # noqa: E731
         grads = jax.jit(jax.grad(loss))(params)["mask_decoder"]
-        norms[single] = [float(sum(np.abs(g).sum() for g in jax.tree.leaves(grads[f"output_hypernetworks_mlps_{i}"]))) for i in range(4)]
+        norms[single] = [
+            float(sum(np.abs(g).sum() for g in jax.tree.leaves(grads[f"output_hypernetworks_mlps_{i}"])))
+            for i in range(4)
+        ]
     assert norms[True][0] > 0 and norms[True][1:] == [0.0, 0.0, 0.0], norms
     assert norms[False][0] == 0.0 and sum(norms[False][1:]) > 0, norms
 
@@ -346,7 +373,9 @@ def test_no_gradient_into_buffers_or_a_frozen_encoder(shapes):
 
     config, params, batch, cfg = _one_mask_setup(shapes)
     for train_encoder in (True, False):
-        loss = lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=cfg, train_image_encoder=train_encoder)[0]  # noqa: E731
+        loss = lambda p: simulate_and_loss(
+            p, batch, jax.random.key(2), model_config=config, cfg=cfg, train_image_encoder=train_encoder
+        )[0]
         grads = jax.jit(jax.grad(loss))(params)
         assert not np.any(grads["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"])
         encoder = [np.abs(g).sum() for g in jax.tree.leaves(grads["image_encoder"])]
@@ -387,7 +416,9 @@ def test_trainer_with_several_points_per_iteration(shapes, tmp_path):
 
     with pytest.raises(TrainingError, match="loss.points_per_iter=0 must be at least 1"):
         Trainer(small_config(str(shapes), **{"loss.points_per_iter": 0}), tmp_path / "bad", quiet=True)
-    cfg = small_config(str(shapes), **{"loss.points_per_iter": 2, "loss.num_no_point_iters": 0, "checkpoint.async_save": False})
+    cfg = small_config(
+        str(shapes), **{"loss.points_per_iter": 2, "loss.num_no_point_iters": 0, "checkpoint.async_save": False}
+    )
     tr = Trainer(cfg, tmp_path / "work", quiet=True)
     last = tr.train(steps=1)
     assert np.isfinite(last["loss"]) and 0.0 <= last["last_iou"] <= 1.0
@@ -401,11 +432,22 @@ def test_config_overrides_and_errors(tmp_path):
     from sam_jax.train.trainer import TrainingError, apply_overrides, load_config_file
 
     cfg = load_config_file(ROOT / "train" / "configs" / "shapes_tiny.py")
-    out = apply_overrides(cfg, ["steps=7", "optim.lr=1", "optim.decay_steps=[3, 5]", "data.train_dir=/x", "optim.freeze_image_encoder=True"])
+    out = apply_overrides(
+        cfg,
+        ["steps=7", "optim.lr=1", "optim.decay_steps=[3, 5]", "data.train_dir=/x", "optim.freeze_image_encoder=True"],
+    )
     assert out.steps == 7 and out.optim.lr == 1.0 and isinstance(out.optim.lr, float)
-    assert tuple(out.optim.decay_steps) == (3, 5) and out.data.train_dir == "/x" and out.optim.freeze_image_encoder is True
+    assert (
+        tuple(out.optim.decay_steps) == (3, 5) and out.data.train_dir == "/x" and out.optim.freeze_image_encoder is True
+    )
     assert cfg.steps != 7  # the original is not modified
-    for bad, msg in (("nope=1", "unknown key"), ("steps", "KEY=VALUE"), ("steps=abc", "cannot parse"), ("steps=1.5", "expected int"), ("x.y=1", "no config section")):
+    for bad, msg in (
+        ("nope=1", "unknown key"),
+        ("steps", "KEY=VALUE"),
+        ("steps=abc", "cannot parse"),
+        ("steps=1.5", "expected int"),
+        ("x.y=1", "no config section"),
+    ):
         with pytest.raises(TrainingError, match=msg):
             apply_overrides(cfg, [bad])
     with pytest.raises(TrainingError, match="no such config file"):
@@ -439,21 +481,31 @@ def test_trainer_frozen_encoder_nonfinite_and_corrupt_data(shapes, tmp_path, mon
     assert last["skipped_records"] >= 2  # every skip counts (a record read again next epoch too)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before["image_encoder"], after["image_encoder"])
     assert all(jax.tree.leaves(same))
-    assert not np.array_equal(before["mask_decoder"]["iou_token"]["embedding"], after["mask_decoder"]["iou_token"]["embedding"])
+    assert not np.array_equal(
+        before["mask_decoder"]["iou_token"]["embedding"], after["mask_decoder"]["iou_token"]["embedding"]
+    )
     np.testing.assert_array_equal(
         before["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
         after["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
     )  # a fixed buffer, never trained
     lines = [json.loads(l) for l in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 2]
-    assert set(lines[-1]) == {"step", "eval_miou_1click", "eval_miou_1click_predicted", "eval_miou_3click", "eval_miou_box"}
+    assert set(lines[-1]) == {
+        "step",
+        "eval_miou_1click",
+        "eval_miou_1click_predicted",
+        "eval_miou_3click",
+        "eval_miou_box",
+    }
     assert 0.0 <= last["eval_miou_1click"] <= 1.0  # held-out evaluation at the end
 
     # The exported model loads for inference.
     from sam_jax.checkpoint import load_model
 
     model = load_model(tmp_path / "work" / "model")
-    np.testing.assert_array_equal(model.params["mask_decoder"]["iou_token"]["embedding"], after["mask_decoder"]["iou_token"]["embedding"])
+    np.testing.assert_array_equal(
+        model.params["mask_decoder"]["iou_token"]["embedding"], after["mask_decoder"]["iou_token"]["embedding"]
+    )
 
     # A NaN batch: the step is refused, training stops, the checkpoint of step 2 stays.
     real = tr._next_batch
@@ -511,11 +563,16 @@ def test_kill_and_resume_gives_the_uninterrupted_params(shapes, tmp_path, compil
 
 
 def test_distributed_options_all_three_or_none(tmp_path, capsys):
-    from sam_jax.cli import main
     from sam_jax.train.sharding import initialize_distributed
 
+    from sam_jax.cli import main
+
     assert initialize_distributed() is False  # none: one process, nothing to join
-    for args, msg in ((("localhost:1234", 2, None), "all three or none"), (("localhost", 2, 0), "HOST:PORT"), (("localhost:1234", 2, 2), "process id")):
+    for args, msg in (
+        (("localhost:1234", 2, None), "all three or none"),
+        (("localhost", 2, 0), "HOST:PORT"),
+        (("localhost:1234", 2, 2), "process id"),
+    ):
         with pytest.raises(ValueError, match=msg):
             initialize_distributed(*args)
     config = str(ROOT / "train" / "configs" / "shapes_tiny.py")
@@ -544,9 +601,13 @@ def test_two_processes_train_like_one_with_4_devices(shapes, tmp_path, compile_c
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
-    metrics = {k: [json.loads(l) for l in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("one", "two")}
+    metrics = {
+        k: [json.loads(l) for l in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("one", "two")
+    }
     assert [l["step"] for l in metrics["two"]] == [l["step"] for l in metrics["one"]] == [1, 2, 3]
-    np.testing.assert_allclose([l["loss"] for l in metrics["two"]], [l["loss"] for l in metrics["one"]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        [l["loss"] for l in metrics["two"]], [l["loss"] for l in metrics["one"]], rtol=0, atol=1e-5
+    )
     ref = _params_digest(load_params(tmp_path / "one" / "model")[1])
     got = _params_digest(load_params(tmp_path / "two" / "model")[1])
     diff = param_diffs(ref, got)
@@ -554,10 +615,11 @@ def test_two_processes_train_like_one_with_4_devices(shapes, tmp_path, compile_c
 
 
 def test_initial_params_from_checkpoint_and_encoder(tiny_params, tiny_config, tmp_path):
-    from sam_jax.checkpoint import save_params
-    from sam_jax.model import abstract_params
     from sam_jax.train import sharding as shd
     from sam_jax.train.trainer import TrainingError, initial_params, model_config
+
+    from sam_jax.checkpoint import save_params
+    from sam_jax.model import abstract_params
 
     cfg = small_config("unused")
     mc = model_config(cfg)
@@ -573,7 +635,9 @@ def test_initial_params_from_checkpoint_and_encoder(tiny_params, tiny_config, tm
     cfg.init = "scratch"
     scratch = jax.device_get(initial_params(cfg, mc, shardings))
     assert equal(enc["image_encoder"], tiny_params["image_encoder"])
-    assert equal(enc["mask_decoder"], scratch["mask_decoder"]) and not equal(enc["mask_decoder"], tiny_params["mask_decoder"])
+    assert equal(enc["mask_decoder"], scratch["mask_decoder"]) and not equal(
+        enc["mask_decoder"], tiny_params["mask_decoder"]
+    )
     for bad, msg in (("checkpoint:", "init must be"), ("pretrained:x", "init must be")):
         cfg.init = bad
         with pytest.raises(TrainingError, match=msg):
@@ -581,4 +645,6 @@ def test_initial_params_from_checkpoint_and_encoder(tiny_params, tiny_config, tm
     cfg.model = "vit_b"
     cfg.init = f"checkpoint:{ckpt}"
     with pytest.raises(TrainingError, match="does not match model 'vit_b'"):
-        initial_params(cfg, model_config(cfg), shd.logical_shardings(abstract_params(model_config(cfg), boxed=True), mesh))
+        initial_params(
+            cfg, model_config(cfg), shd.logical_shardings(abstract_params(model_config(cfg), boxed=True), mesh)
+        )

@@ -8,9 +8,6 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
-
-from sam_jax.clip_folder import make_random_clip
-from sam_jax.config import get_config
 from sam_jax.train.configs import shapes_text_tiny
 from sam_jax.train.data import prepare_example
 from sam_jax.train.shapes import make_shapes
@@ -24,6 +21,9 @@ from sam_jax.train.text import (
     with_text_projection,
 )
 from sam_jax.train.trainer import TrainingError, model_config
+
+from sam_jax.clip_folder import make_random_clip
+from sam_jax.config import get_config
 from tests.train_worker import set_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -50,13 +50,19 @@ def _record() -> dict:
     masks[1, 40:60, 40:60] = True  # circle
     masks[2, 4:30, 36:60] = True  # triangle
     masks[3, 30:40, 4:14] = True  # no category
-    return {"image": np.zeros((64, 64, 3), np.uint8), "masks": masks, "categories": ["circle", "circle", "triangle", ""]}
+    return {
+        "image": np.zeros((64, 64, 3), np.uint8),
+        "masks": masks,
+        "categories": ["circle", "circle", "triangle", ""],
+    }
 
 
 def _targets(prompts, record, chosen, cfg, k):
     usable = np.arange(len(record["masks"]))
     s = cfg.image_size
-    return prompts(record, chosen=np.asarray(chosen), usable=usable, config=cfg, k=k, hw=(s, s), rng=np.random.default_rng(0))
+    return prompts(
+        record, chosen=np.asarray(chosen), usable=usable, config=cfg, k=k, hw=(s, s), rng=np.random.default_rng(0)
+    )
 
 
 def test_caption_targets_are_the_union_of_the_category():
@@ -64,7 +70,9 @@ def test_caption_targets_are_the_union_of_the_category():
     captions = {"circle": np.full(5, 1.0, np.float32), "triangle": np.full(5, 2.0, np.float32)}
     prompts = CaptionPrompts(captions)
     record = _record()
-    ex = prepare_example(record, cfg, masks_per_image=6, max_mask_fraction=0.9, rng=np.random.default_rng(0), text_prompts=prompts)
+    ex = prepare_example(
+        record, cfg, masks_per_image=6, max_mask_fraction=0.9, rng=np.random.default_rng(0), text_prompts=prompts
+    )
     assert ex["text"].shape == (6, 5) and ex["text_valid"].shape == (6,) and ex["text_masks"].shape == ex["masks"].shape
     plain = prepare_example(record, cfg, masks_per_image=6, max_mask_fraction=0.9, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(plain["masks"], ex["masks"])  # the text path changes nothing else
@@ -117,7 +125,13 @@ def test_crop_prompts_embed_large_masks_only():
     np.testing.assert_array_equal(out["text_valid"], list(areas >= 300) + [False])
     assert len(seen) == 2 and all(c.dtype == np.uint8 and c.ndim == 3 for c in seen)
     np.testing.assert_array_equal(out["text"][1], np.full(3, seen[0].shape[0]))
-    low = _targets(CaptionPrompts({"circle": np.ones(3, np.float32)}), {**record, "categories": ["x", "circle", "x", "x"]}, [1], cfg, 1)
+    low = _targets(
+        CaptionPrompts({"circle": np.ones(3, np.float32)}),
+        {**record, "categories": ["x", "circle", "x", "x"]},
+        [1],
+        cfg,
+        1,
+    )
     np.testing.assert_array_equal(out["text_masks"][1], low["text_masks"][0])  # the target is the mask itself
 
 
@@ -152,7 +166,16 @@ def test_caption_embeddings(clip, shapes):
     assert not np.allclose(table["circle"], table["triangle"])
     cfg.text.captions = ""
     assert sorted(caption_embeddings(cfg, encoder)) == dataset_categories(shapes)
-    assert set(dataset_categories(shapes)) <= {"circle", "ellipse", "rectangle", "triangle", "star", "pentagon", "hexagon", "ring"}
+    assert set(dataset_categories(shapes)) <= {
+        "circle",
+        "ellipse",
+        "rectangle",
+        "triangle",
+        "star",
+        "pentagon",
+        "hexagon",
+        "ring",
+    }
 
 
 def _text_config(shapes: Path, clip: Path, **overrides) -> ml_collections.ConfigDict:
@@ -199,7 +222,9 @@ def test_training_with_text_moves_the_text_miou_up(clip, tmp_path):
     assert min(after["per_category"].values()) > 0.25, after  # each caption selects its own kind
     # The training metric of the text-prompted masks climbs with it.
     text_iou = np.array([float(m["text_iou"]) for m in logged])
-    assert ((0.0 <= text_iou) & (text_iou <= 1.0)).all() and text_iou[-40:].mean() > text_iou[:40].mean() + 0.1, text_iou
+    assert ((text_iou >= 0.0) & (text_iou <= 1.0)).all() and text_iou[-40:].mean() > text_iou[:40].mean() + 0.1, (
+        text_iou
+    )
 
 
 def test_image_mode_trains_on_crop_embeddings(clip, shapes, tmp_path):
@@ -223,21 +248,27 @@ def test_image_mode_trains_on_crop_embeddings(clip, shapes, tmp_path):
 def test_fine_tuning_a_checkpoint_without_text_layers(clip, shapes, tmp_path, tiny_params, tiny_config):
     """`init = checkpoint:PATH` of a model without text layers (an official SAM): its params,
     plus new text layers."""
-    from sam_jax.checkpoint import save_params
     from sam_jax.train import sharding as shd
     from sam_jax.train.trainer import Trainer
+
+    from sam_jax.checkpoint import save_params
 
     path = save_params(tmp_path / "plain", tiny_params, tiny_config)
     trainer = Trainer(_text_config(shapes, clip, init=f"checkpoint:{path}"), tmp_path / "run", quiet=True)
     params = shd.fetch(trainer.state.params, trainer.mesh)
     trainer.close()
     assert "text_embed" in params["prompt_encoder"]
-    np.testing.assert_array_equal(params["mask_decoder"]["iou_token"]["embedding"], tiny_params["mask_decoder"]["iou_token"]["embedding"])
+    np.testing.assert_array_equal(
+        params["mask_decoder"]["iou_token"]["embedding"], tiny_params["mask_decoder"]["iou_token"]["embedding"]
+    )
     # Text rows start from the checkpoint's mask tokens.
     for name in ("mask_tokens", "text_mask_tokens"):
-        np.testing.assert_array_equal(params["mask_decoder"][name]["embedding"], tiny_params["mask_decoder"]["mask_tokens"]["embedding"])
+        np.testing.assert_array_equal(
+            params["mask_decoder"][name]["embedding"], tiny_params["mask_decoder"]["mask_tokens"]["embedding"]
+        )
     np.testing.assert_array_equal(
-        params["image_encoder"]["patch_embed"]["proj"]["kernel"], tiny_params["image_encoder"]["patch_embed"]["proj"]["kernel"]
+        params["image_encoder"]["patch_embed"]["proj"]["kernel"],
+        tiny_params["image_encoder"]["patch_embed"]["proj"]["kernel"],
     )
 
 
@@ -251,10 +282,10 @@ def test_dense_text_loss():
 
     import jax
     import jax.numpy as jnp
+    from sam_jax.train.step import dense_text_loss, simulate_and_loss
 
     from sam_jax.config import tiny
     from sam_jax.model import Sam, init_params
-    from sam_jax.train.step import dense_text_loss, simulate_and_loss
 
     base = tiny()
     config = dataclasses.replace(base, prompt_encoder=dataclasses.replace(base.prompt_encoder, text_embed_dim=8))
@@ -267,7 +298,9 @@ def test_dense_text_loss():
     masks[0, 1, 8:, 8:] = True  # B: the bottom-right ones
     masks[0, 1, 8:10, 4:8] = True  # and half of cell (2, 1)
     masks = jnp.asarray(masks)
-    tokens = np.asarray(Sam(config).apply({"params": params}, text, method=lambda m, x: m.prompt_encoder.embed_text(x)))[0]
+    tokens = np.asarray(
+        Sam(config).apply({"params": params}, text, method=lambda m, x: m.prompt_encoder.embed_text(x))
+    )[0]
     d = tokens[0] - tokens[1]  # along A's text token minus B's
     loss = lambda f, v=valid: float(dense_text_loss(params, jnp.asarray(f), text, masks, v, config))  # noqa: E731
 
@@ -288,12 +321,18 @@ def test_dense_text_loss():
     big[0, 0, :32, :32] = big[0, 2, :32, :32] = big[0, 1, 32:, 32:] = True
     batch = {
         "images": jax.random.normal(jax.random.key(2), (1, 256, 256, 3)),
-        "masks": jnp.asarray(big), "valid": jnp.ones((1, 4), bool), "ids": jnp.zeros((1,), jnp.int32),
-        "text": text, "text_valid": valid, "text_masks": jnp.asarray(big),
+        "masks": jnp.asarray(big),
+        "valid": jnp.ones((1, 4), bool),
+        "ids": jnp.zeros((1,), jnp.int32),
+        "text": text,
+        "text_valid": valid,
+        "text_masks": jnp.asarray(big),
     }
     cfg = shapes_text_tiny.get_config().loss
     cfg.num_point_iters, cfg.num_no_point_iters = 0, 0
-    run = lambda c: jax.jit(lambda p: simulate_and_loss(p, batch, jax.random.key(3), model_config=config, cfg=c))(params)  # noqa: E731
+    run = lambda c: jax.jit(lambda p: simulate_and_loss(p, batch, jax.random.key(3), model_config=config, cfg=c))(
+        params
+    )
     without, m0 = run(cfg)
     cfg2 = cfg.copy_and_resolve_references()
     cfg2.dense_text_weight = 2.0

@@ -71,8 +71,6 @@ def param_diffs(ref: dict, got: dict) -> dict[str, float]:
 def meshes(data_dir: str, workdir: str, steps: int) -> None:
     """The same steps on 1x1, 4x2 and 8x1 (data x fsdp) meshes of 8 CPU devices."""
     import jax
-    import numpy as np
-
     from sam_jax.train.sharding import make_mesh
     from sam_jax.train.trainer import Trainer
 
@@ -114,7 +112,14 @@ def run(data_dir: str, workdir: str, steps: int, kill_at: int = -1) -> None:
     print("RESULT:" + json.dumps({"resumed_from": tr.resumed_from, "step": tr.step}), flush=True)
 
 
-def layouts(data_dir: str, workdir: str, plan: str, coordinator: str | None = None, num: int | None = None, pid: int | None = None) -> None:
+def layouts(
+    data_dir: str,
+    workdir: str,
+    plan: str,
+    coordinator: str | None = None,
+    num: int | None = None,
+    pid: int | None = None,
+) -> None:
     """Train on 4 devices, however many processes hold them (with COORDINATOR NUM PID: as
     process PID of NUM), into one workdir, following `plan` "MESH:STEP,...": train on MESH
     up to STEP, then resume from that checkpoint on the next MESH. Meshes (data x fsdp):
@@ -123,7 +128,6 @@ def layouts(data_dir: str, workdir: str, plan: str, coordinator: str | None = No
 
     initialize_distributed(coordinator, num, pid, timeout_s=120)
     import jax
-
     from sam_jax.train.trainer import Trainer
 
     assert jax.device_count() == 4, jax.devices()

@@ -10,7 +10,7 @@ size) where the losses are computed on upsampled logits.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -56,7 +56,9 @@ def target_masks(masks: np.ndarray, hw: tuple[int, int], image_size: int, mask_s
 def normalize_and_pad(image: np.ndarray, config: SamConfig) -> np.ndarray:
     """(h, w, 3) uint8 resized -> (S, S, 3) float32, as `transforms.preprocess`."""
     s = config.image_size
-    x = (image.astype(np.float32) - np.asarray(config.pixel_mean, np.float32)) / np.asarray(config.pixel_std, np.float32)
+    x = (image.astype(np.float32) - np.asarray(config.pixel_mean, np.float32)) / np.asarray(
+        config.pixel_std, np.float32
+    )
     out = np.zeros((s, s, 3), np.float32)
     out[: x.shape[0], : x.shape[1]] = x
     return out
@@ -94,7 +96,18 @@ def prepare_example(
         valid[: len(chosen)] = low.reshape(len(chosen), -1).any(1)  # a mask lost on the grid is not trained
     out = {"images": normalize_and_pad(resized, config), "masks": out_masks, "valid": valid}
     if text_prompts is not None:
-        out.update(text_prompts(record, chosen=chosen, usable=usable, config=config, k=masks_per_image, hw=(nh, nw), rng=rng, mask_size=m))
+        out.update(
+            text_prompts(
+                record,
+                chosen=chosen,
+                usable=usable,
+                config=config,
+                k=masks_per_image,
+                hw=(nh, nw),
+                rng=rng,
+                mask_size=m,
+            )
+        )
     return out
 
 
@@ -125,7 +138,6 @@ def make_train_dataset(
     returned dataset is checkpointable (grain ``get_state`` / ``set_state``).
     """
     import grain
-
     from sam_jax.train.sa1b import make_map_dataset
 
     ds = make_map_dataset(source, seed=seed, shard_index=shard_index, shard_count=shard_count)
@@ -136,7 +148,12 @@ def make_train_dataset(
         example_id = shard_index + shard_count * index
         rng = np.random.default_rng([seed, example_id])
         ex = prepare_example(
-            record, config, masks_per_image=masks_per_image, max_mask_fraction=max_mask_fraction, rng=rng, text_prompts=text_prompts,
+            record,
+            config,
+            masks_per_image=masks_per_image,
+            max_mask_fraction=max_mask_fraction,
+            rng=rng,
+            text_prompts=text_prompts,
             mask_size=mask_size,
         )
         ex["ids"] = np.int32(example_id % np.iinfo(np.int32).max)

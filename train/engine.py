@@ -58,7 +58,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
-
 from sam_jax.train.sa1b import IMAGE_SUFFIXES, DataError, _read_image, list_records, load_record, write_json
 from sam_jax.train.trainer import METRICS_FILE, MODEL_DIR, TrainingError
 
@@ -125,12 +124,30 @@ def check_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     e = cfg.get("engine")
     if not isinstance(e, ml_collections.ConfigDict):
         raise TrainingError("the config has no engine section (see train/configs/engine_shapes_tiny.py)")
-    missing = [k for k in ("rounds", "steps_per_round", "labeled_oversample", "min_area", "max_area_fraction",
-                           "eval_clicks", *GENERATOR_KEYS) if k not in e]
+    missing = [
+        k
+        for k in (
+            "rounds",
+            "steps_per_round",
+            "labeled_oversample",
+            "min_area",
+            "max_area_fraction",
+            "eval_clicks",
+            *GENERATOR_KEYS,
+        )
+        if k not in e
+    ]
     if missing:
         raise TrainingError(f"the engine section lacks {', '.join('engine.' + k for k in missing)}")
-    for key, low in (("rounds", 1), ("steps_per_round", 1), ("labeled_oversample", 0), ("min_area", 0),
-                     ("eval_clicks", 1), ("max_unlabeled_images", 0), ("eval_max_images", 0)):
+    for key, low in (
+        ("rounds", 1),
+        ("steps_per_round", 1),
+        ("labeled_oversample", 0),
+        ("min_area", 0),
+        ("eval_clicks", 1),
+        ("max_unlabeled_images", 0),
+        ("eval_max_images", 0),
+    ):
         if key in e:  # the last two are optional (0: all)
             _int(e, key, low)
     if not 0.0 < float(e.max_area_fraction) <= 1.0:
@@ -186,14 +203,23 @@ def make_generator(model, e: ml_collections.ConfigDict):
     return SamAutomaticMaskGenerator(model, output_mode="coco_rle", **{k: e[k] for k in GENERATOR_KEYS})
 
 
-def within_area_bounds(records: list[dict], hw: tuple[int, int], *, min_area: int, max_area_fraction: float) -> list[dict]:
+def within_area_bounds(
+    records: list[dict], hw: tuple[int, int], *, min_area: int, max_area_fraction: float
+) -> list[dict]:
     """The generator's records whose area is >= min_area and < max_area_fraction x H x W."""
     limit = max_area_fraction * hw[0] * hw[1]
     return [r for r in records if min_area <= r["area"] < limit and r["area"] > 0]
 
 
 def pseudo_label(
-    generator, image: np.ndarray, e: ml_collections.ConfigDict, *, image_id: int, file_name: str, round_index: int, step: int
+    generator,
+    image: np.ndarray,
+    e: ml_collections.ConfigDict,
+    *,
+    image_id: int,
+    file_name: str,
+    round_index: int,
+    step: int,
 ) -> dict:
     """One image (H, W, 3) uint8 -> its SA-1B record of filtered pseudo-labels with provenance."""
     h, w = image.shape[:2]
@@ -207,7 +233,9 @@ def pseudo_label(
     }
 
 
-def label_pool(get_model, cfg: ml_collections.ConfigDict, out_dir: Path, *, round_index: int, step: int, log=print) -> int:
+def label_pool(
+    get_model, cfg: ml_collections.ConfigDict, out_dir: Path, *, round_index: int, step: int, log=print
+) -> int:
     """Pseudo-label the unlabeled images into out_dir (NAME.* linked + NAME.json) with the
     model `get_model()` (called once, only if an image is left to label); images already
     labeled there are skipped, corrupt ones skipped with a warning -> number skipped."""
@@ -232,7 +260,9 @@ def label_pool(get_model, cfg: ml_collections.ConfigDict, out_dir: Path, *, roun
         )
         _link(path, out_dir / path.name)  # the image first: a JSON never stands without it
         write_json(target, record)
-        log(f"round {round_index}: {path.name}: {len(record['annotations'])} pseudo masks ({image_id + 1}/{len(images)})")
+        log(
+            f"round {round_index}: {path.name}: {len(record['annotations'])} pseudo masks ({image_id + 1}/{len(images)})"
+        )
     return skipped
 
 
@@ -304,7 +334,9 @@ def build_train_dir(out: Path, labeled_dir: Path | None, pseudo_dir: Path, overs
         _link(js, tmp / f"pseudo_{js.name}")
     if not labeled and not pseudo:
         shutil.rmtree(tmp)
-        raise TrainingError("nothing to train on: no labeled records (engine.labeled_oversample 0) and no pseudo-labels")
+        raise TrainingError(
+            "nothing to train on: no labeled records (engine.labeled_oversample 0) and no pseudo-labels"
+        )
     os.replace(tmp, out)
 
 
@@ -315,7 +347,9 @@ def _last_logged(workdir: Path) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
-def train_round(cfg: ml_collections.ConfigDict, train_data: Path, workdir: Path, init: str, seed: int, quiet: bool) -> dict:
+def train_round(
+    cfg: ml_collections.ConfigDict, train_data: Path, workdir: Path, init: str, seed: int, quiet: bool
+) -> dict:
     """Train (or resume) cfg.engine.steps_per_round steps on train_data from `init` -> the last logged metrics."""
     from sam_jax.train.trainer import Trainer
 
@@ -345,9 +379,10 @@ def current_model(cfg: ml_collections.ConfigDict, workdir: Path, r: int):
     from sam_jax.checkpoint import load_model
 
     if r == 0:
-        from sam_jax.model import SamModel, abstract_params
         from sam_jax.train import sharding as shd
         from sam_jax.train.trainer import initial_params, model_config
+
+        from sam_jax.model import SamModel, abstract_params
 
         # Placed as the Trainer places them, so that its own init of the same params is a
         # hit in the persistent compilation cache (compiling the random init is slow).
@@ -359,8 +394,9 @@ def current_model(cfg: ml_collections.ConfigDict, workdir: Path, r: int):
 
 def run_round(cfg: ml_collections.ConfigDict, workdir: Path, r: int, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or finish) round r -> its report (also written to round_{r}/report.json)."""
-    from sam_jax.checkpoint import load_model
     from sam_jax.train.evaluate import evaluate
+
+    from sam_jax.checkpoint import load_model
 
     e = cfg.engine
     log = (lambda *_: None) if quiet else (lambda text: print(text, flush=True))
@@ -376,7 +412,9 @@ def run_round(cfg: ml_collections.ConfigDict, workdir: Path, r: int, *, quiet: b
 
     train_data = rdir / TRAIN_DATA_DIR
     if not train_data.is_dir():
-        build_train_dir(train_data, _folder(e, "labeled_dir", required=False), rdir / PSEUDO_DIR, int(e.labeled_oversample))
+        build_train_dir(
+            train_data, _folder(e, "labeled_dir", required=False), rdir / PSEUDO_DIR, int(e.labeled_oversample)
+        )
     names = [image.name for image, _ in list_records(train_data)]
     num_records = len(names)
     init = cfg.init if r == 0 else f"checkpoint:{workdir / f'round_{r - 1}' / TRAIN_DIR / MODEL_DIR}"
@@ -386,7 +424,10 @@ def run_round(cfg: ml_collections.ConfigDict, workdir: Path, r: int, *, quiet: b
 
     trained = load_model(rdir / TRAIN_DIR / MODEL_DIR, dtype=cfg.dtype)
     results = evaluate(
-        trained.params, trained.config, _folder(e, "eval_dir"), num_clicks=int(e.eval_clicks),
+        trained.params,
+        trained.config,
+        _folder(e, "eval_dir"),
+        num_clicks=int(e.eval_clicks),
         max_images=e.get("eval_max_images") or None,
     )
     report = {
@@ -408,7 +449,9 @@ def run_round(cfg: ml_collections.ConfigDict, workdir: Path, r: int, *, quiet: b
     return report
 
 
-def run_engine(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, quiet: bool = False) -> list[dict[str, Any]]:
+def run_engine(
+    cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, quiet: bool = False
+) -> list[dict[str, Any]]:
     """Run (or resume) the `cfg.engine.rounds` rounds in workdir -> one report a round.
 
     Rounds whose report.json exists are skipped (their report is read back). Unless

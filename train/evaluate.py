@@ -30,20 +30,21 @@ placement (distance transforms, connected components) runs on the host.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from sam_jax.train.sa1b import list_records, load_record
+from sam_jax.train.shapes import inner_point
 from scipy import ndimage
 
 from sam_jax.config import SamConfig
 from sam_jax.model import Params, encode
 from sam_jax.predictor import PROMPT_BATCH_BUCKETS, predict_masks
 from sam_jax.prompts import LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_PAD, Prompts, bucket_size, make_prompts
-from sam_jax.train.sa1b import list_records, load_record
-from sam_jax.train.shapes import inner_point
 from sam_jax.transforms import ResizeLongestSide, preprocess
 
 MAX_MASK_FRACTION = 0.9  # masks covering more of the image are dropped, as in training (paper, appendix A)
@@ -136,8 +137,14 @@ def _decode_and_score(
     """embedding (1, e, e, C), B prompts, gt (B, H, W) bool -> IoU with gt (B, M), predicted
     IoU (B, M), and the oracle's (best IoU) mask (B, H, W) bool and low-res logits (B, m, m)."""
     masks, iou_pred, low_res = predict_masks(
-        params, embedding, prompts, config=config, input_size=input_size, original_size=original_size,
-        multimask_output=multimask_output, return_logits=False,
+        params,
+        embedding,
+        prompts,
+        config=config,
+        input_size=input_size,
+        original_size=original_size,
+        multimask_output=multimask_output,
+        return_logits=False,
     )
     iou_gt = mask_iou(masks, gt[:, None])
     best = jnp.argmax(iou_gt, axis=1)
@@ -145,7 +152,7 @@ def _decode_and_score(
     return iou_gt, iou_pred, masks[rows, best], low_res[rows, best]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(config: SamConfig) -> tuple[Callable, Callable]:
     """The jitted (encode, decode-and-score) for `config`, kept so that each compiles once."""
     enc = jax.jit(functools.partial(_encode_image, config=config))
@@ -194,7 +201,9 @@ def _click_ious(
         if k:
             _add_corrections(pred, gt, coords, labels, counts)
         prompts = make_prompts(
-            batch_size=bp, mask_size=config.low_res_mask_size, num_points=num_points,
+            batch_size=bp,
+            mask_size=config.low_res_mask_size,
+            num_points=num_points,
             point_coords=_pad_rows(transform.apply_coords(coords[:, : k + 1], gt.shape[1:]), bp),
             point_labels=_pad_rows(labels[:, : k + 1], bp),
         )
@@ -326,6 +335,7 @@ def grid_ceiling(data_dir: str | Path, image_size: int, mask_size: int, *, max_i
     inference upsamples logits, thresholded, and compared with the mask itself."""
     from sam_jax.train.data import target_masks
     from sam_jax.train.step import upsample_logits
+
     from sam_jax.transforms import get_preprocess_shape
 
     ious = []

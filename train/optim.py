@@ -17,7 +17,9 @@ import optax
 from sam_jax.config import SamConfig
 
 
-def learning_rate_schedule(peak: float, warmup_steps: int, decay_steps: tuple[int, ...], decay_factor: float = 0.1) -> optax.Schedule:
+def learning_rate_schedule(
+    peak: float, warmup_steps: int, decay_steps: tuple[int, ...], decay_factor: float = 0.1
+) -> optax.Schedule:
     """Linear warmup from 0 to `peak` over `warmup_steps`, then x`decay_factor` at each of `decay_steps`."""
     warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
     steps = optax.piecewise_constant_schedule(peak, {int(s) - warmup_steps: decay_factor for s in decay_steps})
@@ -69,7 +71,9 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: _path_names(path)[-1] == "kernel", params)
 
 
-def make_optimizer(params: Any, model_config: SamConfig, cfg: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    params: Any, model_config: SamConfig, cfg: Any
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for `params` (a pytree of arrays or shapes) from a training config's `optim` fields."""
     schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, tuple(cfg.decay_steps), cfg.decay_factor)
     train = optax.chain(

@@ -22,22 +22,24 @@ from __future__ import annotations
 import functools
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image
+from sam_jax.train import sharding as shd
+from sam_jax.train.data import normalize_and_pad, resize_masks
+from sam_jax.train.sa1b import DataError, list_records, load_record
 
 from sam_jax.config import SamConfig, get_config
 from sam_jax.model import encode, init_params
 from sam_jax.modeling.image_encoder import split_high_res
-from sam_jax.train import sharding as shd
-from sam_jax.train.data import normalize_and_pad, resize_masks
-from sam_jax.train.sa1b import DataError, list_records, load_record
 from sam_jax.transforms import get_preprocess_shape
 
 
@@ -67,7 +69,9 @@ def kind_targets(record: dict, categories: list[str], config: SamConfig) -> tupl
     return targets.transpose(1, 2, 0).astype(np.float32), weight.astype(np.float32)
 
 
-def load_kinds(data_dir: str | Path | Sequence[str | Path], categories: list[str], config: SamConfig) -> dict[str, np.ndarray]:
+def load_kinds(
+    data_dir: str | Path | Sequence[str | Path], categories: list[str], config: SamConfig
+) -> dict[str, np.ndarray]:
     """Every record of an SA-1B-layout folder (or of several, in their order) -> images (N, S, S, 3) float32 normalised and
     padded, targets (N, g, g, 1 + K), weight (N, g, g), and for scoring whole masks: masks
     (N, M, g, g) float32 cell covers of up to M categorised masks, labels (N, M) int32 (-1: none).
@@ -85,7 +89,9 @@ def load_kinds(data_dir: str | Path | Sequence[str | Path], categories: list[str
             continue
         h, w = record["image"].shape[:2]
         nh, nw = get_preprocess_shape(h, w, s)
-        images.append(normalize_and_pad(np.asarray(Image.fromarray(record["image"]).resize((nw, nh), Image.BILINEAR)), config))
+        images.append(
+            normalize_and_pad(np.asarray(Image.fromarray(record["image"]).resize((nw, nh), Image.BILINEAR)), config)
+        )
         t, wt = kind_targets(record, categories, config)
         targets.append(t)
         weights.append(wt)
@@ -102,7 +108,13 @@ def load_kinds(data_dir: str | Path | Sequence[str | Path], categories: list[str
     label_arr = np.full((len(images), m), -1, np.int32)
     for i, (c, lab) in enumerate(zip(covers, labels)):
         mask_arr[i, : len(lab)], label_arr[i, : len(lab)] = c, lab
-    return {"images": np.stack(images), "targets": np.stack(targets), "weight": np.stack(weights), "masks": mask_arr, "labels": label_arr}
+    return {
+        "images": np.stack(images),
+        "targets": np.stack(targets),
+        "weight": np.stack(weights),
+        "masks": mask_arr,
+        "labels": label_arr,
+    }
 
 
 def token_logits(params: dict, images: jax.Array, config: SamConfig) -> jax.Array:
@@ -124,7 +136,9 @@ def kinds_loss(params: dict, batch: dict[str, jax.Array], config: SamConfig) -> 
 
 
 @functools.partial(jax.jit, static_argnames="config")  # module level: compiled once, not at every log
-def _mask_hits(params: dict, images: jax.Array, masks: jax.Array, labels: jax.Array, config: SamConfig) -> tuple[jax.Array, jax.Array]:
+def _mask_hits(
+    params: dict, images: jax.Array, masks: jax.Array, labels: jax.Array, config: SamConfig
+) -> tuple[jax.Array, jax.Array]:
     kinds = token_logits(params, images, config)[..., 1:]
     cells = (masks > 0.25).astype(jnp.float32)
     mean = jnp.einsum("bmhw,bhwk->bmk", cells, kinds) / jnp.maximum(cells.sum((2, 3)), 1.0)[..., None]
@@ -137,7 +151,13 @@ def mask_accuracy(params: dict, data: dict[str, np.ndarray], config: SamConfig, 
     cover (at least a quarter), pick their category: what a decoder that reads every pixel sees."""
     right = total = 0
     for i in range(0, len(data["images"]), batch_size):
-        r, t = _mask_hits(params, data["images"][i : i + batch_size], data["masks"][i : i + batch_size], data["labels"][i : i + batch_size], config)
+        r, t = _mask_hits(
+            params,
+            data["images"][i : i + batch_size],
+            data["masks"][i : i + batch_size],
+            data["labels"][i : i + batch_size],
+            config,
+        )
         right, total = right + int(r), total + int(t)
     return right / max(total, 1)
 
@@ -194,7 +214,8 @@ def pretrain_kinds(
     }
     params = jax.device_put({"sam": init_params(config, key_sam), "head": head}, replicated)
     schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.cosine_decay_schedule(lr, steps - warmup_steps)], [warmup_steps]
+        [optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.cosine_decay_schedule(lr, steps - warmup_steps)],
+        [warmup_steps],
     )
     train_only = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731  the encoder and the head
         lambda path, _: "train" if path[0].key == "head" or path[1].key == "image_encoder" else "frozen", p

@@ -87,8 +87,7 @@ def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]
         if isinstance(info, dict) and "height" in info and "width" in info:
             if (int(info["height"]), int(info["width"])) != (h, w):
                 raise DataError(
-                    f"{json_path}: says the image is {info['height']}x{info['width']},"
-                    f" but {image_path.name} is {h}x{w}"
+                    f"{json_path}: says the image is {info['height']}x{info['width']}, but {image_path.name} is {h}x{w}"
                 )
         rles, categories, boxes = [], [], []
         for i, ann in enumerate(anns):
@@ -337,8 +336,6 @@ def make_dataset(
     """
     import grain
 
-    ds = make_map_dataset(
-        root, seed=seed, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs
-    )
+    ds = make_map_dataset(root, seed=seed, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
     return ds.to_iter_dataset(read, allow_nones=False)  # drops the None (corrupt) records

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from scipy import ndimage
-
 from sam_jax.train.sa1b import write_json
+from scipy import ndimage
 
 CATEGORIES = ("circle", "ellipse", "rectangle", "triangle", "star", "pentagon", "hexagon", "ring")
 # `colour_by_category`: each kind painted one flat colour (a data set whose categories a single
@@ -79,7 +78,9 @@ def make_shapes(
         raise ValueError(f"need 1 <= min_shapes <= max_shapes <= 999, got {min_shapes}, {max_shapes}")
     lo, hi = (float(v) for v in size_range)
     if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"size_range must satisfy 0 < low <= high <= 1 (fractions of the shorter side), got {size_range}")
+        raise ValueError(
+            f"size_range must satisfy 0 < low <= high <= 1 (fractions of the shorter side), got {size_range}"
+        )
     categories = tuple(categories)
     unknown = sorted(set(categories) - set(CATEGORIES))
     if not categories or unknown or len(set(categories)) != len(categories):
@@ -280,7 +281,11 @@ def _paint(rng: np.random.Generator, canvas: np.ndarray, grid: _Grid, win: tuple
 
 
 def _shape_mask(
-    rng: np.random.Generator, grid: _Grid, category: str, size_range: tuple[float, float], near: tuple[float, float] | None = None
+    rng: np.random.Generator,
+    grid: _Grid,
+    category: str,
+    size_range: tuple[float, float],
+    near: tuple[float, float] | None = None,
 ):
     """A random shape: ``(win, mask, (cx, cy))``, ``mask`` its pixels within the window ``win``.
 

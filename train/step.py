@@ -43,13 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from sam_jax.train import prompt_simulation as sim
+from sam_jax.train.losses import sam_loss
 
 from sam_jax.config import SamConfig
 from sam_jax.model import Sam, decode, encode
 from sam_jax.modeling.image_encoder import split_high_res
 from sam_jax.prompts import Prompts
-from sam_jax.train import prompt_simulation as sim
-from sam_jax.train.losses import sam_loss
 from sam_jax.transforms import linear_resize_matrix
 
 
@@ -72,11 +72,22 @@ class TrainState:
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
 def simulate_and_loss(
-    params: Any, batch: dict[str, jax.Array], rng: jax.Array, *, model_config: SamConfig, cfg: Any, train_image_encoder: bool = True
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model_config: SamConfig,
+    cfg: Any,
+    train_image_encoder: bool = True,
 ):
     """The interactive-simulation loss of one batch -> (loss, metrics). With
     `train_image_encoder=False` (a frozen encoder) no gradient flows into the embeddings, so
@@ -85,9 +96,9 @@ def simulate_and_loss(
     b, k, m, _ = gt.shape
     k_sched, k_rows, k_drop = jax.random.split(rng, 3)
     # One key per mask row, from the example id and the slot: independent of the batch layout.
-    row_keys = jax.vmap(lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(k_rows, i), j))(jnp.arange(k)))(
-        batch["ids"]
-    ).reshape(b * k)
+    row_keys = jax.vmap(
+        lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(k_rows, i), j))(jnp.arange(k))
+    )(batch["ids"]).reshape(b * k)
     emb = encode(params, images, config=model_config, drop_path_rng=k_drop)  # drop path: config's rate
     if not train_image_encoder:
         emb = jax.lax.stop_gradient(emb)
@@ -148,7 +159,14 @@ def simulate_and_loss(
             points = jnp.where(write[..., None], point[:, None, :], points)
             labels = jnp.where(write, label[:, None], labels)
             slot = slot + (label >= 0).astype(jnp.int32)
-        prompts = Prompts(points=points, labels=labels, mask_input=prev, has_mask=jnp.ones((b * k,), bool), text=text, text_mask=text_mask)
+        prompts = Prompts(
+            points=points,
+            labels=labels,
+            mask_input=prev,
+            has_mask=jnp.ones((b * k,), bool),
+            text=text,
+            text_mask=text_mask,
+        )
         logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False)
         up_logits = up(logits)
         loss, metrics, _, _ = sam_loss(up_logits, iou, targets, valid, **loss_kw)
@@ -157,15 +175,26 @@ def simulate_and_loss(
 
     if num_later:
         # Correction points go after the first prompt: slot 1 for a point, slot 2 after a box.
-        first_slot = jnp.where(labels[:, 1] == sim.LABEL_BOX_BOTTOM_RIGHT, 2, jnp.where(labels[:, 0] == -1, 0, 1)).astype(jnp.int32)
-        _, (losses, metrics) = jax.lax.scan(body, (points, labels, prev, prev_up, first_slot), (schedule, jnp.arange(num_later)))
+        first_slot = jnp.where(
+            labels[:, 1] == sim.LABEL_BOX_BOTTOM_RIGHT, 2, jnp.where(labels[:, 0] == -1, 0, 1)
+        ).astype(jnp.int32)
+        _, (losses, metrics) = jax.lax.scan(
+            body, (points, labels, prev, prev_up, first_slot), (schedule, jnp.arange(num_later))
+        )
         total = (loss0 + losses.sum()) / (1 + num_later)
         final = jax.tree.map(lambda x: x[-1], metrics)
     else:
         total, final = loss0, metrics0
-    out = {"loss": total, "first_iou": metrics0["mask_iou"], "last_iou": final["mask_iou"], **{f"first_{k}": v for k, v in metrics0.items() if k != "mask_iou"}}
+    out = {
+        "loss": total,
+        "first_iou": metrics0["mask_iou"],
+        "last_iou": final["mask_iou"],
+        **{f"first_{k}": v for k, v in metrics0.items() if k != "mask_iou"},
+    }
     if text is not None and cfg.get("dense_text_weight", 0.0):
-        dense = dense_text_loss(params, emb, batch["text"], batch["text_masks"], batch["text_valid"] & batch["valid"], model_config)
+        dense = dense_text_loss(
+            params, emb, batch["text"], batch["text_masks"], batch["text_valid"] & batch["valid"], model_config
+        )
         total = total + cfg.dense_text_weight * dense
         out["dense_text_loss"] = dense
     if text is not None:
@@ -176,7 +205,9 @@ def simulate_and_loss(
     return total, out
 
 
-def dense_text_loss(params: Any, emb: jax.Array, text: jax.Array, text_masks: jax.Array, text_valid: jax.Array, model_config: SamConfig) -> jax.Array:
+def dense_text_loss(
+    params: Any, emb: jax.Array, text: jax.Array, text_masks: jax.Array, text_valid: jax.Array, model_config: SamConfig
+) -> jax.Array:
     """Which caption each image token shows, from the image embedding alone: a token's logit
     for a caption is its embedding's dot product with the caption's text token (over sqrt(C)),
     in a softmax over the captions of its image's text slots, against the share of the token's
@@ -220,13 +251,17 @@ def train_step(
     gradient, which the optimizer would discard, is then not computed at all."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(simulate_and_loss, has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, rng, model_config=model_config, cfg=cfg, train_image_encoder=train_image_encoder)
+    (loss, metrics), grads = grad_fn(
+        state.params, batch, rng, model_config=model_config, cfg=cfg, train_image_encoder=train_image_encoder
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state))
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
+    )
     metrics = {
         **metrics,
         "grad_norm": grad_norm,

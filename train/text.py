@@ -27,21 +27,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from sam_jax.train.data import target_masks
+from sam_jax.train.evaluate import _check_args, _jitted, _pad_rows, mask_iou, usable_indices
+from sam_jax.train.sa1b import list_records, load_record
 
 from sam_jax.config import SamConfig
 from sam_jax.model import Params
 from sam_jax.predictor import predict_masks
 from sam_jax.prompts import make_prompts
-from sam_jax.train.data import target_masks
-from sam_jax.train.evaluate import _check_args, _jitted, _pad_rows, mask_iou, usable_indices
-from sam_jax.train.sa1b import list_records, load_record
 from sam_jax.transforms import ResizeLongestSide
 
 MODES = ("", "caption", "image")
@@ -83,9 +84,13 @@ def dataset_categories(data_dir: str | Path) -> list[str]:
 def caption_embeddings(cfg: ml_collections.ConfigDict, text_encoder) -> dict[str, np.ndarray]:
     """category -> CLIP text embedding (Dt,) of `text.template.format(category)`, for the
     categories of `text.captions` (or all categories of `data.train_dir`)."""
-    categories = [c.strip() for c in str(cfg.text.captions).split(",") if c.strip()] or dataset_categories(cfg.data.train_dir)
+    categories = [c.strip() for c in str(cfg.text.captions).split(",") if c.strip()] or dataset_categories(
+        cfg.data.train_dir
+    )
     if not categories:
-        raise ValueError(f"text.mode='caption': no categories ({cfg.data.train_dir} has no annotation with a 'category')")
+        raise ValueError(
+            f"text.mode='caption': no categories ({cfg.data.train_dir} has no annotation with a 'category')"
+        )
     return embed_captions(categories, str(cfg.text.template), text_encoder)
 
 
@@ -101,8 +106,18 @@ class CaptionPrompts:
 
     captions: dict[str, np.ndarray]
 
-    def __call__(self, record: dict, *, chosen: np.ndarray, usable: np.ndarray, config: SamConfig, k: int,
-                 hw: tuple[int, int], rng: np.random.Generator, mask_size: int | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        record: dict,
+        *,
+        chosen: np.ndarray,
+        usable: np.ndarray,
+        config: SamConfig,
+        k: int,
+        hw: tuple[int, int],
+        rng: np.random.Generator,
+        mask_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
         """-> text (k, Dt) float32, text_valid (k,) bool, text_masks (k, m, m) bool."""
         m = mask_size or config.low_res_mask_size
         out = _empty(k, len(next(iter(self.captions.values()))), m)
@@ -114,7 +129,9 @@ class CaptionPrompts:
                 continue
             if category not in unions:
                 same = usable[categories[usable] == category]
-                unions[category] = target_masks(np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), hw, config.image_size, m)[0]
+                unions[category] = target_masks(
+                    np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), hw, config.image_size, m
+                )[0]
             out["text"][slot], out["text_masks"][slot] = self.captions[category], unions[category]
             out["text_valid"][slot] = unions[category].any()
         return out
@@ -146,8 +163,18 @@ class CropPrompts:
     dim: int
     min_area: int = 100 * 100
 
-    def __call__(self, record: dict, *, chosen: np.ndarray, usable: np.ndarray, config: SamConfig, k: int,
-                 hw: tuple[int, int], rng: np.random.Generator, mask_size: int | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self,
+        record: dict,
+        *,
+        chosen: np.ndarray,
+        usable: np.ndarray,
+        config: SamConfig,
+        k: int,
+        hw: tuple[int, int],
+        rng: np.random.Generator,
+        mask_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
         """-> text (k, Dt) float32, text_valid (k,) bool, text_masks (k, m, m) bool."""
         m = mask_size or config.low_res_mask_size
         out = _empty(k, self.dim, m)
@@ -162,7 +189,11 @@ class CropPrompts:
 
 
 def _empty(k: int, dim: int, m: int) -> dict[str, np.ndarray]:
-    return {"text": np.zeros((k, dim), np.float32), "text_valid": np.zeros((k,), bool), "text_masks": np.zeros((k, m, m), bool)}
+    return {
+        "text": np.zeros((k, dim), np.float32),
+        "text_valid": np.zeros((k,), bool),
+        "text_masks": np.zeros((k, m, m), bool),
+    }
 
 
 def text_prompts(cfg: ml_collections.ConfigDict, text_encoder) -> CaptionPrompts | CropPrompts | None:
@@ -213,8 +244,15 @@ def evaluate_text(
         # Rows padded to one per caption: one compiled decoder per image size, whatever is present.
         text = _pad_rows(np.stack([captions[c] for c in present]), len(captions))
         prompts = make_prompts(batch_size=len(captions), mask_size=config.low_res_mask_size, text=text).without_masks()
-        iou = _text_scores(params, embedding, jax.tree.map(jnp.asarray, prompts), jnp.asarray(_pad_rows(gt, len(captions))),
-                           config=config, input_size=tuple(resized.shape[:2]), original_size=tuple(record["image"].shape[:2]))
+        iou = _text_scores(
+            params,
+            embedding,
+            jax.tree.map(jnp.asarray, prompts),
+            jnp.asarray(_pad_rows(gt, len(captions))),
+            config=config,
+            input_size=tuple(resized.shape[:2]),
+            original_size=tuple(record["image"].shape[:2]),
+        )
         for c, v in zip(present, np.asarray(iou)):
             ious[c].append(float(v))
     if not images:
@@ -234,8 +272,14 @@ def evaluate_text(
 def _text_scores(params, embedding, prompts, gt, *, config, input_size, original_size):
     """B text prompts on one image -> IoU (B,) of the highest-predicted-IoU mask with gt (B, H, W)."""
     masks, iou_pred, _ = predict_masks(
-        params, embedding, prompts, config=config, input_size=input_size, original_size=original_size,
-        multimask_output=True, return_logits=False,
+        params,
+        embedding,
+        prompts,
+        config=config,
+        input_size=input_size,
+        original_size=original_size,
+        multimask_output=True,
+        return_logits=False,
     )
     pick = jnp.argmax(iou_pred, axis=1)
     return mask_iou(masks[jnp.arange(gt.shape[0]), pick], gt)

@@ -44,13 +44,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-
-from sam_jax.config import SamConfig, get_config
-from sam_jax.model import Params, abstract_params, init_params
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
 from sam_jax.train.optim import make_optimizer
 from sam_jax.train.step import TrainState, train_step
+
+from sam_jax.config import SamConfig, get_config
+from sam_jax.model import Params, abstract_params, init_params
 
 log = logging.getLogger("sam_jax.train")
 
@@ -199,7 +199,9 @@ def _warn_incomplete_checkpoints(directory: Path) -> None:
         return
     for p in sorted(directory.iterdir()):
         if p.is_dir() and ".orbax-checkpoint-tmp" in p.name:
-            warnings.warn(f"ignoring the incomplete checkpoint {p.name} (a save interrupted by a crash)", RuntimeWarning)
+            warnings.warn(
+                f"ignoring the incomplete checkpoint {p.name} (a save interrupted by a crash)", RuntimeWarning
+            )
 
 
 class Trainer:
@@ -220,7 +222,9 @@ class Trainer:
         if not cfg.data.train_dir:
             raise TrainingError("data.train_dir is not set")
         if int(cfg.loss.get("points_per_iter", 1)) < 1:
-            raise TrainingError(f"loss.points_per_iter={cfg.loss.points_per_iter} must be at least 1 (points a correction iteration adds)")
+            raise TrainingError(
+                f"loss.points_per_iter={cfg.loss.points_per_iter} must be at least 1 (points a correction iteration adds)"
+            )
         self.mask_size = loss_mask_size(cfg, self.model_config)
 
         boxed = abstract_params(self.model_config, boxed=True)
@@ -247,8 +251,9 @@ class Trainer:
 
         self.text_prompts = None  # with text prompts on: each mask's, in the data pipeline
         if self.model_config.prompt_encoder.text_embed_dim is not None:
-            from sam_jax.text import TextEncoder
             from sam_jax.train.text import text_prompts
+
+            from sam_jax.text import TextEncoder
 
             self.text_prompts = text_prompts(cfg, TextEncoder.from_folder(cfg.text.clip))
         self.source = SA1BSource(cfg.data.train_dir, cache=bool(cfg.data.get("cache_records", False)))
@@ -302,7 +307,9 @@ class Trainer:
             return TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p), jax.random.key_data(key))
 
         shapes = jax.eval_shape(init, jax.random.key(0))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
+        )
 
     def _restore(self, step: int) -> TrainState:
         import grain
@@ -363,9 +370,7 @@ class Trainer:
 
     def _next_batch(self) -> dict[str, jax.Array]:
         local = next(self.data_iter)
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()
-        }
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
 
     def _print(self, text: str) -> None:
         if not self.quiet and jax.process_index() == 0:
@@ -389,7 +394,12 @@ class Trainer:
         cfg = self.cfg
         total = cfg.steps if steps is None else steps
         start = self.step
-        bar = tqdm(total=total, initial=start, unit="step", disable=self.quiet or not sys.stderr.isatty() or jax.process_index() != 0)
+        bar = tqdm(
+            total=total,
+            initial=start,
+            unit="step",
+            disable=self.quiet or not sys.stderr.isatty() or jax.process_index() != 0,
+        )
         last: dict[str, float] = {}
         t0, n0 = time.perf_counter(), start
         for step in range(start, total):
@@ -398,7 +408,9 @@ class Trainer:
                 msg = f"non-finite loss or gradient at step {step} (loss {float(metrics['loss'])})"
                 if cfg.on_nonfinite == "stop":
                     self.manager.wait_until_finished()
-                    raise TrainingError(msg + "; stopped, the last checkpoint is kept (on_nonfinite='skip' skips such steps)")
+                    raise TrainingError(
+                        msg + "; stopped, the last checkpoint is kept (on_nonfinite='skip' skips such steps)"
+                    )
                 warnings.warn(msg + "; update skipped", RuntimeWarning)
             done = step + 1
             bar.update(1)
@@ -429,12 +441,20 @@ class Trainer:
         from sam_jax.train.evaluate import evaluate
 
         params = shd.fetch(self.state.params, self.mesh)
-        r = evaluate(params, self.model_config, self.cfg.data.eval_dir, num_clicks=3, max_images=self.cfg.eval_images or None)
+        r = evaluate(
+            params, self.model_config, self.cfg.data.eval_dir, num_clicks=3, max_images=self.cfg.eval_images or None
+        )
         out = {f"eval_{k}": r[k] for k in ("miou_1click", "miou_1click_predicted", "miou_3click", "miou_box")}
         if getattr(self.text_prompts, "captions", None):  # caption mode: what each caption alone selects
             from sam_jax.train.text import evaluate_text
 
-            t = evaluate_text(params, self.model_config, self.cfg.data.eval_dir, self.text_prompts.captions, max_images=self.cfg.eval_images or None)
+            t = evaluate_text(
+                params,
+                self.model_config,
+                self.cfg.data.eval_dir,
+                self.text_prompts.captions,
+                max_images=self.cfg.eval_images or None,
+            )
             out["eval_miou_text"] = t["miou_text"]
             out.update({f"eval_miou_text_{c}": v for c, v in t["per_category"].items()})
         if jax.process_index() == 0:
@@ -458,7 +478,8 @@ class Trainer:
             f"step {step}: loss {out['loss']:.4f} first-iou {out['first_iou']:.3f} last-iou {out['last_iou']:.3f} "
             + (f"text-iou {out['text_iou']:.3f} " if "text_iou" in out else "")
             + f"lr {out['lr']:.2e} grad-norm {out['grad_norm']:.3f} {steps_per_s:.2f} steps/s "
-            f"{out['examples_per_s']:.1f} ex/s" + (f" skipped-records {self.source.num_skipped}" if self.source.num_skipped else "")
+            f"{out['examples_per_s']:.1f} ex/s"
+            + (f" skipped-records {self.source.num_skipped}" if self.source.num_skipped else "")
         )
         return out
 

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +120,9 @@ class CLIPVisionConfig:
     def __post_init__(self):
         _check_tower("CLIPVisionConfig", self.hidden_size, self.num_attention_heads, self.hidden_act)
         if self.image_size % self.patch_size:
-            raise ValueError(f"CLIPVisionConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"CLIPVisionConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
 
     @property
     def grid_size(self) -> int:
@@ -203,10 +206,20 @@ def clip_vit_l14_336() -> CLIPConfig:
     text 768 x 12, embeddings 768."""
     return CLIPConfig(
         text_config=CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, bos_token_id=0, eos_token_id=2, pad_token_id=1
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
         ),
         vision_config=CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
         ),
         projection_dim=768,
         name="clip_vit_l14_336",
@@ -217,11 +230,21 @@ def tiny() -> CLIPConfig:
     """A small CLIP for tests: 32 px images in 8 px patches, 2 layers of width 32 / 48, 4 heads."""
     return CLIPConfig(
         text_config=CLIPTextConfig(
-            vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            bos_token_id=598, eos_token_id=599,
+            vocab_size=600,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            bos_token_id=598,
+            eos_token_id=599,
         ),
         vision_config=CLIPVisionConfig(
-            hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
         ),
         projection_dim=24,
         name="clip_tiny",
@@ -368,8 +391,10 @@ class CLIPVisionEmbeddings(nn.Module):
         cfg = self.config
         b = pixel_values.shape[0]
         class_embedding = self.param(
-            "class_embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.hidden_size**-0.5), ("embed",)),
-            (cfg.hidden_size,), jnp.float32,
+            "class_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.hidden_size**-0.5), ("embed",)),
+            (cfg.hidden_size,),
+            jnp.float32,
         )
         patches = PatchConv(cfg.hidden_size, cfg.patch_size, use_bias=False, dtype=self.dtype, name="patch_embedding")(
             pixel_values
@@ -377,7 +402,9 @@ class CLIPVisionEmbeddings(nn.Module):
         patches = patches.reshape(b, -1, cfg.hidden_size)
         cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (b, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, patches], axis=1)
-        return x + _embed(cfg.num_positions, cfg.hidden_size, self.dtype, "position_embedding")(jnp.arange(cfg.num_positions))
+        return x + _embed(cfg.num_positions, cfg.hidden_size, self.dtype, "position_embedding")(
+            jnp.arange(cfg.num_positions)
+        )
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -409,7 +436,10 @@ class CLIP(nn.Module):
         self.visual_projection = dense(cfg.projection_dim, ("embed", None), dtype=dtype, use_bias=False)
         self.text_projection = dense(cfg.projection_dim, ("embed", None), dtype=dtype, use_bias=False)
         self.logit_scale = self.param(
-            "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(cfg.logit_scale_init_value), ()), (), jnp.float32
+            "logit_scale",
+            nn.with_logical_partitioning(nn.initializers.constant(cfg.logit_scale_init_value), ()),
+            (),
+            jnp.float32,
         )
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -420,7 +450,9 @@ class CLIP(nn.Module):
         """pixel_values (B, S, S, C) -> (B, projection_dim), unnormalized."""
         return self.visual_projection(self.vision_model(pixel_values))
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array, pixel_values: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """Both features, (B_text, P) and (B_image, P) (what `init` traces)."""
         return self.get_text_features(input_ids, attention_mask), self.get_image_features(pixel_values)
 
@@ -453,7 +485,9 @@ def encode_text(
     """
     max_len = config.text_config.max_position_embeddings
     if np.ndim(input_ids) != 2 or not 1 <= np.shape(input_ids)[1] <= max_len:
-        raise ValueError(f"encode_text: input_ids must be (B, L) with 1 <= L <= {max_len}; got shape {np.shape(input_ids)}")
+        raise ValueError(
+            f"encode_text: input_ids must be (B, L) with 1 <= L <= {max_len}; got shape {np.shape(input_ids)}"
+        )
     if attention_mask is None:
         attention_mask = jnp.ones(np.shape(input_ids), jnp.int32)
     elif np.shape(attention_mask) != np.shape(input_ids):
@@ -519,6 +553,8 @@ def clip_image_preprocess(images: np.ndarray | Sequence[np.ndarray], size: int) 
     for i, image in enumerate(images):
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 1:
-            raise ValueError(f"clip_image_preprocess: images[{i}] must be (H, W, 3) uint8 RGB; got {image.dtype} {image.shape}")
+            raise ValueError(
+                f"clip_image_preprocess: images[{i}] must be (H, W, 3) uint8 RGB; got {image.dtype} {image.shape}"
+            )
         out.append(_preprocess_one(image, int(size)))
     return np.stack(out)

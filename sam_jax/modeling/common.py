@@ -14,7 +14,8 @@ Logical axis names used across the model:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,13 @@ def accum_dtype(dtype: Any) -> Any:
 
 
 def dense(
-    features: int, axes: Axes, *, dtype: Any, use_bias: bool = True, kernel_init: Any = default_kernel_init, name: str | None = None
+    features: int,
+    axes: Axes,
+    *,
+    dtype: Any,
+    use_bias: bool = True,
+    kernel_init: Any = default_kernel_init,
+    name: str | None = None,
 ) -> nn.Dense:
     """A `torch.nn.Linear` counterpart with kernel (in, out) and logical axes `axes` (bias: zeros)."""
     return nn.Dense(
@@ -66,11 +73,21 @@ class PatchConv(nn.Module):
         *batch, h, w, _ = x.shape
         if h % k or w % k:
             raise ValueError(f"PatchConv: spatial size {h}x{w} is not a multiple of the kernel size {k}")
-        kernel = self.param("kernel", nn.with_logical_partitioning(default_kernel_init, self.axes), (k, k, c, self.features), jnp.float32)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(default_kernel_init, self.axes),
+            (k, k, c, self.features),
+            jnp.float32,
+        )
         x = x.astype(self.dtype).reshape(*batch, h // k, k, w // k, k, c)
         y = jnp.einsum("...hpwqc,pqco->...hwo", x, kernel.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[-1],)), (self.features,), jnp.float32)
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[-1],)),
+                (self.features,),
+                jnp.float32,
+            )
             y = y + bias.astype(self.dtype)
         return y
 
@@ -93,10 +110,20 @@ class ConvTranspose2x2(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(default_kernel_init, (None, None, "conv_out", "conv_in")), (2, 2, self.features, c), jnp.float32
+            "kernel",
+            nn.with_logical_partitioning(default_kernel_init, (None, None, "conv_out", "conv_in")),
+            (2, 2, self.features, c),
+            jnp.float32,
         )
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), jnp.float32)
-        return jnp.einsum("...c,aboc->...abo", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+            (self.features,),
+            jnp.float32,
+        )
+        return jnp.einsum("...c,aboc->...abo", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(
+            self.dtype
+        )
 
 
 def conv(
@@ -158,8 +185,12 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (dim,), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (dim,), jnp.float32)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (dim,), jnp.float32
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (dim,), jnp.float32
+        )
         xf = x.astype(accum_dtype(x.dtype))
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)

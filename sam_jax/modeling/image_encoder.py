@@ -133,7 +133,9 @@ class Attention(nn.Module):
             """Queries of R grid rows (B, nh, R, W, hd), their relative-position terms
             (B, nh, R, W, H) and (B, nh, R, W, W) -> (B, nh, R, W, hd)."""
             r = qc.shape[2]
-            attn = jnp.einsum("bnqc,bnkc->bnqk", qc.reshape(b, nh, r * w, hd) * (hd**-0.5), k, preferred_element_type=acc)
+            attn = jnp.einsum(
+                "bnqc,bnkc->bnqk", qc.reshape(b, nh, r * w, hd) * (hd**-0.5), k, preferred_element_type=acc
+            )
             if rel_hc is not None:
                 attn = attn.reshape(b, nh, r, w, h, w) + rel_hc[..., :, None] + rel_wc[..., None, :]
                 attn = attn.reshape(b, nh, r * w, h * w)
@@ -166,7 +168,9 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, rel_h: jax.Array, rel_w: jax.Array)
     rows = jnp.repeat(jnp.eye(h, dtype=k.dtype), w, axis=0)  # (H*W, H): key j -> its row j // W
     cols = jnp.tile(jnp.eye(w, dtype=k.dtype), (h, 1))  # (H*W, W): key j -> its column j % W
     qf = jnp.concatenate([q * jnp.asarray(hd**-0.5, q.dtype), rel_h.astype(q.dtype), rel_w.astype(q.dtype)], axis=-1)
-    kf = jnp.concatenate([k, jnp.broadcast_to(rows, (b, nh, h * w, h)), jnp.broadcast_to(cols, (b, nh, h * w, w))], axis=-1)
+    kf = jnp.concatenate(
+        [k, jnp.broadcast_to(rows, (b, nh, h * w, h)), jnp.broadcast_to(cols, (b, nh, h * w, w))], axis=-1
+    )
     return qf.reshape(b, nh, h * w, hd + h + w), kf
 
 
@@ -182,7 +186,9 @@ def fused_attention(
     """
     b, nh, h, w, hd = q.shape
     if impl == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention 'cudnn' (flash attention) needs a bfloat16 or float16 compute dtype, got {q.dtype}")
+        raise ValueError(
+            f"attention 'cudnn' (flash attention) needs a bfloat16 or float16 compute dtype, got {q.dtype}"
+        )
     if rel_h is None:
         qf, kf, scale = q.reshape(b, nh, h * w, hd), k, hd**-0.5
     else:
@@ -270,8 +276,12 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         return conv(
-            self.embed_dim, self.patch_size, stride=self.patch_size, dtype=self.dtype,
-            axes=(None, None, None, "embed"), name="proj",
+            self.embed_dim,
+            self.patch_size,
+            stride=self.patch_size,
+            dtype=self.dtype,
+            axes=(None, None, None, "embed"),
+            name="proj",
         )(x)
 
 
@@ -400,5 +410,7 @@ class ImageEncoderViT(nn.Module):
         x = LayerNorm(1e-6, name="neck_3")(x)
         if not cfg.high_res_channels:
             return x
-        high_res = HighResFeatures(cfg.high_res_channels, self.out_chans, cfg.patch_size, dtype=self.dtype, name="high_res")(images)
+        high_res = HighResFeatures(
+            cfg.high_res_channels, self.out_chans, cfg.patch_size, dtype=self.dtype, name="high_res"
+        )(images)
         return jnp.concatenate([x, high_res.astype(x.dtype)], axis=-1)

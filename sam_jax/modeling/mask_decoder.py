@@ -67,7 +67,9 @@ class MaskDecoder(nn.Module):
         mask_tokens = embedding(num_mask_tokens, c, name="mask_tokens").embedding
         b, g = sparse_prompt_embeddings.shape[0], image_embeddings.shape[0]
         if b % g:
-            raise ValueError(f"{b} prompt rows cannot be split evenly over {g} images (image embeddings {tuple(image_embeddings.shape)})")
+            raise ValueError(
+                f"{b} prompt rows cannot be split evenly over {g} images (image embeddings {tuple(image_embeddings.shape)})"
+            )
         output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens])[None], (b, 1 + num_mask_tokens, c))
         if text_rows is not None:
             text_mask_tokens = embedding(num_mask_tokens, c, name="text_mask_tokens").embedding
@@ -123,19 +125,28 @@ class MaskDecoder(nn.Module):
             )
         if click_maps is not None:
             if click_maps.shape != (b, 4 * h, 4 * w, cfg.num_click_maps):
-                raise ValueError(f"click maps {tuple(click_maps.shape)}, expected {(b, 4 * h, 4 * w, cfg.num_click_maps)}")
+                raise ValueError(
+                    f"click maps {tuple(click_maps.shape)}, expected {(b, 4 * h, 4 * w, cfg.num_click_maps)}"
+                )
             zeros = nn.initializers.zeros_init()
             click_weights = jnp.stack(
                 [
-                    dense(cfg.num_click_maps, ("embed", None), dtype=self.dtype, kernel_init=zeros, name=f"output_click_weights_{i}")(
-                        mask_tokens_out[:, i, :]
-                    )
+                    dense(
+                        cfg.num_click_maps,
+                        ("embed", None),
+                        dtype=self.dtype,
+                        kernel_init=zeros,
+                        name=f"output_click_weights_{i}",
+                    )(mask_tokens_out[:, i, :])
                     for i in range(num_mask_tokens)
                 ],
                 axis=1,
             )  # (B, num_mask_tokens, K)
             masks = masks + jnp.einsum(
-                "nmk,nhwk->nmhw", click_weights[:, sl], click_maps.astype(self.dtype), preferred_element_type=masks.dtype
+                "nmk,nhwk->nmhw",
+                click_weights[:, sl],
+                click_maps.astype(self.dtype),
+                preferred_element_type=masks.dtype,
             )
         hidden = (cfg.iou_head_hidden_dim,) * (cfg.iou_head_depth - 1)
         iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
@@ -150,7 +161,9 @@ def add_per_image(x: jax.Array, y: jax.Array) -> jax.Array:
     return (x.reshape(g, x.shape[0] // g, *x.shape[1:]) + y[:, None].astype(x.dtype)).reshape(x.shape)
 
 
-def click_maps(points: jax.Array, labels: jax.Array, image_size: int, grid: int, sigmas: tuple[float, ...]) -> jax.Array:
+def click_maps(
+    points: jax.Array, labels: jax.Array, image_size: int, grid: int, sigmas: tuple[float, ...]
+) -> jax.Array:
     """The maps a decoder with `click_map_sigmas` weighs into its masks.
 
     points (B, N, 2) (x, y) in model-input pixels and labels (B, N) (1 positive, 0 negative,

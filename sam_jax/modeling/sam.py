@@ -47,7 +47,9 @@ class Sam(nn.Module):
         """
         return self.image_encoder(images, deterministic).astype(accum_dtype(self.image_encoder.dtype))
 
-    def decode(self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool | None = True) -> tuple[jax.Array, jax.Array]:
+    def decode(
+        self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool | None = True
+    ) -> tuple[jax.Array, jax.Array]:
         """embeddings (G, h, w, C) of G images and a prompt batch of size B -> masks (B, M, 4h, 4w),
         iou (B, M). The B rows are G groups of B / G consecutive rows, group g prompting image g
         (G = 1: one image for every row)."""
@@ -63,9 +65,13 @@ class Sam(nn.Module):
         maps = None
         if self.config.mask_decoder.click_map_sigmas:
             cfg = self.config
-            maps = click_maps(prompts.points, prompts.labels, cfg.image_size, cfg.low_res_mask_size, cfg.mask_decoder.click_map_sigmas)
+            maps = click_maps(
+                prompts.points, prompts.labels, cfg.image_size, cfg.low_res_mask_size, cfg.mask_decoder.click_map_sigmas
+            )
         return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output, high_res, text_rows, maps)
 
-    def __call__(self, images: jax.Array, prompts: Prompts, multimask_output: bool = True) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, images: jax.Array, prompts: Prompts, multimask_output: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
         """Encode then decode one prompt per image (used to initialize every parameter)."""
         return self.decode(self.encode(images), prompts, multimask_output)

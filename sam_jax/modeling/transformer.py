@@ -66,7 +66,9 @@ class TwoWayAttentionBlock(nn.Module):
         """queries (B, N, C), keys (B, HW, C), their PEs, token_mask (B, N) -> (queries, keys)."""
         ds = self.attention_downsample_rate
         if self.skip_first_layer_pe:
-            queries = Attention(self.num_heads, dtype=self.dtype, name="self_attn")(queries, queries, queries, token_mask)
+            queries = Attention(self.num_heads, dtype=self.dtype, name="self_attn")(
+                queries, queries, queries, token_mask
+            )
         else:
             q = queries + query_pe
             attn_out = Attention(self.num_heads, dtype=self.dtype, name="self_attn")(q, q, queries, token_mask)

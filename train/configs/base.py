@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # images per step, over all devices
     c.drop_path_rate = 0.6  # stochastic depth in the ViT: 0.6 (B), 0.4 (L, H)
     c.remat = False  # recompute encoder blocks in the backward pass (less memory, ~1/3 more compute)
-    c.init = "scratch"  # "scratch" | "checkpoint:PATH" (any form load_model reads) | "encoder:PATH" (image encoder only)
+    c.init = (
+        "scratch"  # "scratch" | "checkpoint:PATH" (any form load_model reads) | "encoder:PATH" (image encoder only)
+    )
 
     c.data = ml_collections.ConfigDict()
     c.data.train_dir = ""  # SA-1B layout: NAME.jpg + NAME.json

@@ -1,11 +1,10 @@
-"""The official PyTorch SAM (PyPI `segment-anything==1.0`) as the reference for parity tests.
+"""The official PyTorch SAM (PyPI `segment-anything==1.0`): the reference of the parity tests and benchmarks.
 
-`segment_anything/__init__.py` imports the predictor and the mask generator, which need
-torchvision; PyPI's torchvision does not import beside the CPU torch 2.13.0 wheel on our
-machines ("operator torchvision::nms does not exist"), so the test extras pin torch 2.14.1
-with torchvision 0.29.1, a matching pair (see pyproject.toml). The whole official package,
-model, predictor and mask generator, then runs unchanged. If it is missing the import
-fails, and so do the tests: the reference is never skipped.
+Shared by `tests/` and `bench/`; it imports torch, so `bench/` imports it only inside the functions
+that run the official side. `segment_anything/__init__.py` imports the predictor and the mask
+generator, which need torchvision: the test extras pin torch 2.14.1 with torchvision 0.29.1, a
+matching pair (see pyproject.toml). If the package is missing the import fails, and so do the
+tests: the reference is never skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor, modeling
 
 
-def build_official(config) -> "modeling.Sam":
+def build_official(config) -> modeling.Sam:
     """The official `Sam` built with a sam-jax config's hyperparameters (as `build_sam._build_sam`)."""
     enc, dec = config.image_encoder, config.mask_decoder
     e = config.embedding_size
@@ -94,7 +93,9 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-def sharpen_(model: "modeling.Sam", pe_scale: float = 8.0, logit_scale: float = 100.0, iou_offset: float = 0.0) -> "modeling.Sam":
+def sharpen_(
+    model: modeling.Sam, pe_scale: float = 8.0, logit_scale: float = 100.0, iou_offset: float = 0.0
+) -> modeling.Sam:
     """Make a randomized model's masks confident, in place.
 
     Random weights give near-zero, image-dominated logits: every point yields about the
@@ -115,12 +116,21 @@ def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
 
 
-def official_predictor(model: "modeling.Sam") -> SamPredictor:
+def official_predictor(model: modeling.Sam) -> SamPredictor:
     return SamPredictor(model)
 
 
-def official_mask_generator(model: "modeling.Sam", **kwargs) -> SamAutomaticMaskGenerator:
+def official_mask_generator(model: modeling.Sam, **kwargs) -> SamAutomaticMaskGenerator:
     return SamAutomaticMaskGenerator(model, **kwargs)
 
 
-__all__ = ["segment_anything", "modeling", "build_official", "randomize_", "sharpen_", "state_dict_numpy", "official_predictor", "official_mask_generator"]
+__all__ = [
+    "segment_anything",
+    "modeling",
+    "build_official",
+    "randomize_",
+    "sharpen_",
+    "state_dict_numpy",
+    "official_predictor",
+    "official_mask_generator",
+]
