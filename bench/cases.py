@@ -205,7 +205,7 @@ def official_predict_many(predictor, coords: np.ndarray, labels: np.ndarray) -> 
 
 def _predict_flops(ctx: Context, predictor, coords: np.ndarray, labels: np.ndarray) -> float:
     """FLOPs of decoding + postprocessing B prompts on one image (as the predictor's jitted call)."""
-    from sam_jax.predictor import predict_masks
+    from sam_jax.model import predict_masks
     from sam_jax.prompts import make_prompts
 
     prompts = make_prompts(

@@ -22,6 +22,7 @@ from flax import linen as nn
 from sam_jax.config import SamConfig
 from sam_jax.modeling.sam import Sam
 from sam_jax.prompts import Prompts, make_prompts
+from sam_jax.transforms import postprocess_masks
 
 Params = Any  # a nested dict of float32 arrays, the `params` collection of `Sam`
 
@@ -75,6 +76,30 @@ def decode(
     then runs the image side of its first layer once instead of B times.
     """
     return Sam(config).apply({"params": params}, embeddings, prompts, multimask_output, method=Sam.decode)
+
+
+def predict_masks(
+    params: Params,
+    embedding: jax.Array,
+    prompts: Prompts,
+    *,
+    config: SamConfig,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    multimask_output: bool,
+    return_logits: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One image's embedding (1, h, w, C) with B prompts -> masks at the original size
+    (B, M, H, W) (bool, or logits with `return_logits`), IoU (B, M), low-res logits (B, M, 4h, 4w)."""
+    b = prompts.labels.shape[0]
+    # Without mask prompts the embedding stays (1, h, w, C): the decoder's first layer runs its
+    # image side once for the B prompts (`TwoWayTransformer`); with them, one copy per prompt.
+    emb = embedding if prompts.mask_input is None else jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
+    low_res, iou = decode(params, emb, prompts, config=config, multimask_output=multimask_output)
+    masks = postprocess_masks(low_res, input_size, original_size, config.image_size)
+    if not return_logits:
+        masks = masks > config.mask_threshold
+    return masks, iou, low_res
 
 
 @dataclasses.dataclass

@@ -1,5 +1,5 @@
 """`SamPredictor`: the official predictor's API (plus SAM 2's batched prompts and images, and
-text prompts) over the jitted functional core.
+text prompts) over the jitted functional core (`sam_jax.model.predict_masks`).
 
     predictor = SamPredictor(sam)
     predictor.set_image(image)                       # HxWx3 uint8 RGB
@@ -41,39 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.config import SamConfig
-from sam_jax.model import Params, SamModel, decode
+from sam_jax.model import SamModel, predict_masks
 from sam_jax.prompts import Prompts, bucket_size, make_prompts
-from sam_jax.transforms import ResizeLongestSide, postprocess_masks, preprocess
+from sam_jax.transforms import ResizeLongestSide, preprocess
 
 if TYPE_CHECKING:
     from sam_jax.text import TextEncoder
 
 PROMPT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def predict_masks(
-    params: Params,
-    embedding: jax.Array,
-    prompts: Prompts,
-    *,
-    config: SamConfig,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    multimask_output: bool,
-    return_logits: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One image's embedding (1, h, w, C) with B prompts -> masks at the original size
-    (B, M, H, W) (bool, or logits with `return_logits`), IoU (B, M), low-res logits (B, M, 4h, 4w)."""
-    b = prompts.labels.shape[0]
-    # Without mask prompts the embedding stays (1, h, w, C): the decoder's first layer runs its
-    # image side once for the B prompts (`TwoWayTransformer`); with them, one copy per prompt.
-    emb = embedding if prompts.mask_input is None else jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
-    low_res, iou = decode(params, emb, prompts, config=config, multimask_output=multimask_output)
-    masks = postprocess_masks(low_res, input_size, original_size, config.image_size)
-    if not return_logits:
-        masks = masks > config.mask_threshold
-    return masks, iou, low_res
 
 
 def _as_float_array(value: Any, name: str) -> np.ndarray:

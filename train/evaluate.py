@@ -42,8 +42,8 @@ from sam_jax.train.shapes import inner_point
 from scipy import ndimage
 
 from sam_jax.config import SamConfig
-from sam_jax.model import Params, encode
-from sam_jax.predictor import PROMPT_BATCH_BUCKETS, predict_masks
+from sam_jax.model import Params, encode, predict_masks
+from sam_jax.predictor import PROMPT_BATCH_BUCKETS
 from sam_jax.prompts import LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_PAD, Prompts, bucket_size, make_prompts
 from sam_jax.transforms import ResizeLongestSide, preprocess
 

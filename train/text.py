@@ -40,8 +40,7 @@ from sam_jax.train.evaluate import _check_args, _jitted, _pad_rows, mask_iou, us
 from sam_jax.train.sa1b import list_records, load_record
 
 from sam_jax.config import SamConfig
-from sam_jax.model import Params
-from sam_jax.predictor import predict_masks
+from sam_jax.model import Params, predict_masks
 from sam_jax.prompts import make_prompts
 from sam_jax.transforms import ResizeLongestSide
 
