@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> dict:
     threads = models.set_torch_threads()
     matmul = matmul_rates()
     print(
-        f"matrix products (float32): XLA {matmul['jax_gflops']:.0f} GFLOP/s, PyTorch {matmul['torch_gflops']:.0f} GFLOP/s on {threads} CPUs",
+        f"matrix products (float32): XLA {matmul['jax_gflops']:.0f} GFLOP/s, "
+        f"PyTorch {matmul['torch_gflops']:.0f} GFLOP/s on {threads} CPUs",
         flush=True,
     )
     result = {"meta": _meta(args, threads), "matmul": matmul, "rows": {}}

@@ -104,7 +104,7 @@ def official_encoder(model: str, batch: int, iters: int, autocast: bool) -> dict
         torch.cuda.synchronize()
 
     s = _median_time(run, iters)
-    del net
+    net = None  # free the module's GPU memory before emptying the cache
     torch.cuda.empty_cache()
     return {"seconds_per_batch": s, "images_per_s": batch / s}
 
@@ -226,20 +226,25 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls if i == 0 else [best.get("impl", impls[0])]:
             r = item(
                 f"ours_{model}_bf16_{impl}",
-                lambda: with_rate(ours_encoder(model, "bfloat16", impl, args.batch, args.iters, params), model, mm),
+                lambda model=model, impl=impl, params=params: with_rate(
+                    ours_encoder(model, "bfloat16", impl, args.batch, args.iters, params), model, mm
+                ),
             )
             if "images_per_s" in r and r["images_per_s"] > best.get("images_per_s", 0):
                 best = {"impl": impl, "images_per_s": r["images_per_s"]}
         if has_torch_gpu:
             item(
                 f"official_{model}_bf16_autocast",
-                lambda: with_rate(official_encoder(model, args.batch, args.iters, True), model, mm_torch),
+                lambda model=model: with_rate(official_encoder(model, args.batch, args.iters, True), model, mm_torch),
             )
-        del params
+        params = None  # free this model's params before the next model's
     if has_torch_gpu:
         item(f"official_{models[0]}_fp32", lambda: official_encoder(models[0], args.batch, args.iters, False))
     for impl in [a for a in args.fp32_attention.split(",") if a]:
-        item(f"ours_{models[0]}_fp32_{impl}", lambda: ours_encoder(models[0], "float32", impl, args.batch, args.iters))
+        item(
+            f"ours_{models[0]}_fp32_{impl}",
+            lambda impl=impl: ours_encoder(models[0], "float32", impl, args.batch, args.iters),
+        )
     if args.agreement:
         item(
             f"agreement_{models[0]}_bf16_vs_fp32",

@@ -217,13 +217,15 @@ def key_table(config: SamConfig) -> list[Row]:
         )
     if config.image_encoder.conv_stem:
         raise ValueError(
-            f"the {config.name} model has a convolutional stem (image_encoder.conv_stem={config.image_encoder.conv_stem}) "
+            f"the {config.name} model has a convolutional stem "
+            f"(image_encoder.conv_stem={config.image_encoder.conv_stem}) "
             "instead of the official patch projection: it cannot be converted to or from official checkpoints "
             "(save_params / load_model keep it whole)"
         )
     if config.mask_decoder.click_map_sigmas:
         raise ValueError(
-            f"the {config.name} model has click maps (mask_decoder.click_map_sigmas={config.mask_decoder.click_map_sigmas}), "
+            f"the {config.name} model has click maps "
+            f"(mask_decoder.click_map_sigmas={config.mask_decoder.click_map_sigmas}), "
             "which the official SAM does not have: it cannot be converted to or from official checkpoints "
             "(save_params / load_model keep it whole)"
         )

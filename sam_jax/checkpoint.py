@@ -60,9 +60,12 @@ def load_params(directory: str | os.PathLike) -> tuple[SamConfig, Params]:
     from sam_jax.model import abstract_params
 
     target = abstract_params(config)
-    restore = lambda t: ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(t)}))[
-        PARAMS_ITEM
-    ]
+
+    def restore(tree):
+        return ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(tree)}))[
+            PARAMS_ITEM
+        ]
+
     try:
         return config, restore(target)
     except Exception as error:  # orbax's error for a tree that differs varies with its version

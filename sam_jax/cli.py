@@ -231,7 +231,7 @@ def _auto(args: argparse.Namespace) -> None:
         image = read_image(path)
         bar = tqdm(desc=path.name, unit="batch", disable=not show or len(paths) > 1)
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int, bar=bar) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
@@ -276,7 +276,8 @@ def _pretrain_kinds(args: argparse.Namespace) -> None:
         eval_every=args.log_every,
     )
     print(
-        f"wrote {args.out} ({result['steps']} steps, {result['seconds']:.0f} s); train with --config.init=encoder:{args.out}"
+        f"wrote {args.out} ({result['steps']} steps, {result['seconds']:.0f} s); "
+        f"train with --config.init=encoder:{args.out}"
     )
 
 
@@ -379,8 +380,8 @@ def _eval(args: argparse.Namespace) -> None:
             score = f"{text['per_category'][c]:.4f}" if c in text["per_category"] else "(no image has one)"
             print(f"text {args.template.format(c)!r:<24} {score}")
         print(
-            f"text, all {text['num_queries']} queries  {text['miou_text']:.4f}  (every query answered with all the shapes: "
-            f"{text['miou_all_shapes']:.4f})"
+            f"text, all {text['num_queries']} queries  {text['miou_text']:.4f}  "
+            f"(every query answered with all the shapes: {text['miou_all_shapes']:.4f})"
         )
         results["text"] = text
     if args.out:
@@ -427,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TEXT",
-        help="a text prompt (repeatable: one prompt per --text, each with the points and box); needs --clip and a checkpoint trained with text",
+        help="a text prompt (repeatable: one prompt per --text, each with the points and box); "
+        "needs --clip and a checkpoint trained with text",
     )
     p.add_argument(
         "--clip",

@@ -76,8 +76,8 @@ class ImageEncoderConfig:
                 )
         if self.high_res_channels < 0 or (self.high_res_channels and self.patch_size % 4):
             raise ValueError(
-                f"high_res_channels must be >= 0, and needs a patch_size divisible by 4; got {self.high_res_channels!r} "
-                f"with patch_size {self.patch_size}"
+                f"high_res_channels must be >= 0, and needs a patch_size divisible by 4; "
+                f"got {self.high_res_channels!r} with patch_size {self.patch_size}"
             )
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")

@@ -10,9 +10,15 @@ import os
 import numpy as np
 import pytest
 
-# The suite's one process runs many models: keep glibc's default of giving freed memory back
-# (sam_jax/host_memory.py; tests/test_host_memory.py checks the retaining in subprocesses).
-os.environ["SAM_JAX_RETAIN_HOST_MEMORY"] = "0"
+
+@pytest.fixture(scope="session", autouse=True)
+def _give_freed_memory_back():
+    """The suite's processes run many models: the CLI and demo commands called in-process keep glibc's
+    default of giving freed memory back (sam_jax/host_memory.py; tests/test_host_memory.py checks the
+    retaining in subprocesses)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sam_jax.host_memory.retain_freed_memory", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -89,17 +89,19 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
     # A crash after a log keeps that log's snapshot, a whole checkpoint.
     from unittest import mock
 
-    with mock.patch("sam_jax.train.pretrain.mask_accuracy", side_effect=[0.5, RuntimeError("killed")]):
-        with pytest.raises(RuntimeError, match="killed"):
-            pretrain_kinds(
-                tmp_path / "train",
-                tmp_path / "crashed",
-                categories=kinds,
-                steps=4,
-                warmup_steps=1,
-                heldout_dir=tmp_path / "train",
-                eval_every=2,
-            )
+    with (
+        mock.patch("sam_jax.train.pretrain.mask_accuracy", side_effect=[0.5, RuntimeError("killed")]),
+        pytest.raises(RuntimeError, match="killed"),
+    ):
+        pretrain_kinds(
+            tmp_path / "train",
+            tmp_path / "crashed",
+            categories=kinds,
+            steps=4,
+            warmup_steps=1,
+            heldout_dir=tmp_path / "train",
+            eval_every=2,
+        )
     assert not (tmp_path / "crashed").exists()
     assert load_model(tmp_path / "crashed.step_2").config.name == "tiny_p8_conv"
     with pytest.raises(ValueError, match="batch_size"):

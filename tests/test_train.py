@@ -115,7 +115,7 @@ def _free_port() -> int:
 
 
 def _result(proc: subprocess.CompletedProcess) -> dict:
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT:")][-1]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT:")][-1]
     return json.loads(line[len("RESULT:") :])
 
 
@@ -186,9 +186,12 @@ def test_sam_loss_focal_alpha_and_gamma(shapes):
 
     config, params, batch, cfg = _one_mask_setup(shapes)
     assert (cfg.focal_alpha, cfg.focal_gamma) == (0.25, 2.0)
-    step = lambda c: jax.jit(
-        lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[1]["first_focal"]
-    )(params)
+
+    def step(c):
+        return jax.jit(
+            lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[1]["first_focal"]
+        )(params)
+
     focal = {}
     for alpha in (0.25, 0.5, None):
         c = cfg.copy_and_resolve_references()
@@ -264,10 +267,10 @@ def test_a_point_iteration_can_add_several_distinct_error_points():
     cells = np.floor(points / 4).astype(int)
     err = gt & ~(logits > 0) | (logits > 0) & ~gt
     for i in range(rows):
-        got = [tuple(c) for c, l in zip(cells[i], labels[i]) if l >= 0]
+        got = [tuple(c) for c, lab in zip(cells[i], labels[i]) if lab >= 0]
         assert len(set(got)) == len(got)  # distinct
-        for (x, y), l in zip(got, labels[i][labels[i] >= 0]):
-            assert err[i, y, x] and l == int(gt[i, y, x])  # FN -> 1, FP -> 0
+        for (x, y), lab in zip(got, labels[i][labels[i] >= 0]):
+            assert err[i, y, x] and lab == int(gt[i, y, x])  # FN -> 1, FP -> 0
     first, first_label = sim.correction_point(keys, jnp.asarray(logits), jnp.asarray(gt), image_size=64)
     np.testing.assert_array_equal(np.asarray(first), points[:, 0])
     np.testing.assert_array_equal(np.asarray(first_label), labels[:, 0])
@@ -356,7 +359,10 @@ def test_a_box_trains_the_single_output(shapes):
     for single in (True, False):
         c = cfg.copy_and_resolve_references()
         c.box_single_output = single
-        loss = lambda p: simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[0]  # noqa: E731
+
+        def loss(p, c=c):
+            return simulate_and_loss(p, batch, jax.random.key(2), model_config=config, cfg=c)[0]
+
         grads = jax.jit(jax.grad(loss))(params)["mask_decoder"]
         norms[single] = [
             float(sum(np.abs(g).sum() for g in jax.tree.leaves(grads[f"output_hypernetworks_mlps_{i}"])))
@@ -373,9 +379,12 @@ def test_no_gradient_into_buffers_or_a_frozen_encoder(shapes):
 
     config, params, batch, cfg = _one_mask_setup(shapes)
     for train_encoder in (True, False):
-        loss = lambda p: simulate_and_loss(
-            p, batch, jax.random.key(2), model_config=config, cfg=cfg, train_image_encoder=train_encoder
-        )[0]
+
+        def loss(p, train_encoder=train_encoder):
+            return simulate_and_loss(
+                p, batch, jax.random.key(2), model_config=config, cfg=cfg, train_image_encoder=train_encoder
+            )[0]
+
         grads = jax.jit(jax.grad(loss))(params)
         assert not np.any(grads["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"])
         encoder = [np.abs(g).sum() for g in jax.tree.leaves(grads["image_encoder"])]
@@ -488,8 +497,8 @@ def test_trainer_frozen_encoder_nonfinite_and_corrupt_data(shapes, tmp_path, mon
         before["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
         after["prompt_encoder"]["pe_layer"]["positional_encoding_gaussian_matrix"],
     )  # a fixed buffer, never trained
-    lines = [json.loads(l) for l in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2, 2]
+    lines = [json.loads(ln) for ln in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 2]
     assert set(lines[-1]) == {
         "step",
         "eval_miou_1click",
@@ -602,11 +611,11 @@ def test_two_processes_train_like_one_with_4_devices(shapes, tmp_path, compile_c
         "process_1-of-2.json",
     ]
     metrics = {
-        k: [json.loads(l) for l in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("one", "two")
+        k: [json.loads(ln) for ln in (tmp_path / k / "metrics.jsonl").read_text().splitlines()] for k in ("one", "two")
     }
-    assert [l["step"] for l in metrics["two"]] == [l["step"] for l in metrics["one"]] == [1, 2, 3]
+    assert [r["step"] for r in metrics["two"]] == [r["step"] for r in metrics["one"]] == [1, 2, 3]
     np.testing.assert_allclose(
-        [l["loss"] for l in metrics["two"]], [l["loss"] for l in metrics["one"]], rtol=0, atol=1e-5
+        [r["loss"] for r in metrics["two"]], [r["loss"] for r in metrics["one"]], rtol=0, atol=1e-5
     )
     ref = _params_digest(load_params(tmp_path / "one" / "model")[1])
     got = _params_digest(load_params(tmp_path / "two" / "model")[1])

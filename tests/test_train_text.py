@@ -330,9 +330,10 @@ def test_dense_text_loss():
     }
     cfg = shapes_text_tiny.get_config().loss
     cfg.num_point_iters, cfg.num_no_point_iters = 0, 0
-    run = lambda c: jax.jit(lambda p: simulate_and_loss(p, batch, jax.random.key(3), model_config=config, cfg=c))(
-        params
-    )
+
+    def run(c):
+        return jax.jit(lambda p: simulate_and_loss(p, batch, jax.random.key(3), model_config=config, cfg=c))(params)
+
     without, m0 = run(cfg)
     cfg2 = cfg.copy_and_resolve_references()
     cfg2.dense_text_weight = 2.0

@@ -261,7 +261,8 @@ def label_pool(
         _link(path, out_dir / path.name)  # the image first: a JSON never stands without it
         write_json(target, record)
         log(
-            f"round {round_index}: {path.name}: {len(record['annotations'])} pseudo masks ({image_id + 1}/{len(images)})"
+            f"round {round_index}: {path.name}: {len(record['annotations'])} pseudo masks "
+            f"({image_id + 1}/{len(images)})"
         )
     return skipped
 
@@ -460,7 +461,7 @@ def run_engine(
     import jax
 
     if jax.process_count() > 1:
-        raise TrainingError("the data engine runs in one process (got %d)" % jax.process_count())
+        raise TrainingError(f"the data engine runs in one process (got {jax.process_count()})")
     e = check_config(cfg)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)

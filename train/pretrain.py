@@ -72,8 +72,8 @@ def kind_targets(record: dict, categories: list[str], config: SamConfig) -> tupl
 def load_kinds(
     data_dir: str | Path | Sequence[str | Path], categories: list[str], config: SamConfig
 ) -> dict[str, np.ndarray]:
-    """Every record of an SA-1B-layout folder (or of several, in their order) -> images (N, S, S, 3) float32 normalised and
-    padded, targets (N, g, g, 1 + K), weight (N, g, g), and for scoring whole masks: masks
+    """Every record of an SA-1B-layout folder (or of several, in their order) -> images (N, S, S, 3) float32
+    normalised and padded, targets (N, g, g, 1 + K), weight (N, g, g), and for scoring whole masks: masks
     (N, M, g, g) float32 cell covers of up to M categorised masks, labels (N, M) int32 (-1: none).
     Unreadable records are skipped with a warning, as in training."""
     import warnings

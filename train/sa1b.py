@@ -84,11 +84,15 @@ def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]
         if not isinstance(anns, list):
             raise TypeError("'annotations' is not a list")
         info = data.get("image")
-        if isinstance(info, dict) and "height" in info and "width" in info:
-            if (int(info["height"]), int(info["width"])) != (h, w):
-                raise DataError(
-                    f"{json_path}: says the image is {info['height']}x{info['width']}, but {image_path.name} is {h}x{w}"
-                )
+        if (
+            isinstance(info, dict)
+            and "height" in info
+            and "width" in info
+            and (int(info["height"]), int(info["width"])) != (h, w)
+        ):
+            raise DataError(
+                f"{json_path}: says the image is {info['height']}x{info['width']}, but {image_path.name} is {h}x{w}"
+            )
         rles, categories, boxes = [], [], []
         for i, ann in enumerate(anns):
             rles.append(_checked_rle(ann["segmentation"], h, w, f"{json_path}: annotation {i}"))

@@ -200,7 +200,9 @@ def _warn_incomplete_checkpoints(directory: Path) -> None:
     for p in sorted(directory.iterdir()):
         if p.is_dir() and ".orbax-checkpoint-tmp" in p.name:
             warnings.warn(
-                f"ignoring the incomplete checkpoint {p.name} (a save interrupted by a crash)", RuntimeWarning
+                f"ignoring the incomplete checkpoint {p.name} (a save interrupted by a crash)",
+                RuntimeWarning,
+                stacklevel=2,
             )
 
 
@@ -223,7 +225,8 @@ class Trainer:
             raise TrainingError("data.train_dir is not set")
         if int(cfg.loss.get("points_per_iter", 1)) < 1:
             raise TrainingError(
-                f"loss.points_per_iter={cfg.loss.points_per_iter} must be at least 1 (points a correction iteration adds)"
+                f"loss.points_per_iter={cfg.loss.points_per_iter} must be at least 1 "
+                "(points a correction iteration adds)"
             )
         self.mask_size = loss_mask_size(cfg, self.model_config)
 
@@ -411,7 +414,7 @@ class Trainer:
                     raise TrainingError(
                         msg + "; stopped, the last checkpoint is kept (on_nonfinite='skip' skips such steps)"
                     )
-                warnings.warn(msg + "; update skipped", RuntimeWarning)
+                warnings.warn(msg + "; update skipped", RuntimeWarning, stacklevel=2)
             done = step + 1
             bar.update(1)
             if done % cfg.log_every == 0 or done == total:

@@ -371,10 +371,9 @@ class CLIPTextTransformer(nn.Module):
         mask = causal[None, None] & (attention_mask[:, None, None, :] != 0)  # (B, 1, L, L)
         x = CLIPEncoder(cfg, dtype=self.dtype, name="encoder")(x, mask)
         ids = input_ids.astype(jnp.int32)
-        if cfg.eos_token_id == 2:  # legacy configs: the EOS is the largest id
-            eos = jnp.argmax(ids, axis=-1)
-        else:  # the first EOS (padding may use the EOS id too)
-            eos = jnp.argmax(ids == cfg.eos_token_id, axis=-1)
+        # eos_token_id 2 (configs before the EOS id was stored): the EOS is the largest id; else the
+        # first EOS (padding may use the EOS id too).
+        eos = jnp.argmax(ids, axis=-1) if cfg.eos_token_id == 2 else jnp.argmax(ids == cfg.eos_token_id, axis=-1)
         pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]  # (B, D)
         return LayerNorm(cfg.layer_norm_eps, name="final_layer_norm")(pooled)
 
@@ -492,7 +491,8 @@ def encode_text(
         attention_mask = jnp.ones(np.shape(input_ids), jnp.int32)
     elif np.shape(attention_mask) != np.shape(input_ids):
         raise ValueError(
-            f"encode_text: attention_mask must have the shape of input_ids {np.shape(input_ids)}; got {np.shape(attention_mask)}"
+            f"encode_text: attention_mask must have the shape of input_ids {np.shape(input_ids)}; "
+            f"got {np.shape(attention_mask)}"
         )
     out = CLIP(config).apply({"params": params}, input_ids, attention_mask, method=CLIP.get_text_features)
     return out.astype(jnp.float32)
@@ -540,7 +540,8 @@ def clip_image_preprocess(images: np.ndarray | Sequence[np.ndarray], size: int) 
     if isinstance(images, np.ndarray):
         if images.ndim != 4:
             raise ValueError(
-                f"clip_image_preprocess: images must be (B, H, W, 3) uint8 or a list of (H, W, 3); got shape {images.shape}"
+                "clip_image_preprocess: images must be (B, H, W, 3) uint8 or a list of (H, W, 3); "
+                f"got shape {images.shape}"
             )
         images = list(images)
     elif not isinstance(images, (list, tuple)):

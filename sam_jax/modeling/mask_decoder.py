@@ -68,7 +68,8 @@ class MaskDecoder(nn.Module):
         b, g = sparse_prompt_embeddings.shape[0], image_embeddings.shape[0]
         if b % g:
             raise ValueError(
-                f"{b} prompt rows cannot be split evenly over {g} images (image embeddings {tuple(image_embeddings.shape)})"
+                f"{b} prompt rows cannot be split evenly over {g} images "
+                f"(image embeddings {tuple(image_embeddings.shape)})"
             )
         output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens])[None], (b, 1 + num_mask_tokens, c))
         if text_rows is not None:
@@ -187,7 +188,10 @@ def click_maps(
         far = jnp.where(labels == label, 0.0, jnp.inf)[:, :, None, None]
         nearest = jnp.min(dy2[:, :, :, None] + dx2[:, :, None, :] + far, axis=1)  # (B, grid, grid)
         maps += [jnp.exp(-nearest / (2.0 * s * s)) for s in sigmas]
-    corner = lambda label: jnp.max(jnp.where((labels == label)[..., None], points, -jnp.inf), axis=1)  # (B, 2)
+
+    def corner(label: int) -> jax.Array:  # (B, 2)
+        return jnp.max(jnp.where((labels == label)[..., None], points, -jnp.inf), axis=1)
+
     top_left, bottom_right = corner(2), corner(3)
     inside_x = (centres[None] >= top_left[:, 0:1]) & (centres[None] <= bottom_right[:, 0:1])  # (B, grid)
     inside_y = (centres[None] >= top_left[:, 1:2]) & (centres[None] <= bottom_right[:, 1:2])

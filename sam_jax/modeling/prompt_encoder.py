@@ -146,7 +146,8 @@ class PromptEncoder(nn.Module):
             )
         if text.shape[-1] != self.text_embed_dim:
             raise ValueError(
-                f"text embeddings have width {text.shape[-1]}; this model takes CLIP embeddings of width {self.text_embed_dim}"
+                f"text embeddings have width {text.shape[-1]}; "
+                f"this model takes CLIP embeddings of width {self.text_embed_dim}"
             )
         x = text.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12)) * np.sqrt(self.text_embed_dim)
