@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
 from sam_jax.convert.errors import CheckpointError, check_keys, set_path
 from sam_jax.convert.keys import conv, identity, linear
-
 from sam_jax.modeling.clip import CLIPConfig, abstract_clip_params
 
 Path = tuple[str, ...]

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import jax
 import numpy as np
-from sam_jax.convert.errors import CheckpointError, check_keys, set_path
-from sam_jax.convert.keys import Row, key_table
 
 from sam_jax.config import CONFIGS, SamConfig, get_config
+from sam_jax.convert.errors import CheckpointError, check_keys, set_path
+from sam_jax.convert.keys import Row, key_table
 
 KeyStyle = Literal["official", "hf"]
 # Hugging Face ties the positional-encoding matrix to a second name; some files hold both.

@@ -4,7 +4,8 @@
     sam = sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")
 
 `checkpoint` may be an official `.pth`, a Hugging Face or exported `.safetensors`,
-or a sam-jax checkpoint directory; `None` gives random weights (as officially).
+or a sam-jax checkpoint directory of that model type; `None` gives random weights (as officially).
+A model trained here (any variant) loads with `sam_jax.load_model(path)`.
 """
 
 from __future__ import annotations
@@ -36,9 +37,20 @@ build_sam_vit_l = functools.partial(_build, "vit_l")
 build_sam_vit_b = functools.partial(_build, "vit_b")
 build_sam = build_sam_vit_h
 
-sam_model_registry = {
-    "default": build_sam_vit_h,
-    "vit_h": build_sam_vit_h,
-    "vit_l": build_sam_vit_l,
-    "vit_b": build_sam_vit_b,
-}
+
+class _Registry(dict):
+    def __missing__(self, key: str):
+        raise KeyError(
+            f"{key!r} is not an official SAM model type (one of {', '.join(self)}); a checkpoint trained or "
+            "converted with sam-jax loads with sam_jax.load_model(path), whatever its model type"
+        )
+
+
+sam_model_registry = _Registry(
+    {
+        "default": build_sam_vit_h,
+        "vit_h": build_sam_vit_h,
+        "vit_l": build_sam_vit_l,
+        "vit_b": build_sam_vit_b,
+    }
+)

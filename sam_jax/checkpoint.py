@@ -18,6 +18,8 @@ import numpy as np
 
 from sam_jax.config import SamConfig
 from sam_jax.convert.errors import CheckpointError
+from sam_jax.files import write_atomic
+from sam_jax.manifest import verify_manifest, write_manifest
 from sam_jax.model import Params, SamModel
 
 PARAMS_ITEM = "params"
@@ -43,6 +45,10 @@ def save_params(directory: str | os.PathLike, params: Params, config: SamConfig)
             **{PARAMS_ITEM: ocp.args.StandardSave(params), CONFIG_ITEM: ocp.args.JsonSave(config.to_dict())}
         ),
     )
+    import jax
+
+    if jax.process_index() == 0:
+        write_manifest(path)  # what load_params checks before reading
     return path
 
 
@@ -53,36 +59,27 @@ def load_params(directory: str | os.PathLike) -> tuple[SamConfig, Params]:
         raise CheckpointError(
             f"{path} is not a sam-jax checkpoint directory (no '{PARAMS_ITEM}' and '{CONFIG_ITEM}' items)"
         )
+    verify_manifest(path)
     ocp, ckptr = _checkpointer()
-    config = SamConfig.from_dict(
-        ckptr.restore(path, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
-    )
+    try:
+        config = SamConfig.from_dict(
+            ckptr.restore(path, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+        )
+    except Exception as error:  # orbax's and tensorstore's errors for a broken file vary
+        raise CheckpointError(f"{path}: its config is unreadable ({_one_line(error)})") from None
     from sam_jax.model import abstract_params
 
     target = abstract_params(config)
-
-    def restore(tree):
-        return ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(tree)}))[
-            PARAMS_ITEM
-        ]
-
     try:
-        return config, restore(target)
-    except Exception as error:  # orbax's error for a tree that differs varies with its version
-        if "text_mask_tokens" not in target.get("mask_decoder", {}):
-            raise
-        mismatch = error
-    # A text model saved before its text rows had their own mask tokens (2026-11-27): they used
-    # the shared ones, so copies of those give the same outputs.
-    legacy = {**target, "mask_decoder": {k: v for k, v in target["mask_decoder"].items() if k != "text_mask_tokens"}}
-    try:
-        params = restore(legacy)
-    except Exception:
-        raise mismatch from None
-    params["mask_decoder"]["text_mask_tokens"] = {
-        k: np.array(v) for k, v in params["mask_decoder"]["mask_tokens"].items()
-    }
-    return config, params
+        params = ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
+    except Exception as error:
+        raise CheckpointError(f"{path}: its params are unreadable ({_one_line(error)})") from None
+    return config, params[PARAMS_ITEM]
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -118,7 +115,10 @@ def load_model(
         config, params = load_params(path)
         wanted = model_type.name if isinstance(model_type, SamConfig) else model_type
         if wanted not in ("auto", config.name):
-            raise CheckpointError(f"{path} holds a {config.name} model, not {wanted}")
+            raise CheckpointError(
+                f"{path} holds a {config.name} model, not {wanted}; sam_jax.load_model(path) loads any checkpoint "
+                "with the model type it holds"
+            )
     else:
         state_dict = load_state_dict(path)
         config = resolve_config(state_dict, model_type)
@@ -142,11 +142,8 @@ def export_safetensors(params: Params, config: SamConfig, path: str | os.PathLik
 
     from sam_jax.convert.state_dict import to_official
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in to_official(params, config).items()}, str(tmp))
-    os.replace(tmp, path)  # a crash mid-write never leaves a partial file under the final name
-    return path
+    tensors = {k: np.ascontiguousarray(v) for k, v in to_official(params, config).items()}
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))  # never a partial file under `path`
 
 
 def convert_checkpoint(

@@ -12,9 +12,7 @@ from typing import Any
 import numpy as np
 
 from sam_jax.config import CONFIGS
-from sam_jax.train.sa1b import write_json
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from sam_jax.files import IMAGE_SUFFIXES, read_image, write_json
 
 
 class CliError(Exception):
@@ -71,18 +69,6 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid box {text!r}: expected X0,Y0,X1,Y1") from None
     return values  # type: ignore[return-value]
-
-
-def read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise CliError(f"{path}: no such image file")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise CliError(f"{path}: cannot read the image ({e.__class__.__name__})") from None
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -202,7 +188,7 @@ def _segment(args: argparse.Namespace) -> None:
     )
     for j in range(n):
         what = f"{len(masks[j])} mask(s)" + (f" for {texts[j]!r}" if texts else "")
-        print(f"{image_path}: {what}, scores {np.round(scores[j], 3).tolist()} -> {out}")
+        print(f"{image_path}: {what}, scores {[round(float(v), 3) for v in scores[j]]} -> {out}")
 
 
 def _auto(args: argparse.Namespace) -> None:
@@ -307,7 +293,7 @@ def _training_config(args: argparse.Namespace, overrides: list[str]):
     from sam_jax.host_memory import retain_on_cpu
     from sam_jax.train.trainer import apply_overrides, load_config_file
 
-    cfg = apply_overrides(load_config_file(args.config), [o.removeprefix("--config.") for o in overrides])
+    cfg = apply_overrides(load_config_file(args.config), overrides)
     enable_compilation_cache(args.cache_dir)
     if cfg.retain_host_memory:
         retain_on_cpu()
@@ -328,9 +314,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
         last = trainer.train()
     finally:
         trainer.close()
-    print(
-        f"trained to step {trainer.step} (loss {last.get('loss', float('nan')):.4f}); model -> {trainer.workdir / 'model'}"
-    )
+    loss = f"last logged loss {last['loss']:.4f}" if "loss" in last else "no loss logged"
+    print(f"trained to step {trainer.step} ({loss}); model -> {trainer.workdir / 'model'}")
 
 
 def _engine(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -547,22 +532,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_overrides(extra: list[str]) -> list[str] | None:
+    """The `--config.KEY=VALUE` (or `--config.KEY VALUE`) arguments as KEY=VALUE; None if any is neither."""
+    out: list[str] = []
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--config.") or item == "--config.":
+            return None
+        if "=" in item:
+            out.append(item.removeprefix("--config."))
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--config."):
+            out.append(f"{item.removeprefix('--config.')}={extra[i + 1]}")
+            i += 1
+        else:
+            return None
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not (
-        getattr(args, "takes_overrides", False) and all(e.startswith("--config.") and "=" in e for e in extra)
-    ):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    takes_overrides = getattr(args, "takes_overrides", False)
+    overrides = config_overrides(extra) if takes_overrides else None
+    if extra and overrides is None:
+        hint = "; training options are --config.KEY=VALUE" if takes_overrides else ""
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     from sam_jax.convert.errors import CheckpointError
-    from sam_jax.train.sa1b import DataError
-    from sam_jax.train.trainer import TrainingError
 
     try:
-        args.func(args, extra) if getattr(args, "takes_overrides", False) else args.func(args)
-    except (CliError, CheckpointError, DataError, TrainingError, FileExistsError, FileNotFoundError, ValueError) as e:
+        args.func(args, overrides or []) if takes_overrides else args.func(args)
+    except (CliError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"sam-jax: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        trainer = sys.modules.get("sam_jax.train.trainer")  # imported only by the training commands
+        if trainer is not None and isinstance(e, trainer.TrainingInterrupted):
+            print(f"sam-jax: {e}", file=sys.stderr)
+            return 130 if e.signal_name == "SIGINT" else 143  # 128 + the signal's number, as a shell reports it
+        if trainer is not None and isinstance(e, trainer.TrainingError):
+            print(f"sam-jax: error: {e}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

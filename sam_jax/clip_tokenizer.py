@@ -13,13 +13,14 @@ cut to keep BOS ... EOS (a warning says which); empty or whitespace-only texts r
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from sam_jax.files import read_json
 
 DEFAULT_CONTEXT_LENGTH = 77
 DEFAULT_EOS = "<|endoftext|>"
@@ -43,11 +44,9 @@ class TokenizedText:
         yield self.attention_mask
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+def _read_optional_json(path: str) -> dict[str, Any]:
+    """The object of a JSON file of a CLIP folder, {} where the folder has no such file."""
+    return read_json(path) if os.path.exists(path) else {}
 
 
 def _token_content(value: Any) -> str | None:
@@ -109,11 +108,11 @@ class CLIPTokenizer:
             raise FileNotFoundError(f"CLIPTokenizer.from_folder: no tokenizer.json in {folder}")
         tokenizer = Tokenizer.from_file(path)
         if context_length is None:
-            text_config = _read_json(os.path.join(folder, "config.json")).get("text_config") or {}
+            text_config = _read_optional_json(os.path.join(folder, "config.json")).get("text_config") or {}
             context_length = int(text_config.get("max_position_embeddings") or DEFAULT_CONTEXT_LENGTH)
         special = {
-            **_read_json(os.path.join(folder, "special_tokens_map.json")),
-            **_read_json(os.path.join(folder, "tokenizer_config.json")),
+            **_read_optional_json(os.path.join(folder, "special_tokens_map.json")),
+            **_read_optional_json(os.path.join(folder, "tokenizer_config.json")),
         }
         eos = _token_content(special.get("eos_token")) or DEFAULT_EOS
         pad = _token_content(special.get("pad_token"))

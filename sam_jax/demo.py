@@ -33,13 +33,12 @@ import numpy as np
 from PIL import Image
 
 from sam_jax.checkpoint import load_model
+from sam_jax.files import write_json
 from sam_jax.predictor import SamPredictor
-from sam_jax.train.sa1b import write_json
 from sam_jax.visualize import mask_colors, overlay
 
-CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
-RECIPE = CONFIGS / "shapes_p8.py"
-TEXT_RECIPE = CONFIGS / "shapes_text_p8.py"
+RECIPE = "shapes_p8"  # recipes of sam_jax.train.configs
+TEXT_RECIPE = "shapes_text_p8"
 # The text demo's data: 3 kinds, large enough to tell apart on the 8-px token grid.
 TEXT_KINDS = ("circle", "rectangle", "triangle")
 TEXT_SHAPES = {"categories": TEXT_KINDS, "size_range": (0.15, 0.45)}

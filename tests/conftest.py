@@ -37,9 +37,8 @@ def official_tiny(tiny_config):
 
 @pytest.fixture(scope="session")
 def tiny_params(official_tiny, tiny_config):
-    from sam_jax.convert.state_dict import to_flax
-
     from bench.official import state_dict_numpy
+    from sam_jax.convert.state_dict import to_flax
 
     return to_flax(state_dict_numpy(official_tiny), tiny_config)
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
-from sam_jax.convert.clip import clip_key_table, clip_to_flax, expected_hf_shapes, load_clip, load_clip_config
-from sam_jax.convert.errors import CheckpointError
 
 from sam_jax.clip_folder import learn_bpe
 from sam_jax.clip_tokenizer import CLIPTokenizer
+from sam_jax.convert.clip import clip_key_table, clip_to_flax, expected_hf_shapes, load_clip, load_clip_config
+from sam_jax.convert.errors import CheckpointError
 from sam_jax.modeling.clip import (
     CLIPConfig,
     clip_image_preprocess,

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file as torch_load_safetensors
-from sam_jax.convert.errors import CheckpointError
-from sam_jax.convert.keys import key_table
-from sam_jax.convert.state_dict import HF_PE_ALIAS, infer_model_type, to_official
 
 from bench.official import build_official, state_dict_numpy
 from sam_jax.checkpoint import export_safetensors, load_model, load_params
 from sam_jax.cli import main
 from sam_jax.config import get_config
+from sam_jax.convert.errors import CheckpointError
+from sam_jax.convert.keys import key_table
+from sam_jax.convert.state_dict import HF_PE_ALIAS, infer_model_type, to_official
 from sam_jax.model import abstract_params
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
+
 from sam_jax.train.sa1b import DataError, SA1BSource, list_records, load_record, make_dataset
 from sam_jax.train.shapes import CATEGORIES, MIN_VISIBLE_AREA, _shape_window, make_shapes
 
@@ -144,8 +145,9 @@ def test_make_shapes_categories(tmp_path):
 def test_make_shapes_colour_by_category(shapes_dir, tmp_path):
     """`colour_by_category`: the same images' geometry and annotations, each shape's visible
     pixels in its kind's flat colour (up to JPEG); the default output is unchanged by it."""
-    from sam_jax.train.shapes import CATEGORY_COLOURS
     from scipy import ndimage
+
+    from sam_jax.train.shapes import CATEGORY_COLOURS
 
     assert set(CATEGORY_COLOURS) == set(CATEGORIES)
     paths = make_shapes(tmp_path / "coded", N, seed=0, image_size=SIZE, colour_by_category=True)

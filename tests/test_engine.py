@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
+
+from sam_jax import amg
+from sam_jax.cli import main
 from sam_jax.train import engine
 from sam_jax.train.sa1b import list_records, load_record
 from sam_jax.train.shapes import make_shapes
 from sam_jax.train.trainer import TrainingError, load_config_file
-
-from sam_jax import amg
-from sam_jax.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

@@ -7,15 +7,15 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from sam_jax.train import evaluate as ev
-from sam_jax.train.sa1b import list_records, load_record
-from sam_jax.train.shapes import make_shapes
 from scipy import ndimage
 
 from sam_jax.config import tiny
 from sam_jax.model import init_params
 from sam_jax.predictor import PROMPT_BATCH_BUCKETS
 from sam_jax.prompts import bucket_size
+from sam_jax.train import evaluate as ev
+from sam_jax.train.sa1b import list_records, load_record
+from sam_jax.train.shapes import make_shapes
 
 SIZE = (48, 64)  # small originals: postprocessing and click placement stay cheap
 NUM_CLICKS = 3

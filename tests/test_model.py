@@ -158,9 +158,8 @@ def test_conv_stem_replaces_the_patch_projection():
 def test_high_res_features_land_on_their_pixels():
     """SAM 2-style high-res features (`tiny_p8`): packed per grid cell by the encoder, each
     stem pixel's stride-2 feature reaches exactly its own logit, through `decode`."""
-    from sam_jax.convert.keys import key_table
-
     from sam_jax.config import ImageEncoderConfig
+    from sam_jax.convert.keys import key_table
     from sam_jax.model import decode, encode
     from sam_jax.modeling.image_encoder import pack_high_res, split_high_res
 
@@ -239,9 +238,8 @@ def test_click_maps_start_at_zero_and_move_the_clicked_logits():
     """A decoder with `click_map_sigmas` starts as the same decoder without them (zero-initialised
     click weights); with weights, its logits move around the click; it refuses the official
     conversion and round-trips its config."""
-    from sam_jax.convert.keys import key_table
-
     from sam_jax.config import MaskDecoderConfig
+    from sam_jax.convert.keys import key_table
     from sam_jax.model import decode, encode
 
     p8 = get_config("tiny_p8")
@@ -348,11 +346,10 @@ def test_demo_trains_evaluates_and_segments(tmp_path):
 def test_demo_scores_segment_everything_against_ground_truth(tmp_path):
     """`score_auto_masks`: each image's ground-truth masks plus one empty-of-shapes mask find
     every shape (recall 1) and match all but that one."""
+    from sam_jax.demo import score_auto_masks
     from sam_jax.train.evaluate import usable_masks
     from sam_jax.train.sa1b import list_records, load_record
     from sam_jax.train.shapes import make_shapes
-
-    from sam_jax.demo import score_auto_masks
 
     make_shapes(tmp_path, 3, seed=0, image_size=(64, 96))
     loaded = [load_record(*r) for r in list_records(tmp_path)]

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from sam_jax.convert.keys import key_table
 
 from bench.official import build_official, modeling, randomize_, state_dict_numpy
+from sam_jax.convert.keys import key_table
 from sam_jax.model import decode, encode
 from sam_jax.modeling.image_encoder import Block, get_rel_pos, window_partition, window_unpartition
 from sam_jax.prompts import make_prompts
@@ -262,9 +262,8 @@ def test_end_to_end_photo(official_tiny, tiny_params, tiny_config, photo, case, 
 @pytest.mark.slow
 def test_end_to_end_vit_b(photo):
     """The full-size vit_b, every parameter randomized, on the photo, with points and a box."""
-    from sam_jax.convert.state_dict import to_flax
-
     from sam_jax.config import vit_b
+    from sam_jax.convert.state_dict import to_flax
 
     config = vit_b()
     official = randomize_(build_official(config), seed=7)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sam_jax.train.pretrain import kind_targets, pretrain_kinds
 
 from sam_jax.config import get_config
+from sam_jax.train.pretrain import kind_targets, pretrain_kinds
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -39,15 +39,15 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
     `shapes_text_p8`. (How well the kinds are learnt on real outlines, over thousands of
     steps: docs/text-training.md.)"""
     import jax
+
+    from sam_jax.checkpoint import load_model
+    from sam_jax.clip_folder import make_random_clip
+    from sam_jax.model import abstract_params
     from sam_jax.train import sharding as shd
     from sam_jax.train.configs import shapes_text_p8
     from sam_jax.train.pretrain import load_kinds
     from sam_jax.train.shapes import make_shapes
     from sam_jax.train.trainer import initial_params, model_config
-
-    from sam_jax.checkpoint import load_model
-    from sam_jax.clip_folder import make_random_clip
-    from sam_jax.model import abstract_params
 
     kinds = ["circle", "rectangle", "triangle"]
     make_shapes(tmp_path / "train", 8, seed=0, categories=tuple(kinds), size_range=(0.2, 0.45), colour_by_category=True)

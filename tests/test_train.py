@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from sam_jax.train import losses
 from sam_jax.train import prompt_simulation as sim
 from sam_jax.train.shapes import make_shapes
-
 from tests.train_worker import _params_digest, param_diffs, small_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -283,6 +283,7 @@ def test_iteration_schedule_ends_without_a_point():
 
 def test_upsample_logits_is_torch_bilinear():
     import torch
+
     from sam_jax.train.step import upsample_logits
 
     x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
@@ -294,10 +295,9 @@ def test_upsample_logits_is_torch_bilinear():
 def test_targets_at_input_resolution(shapes):
     """`mask_size`: the targets at the input size are the resized, zero-padded masks; the
     low-res targets are their block averages."""
+    from sam_jax.config import get_config
     from sam_jax.train.data import prepare_example, resize_masks
     from sam_jax.train.sa1b import list_records, load_record
-
-    from sam_jax.config import get_config
 
     config = get_config("tiny")
     s, low = config.image_size, config.low_res_mask_size
@@ -572,9 +572,8 @@ def test_kill_and_resume_gives_the_uninterrupted_params(shapes, tmp_path, compil
 
 
 def test_distributed_options_all_three_or_none(tmp_path, capsys):
-    from sam_jax.train.sharding import initialize_distributed
-
     from sam_jax.cli import main
+    from sam_jax.train.sharding import initialize_distributed
 
     assert initialize_distributed() is False  # none: one process, nothing to join
     for args, msg in (
@@ -624,11 +623,10 @@ def test_two_processes_train_like_one_with_4_devices(shapes, tmp_path, compile_c
 
 
 def test_initial_params_from_checkpoint_and_encoder(tiny_params, tiny_config, tmp_path):
-    from sam_jax.train import sharding as shd
-    from sam_jax.train.trainer import TrainingError, initial_params, model_config
-
     from sam_jax.checkpoint import save_params
     from sam_jax.model import abstract_params
+    from sam_jax.train import sharding as shd
+    from sam_jax.train.trainer import TrainingError, initial_params, model_config
 
     cfg = small_config("unused")
     mc = model_config(cfg)

@@ -8,6 +8,9 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+
+from sam_jax.clip_folder import make_random_clip
+from sam_jax.config import get_config
 from sam_jax.train.configs import shapes_text_tiny
 from sam_jax.train.data import prepare_example
 from sam_jax.train.shapes import make_shapes
@@ -21,9 +24,6 @@ from sam_jax.train.text import (
     with_text_projection,
 )
 from sam_jax.train.trainer import TrainingError, model_config
-
-from sam_jax.clip_folder import make_random_clip
-from sam_jax.config import get_config
 from tests.train_worker import set_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -248,10 +248,9 @@ def test_image_mode_trains_on_crop_embeddings(clip, shapes, tmp_path):
 def test_fine_tuning_a_checkpoint_without_text_layers(clip, shapes, tmp_path, tiny_params, tiny_config):
     """`init = checkpoint:PATH` of a model without text layers (an official SAM): its params,
     plus new text layers."""
+    from sam_jax.checkpoint import save_params
     from sam_jax.train import sharding as shd
     from sam_jax.train.trainer import Trainer
-
-    from sam_jax.checkpoint import save_params
 
     path = save_params(tmp_path / "plain", tiny_params, tiny_config)
     trainer = Trainer(_text_config(shapes, clip, init=f"checkpoint:{path}"), tmp_path / "run", quiet=True)
@@ -282,10 +281,10 @@ def test_dense_text_loss():
 
     import jax
     import jax.numpy as jnp
-    from sam_jax.train.step import dense_text_loss, simulate_and_loss
 
     from sam_jax.config import tiny
     from sam_jax.model import Sam, init_params
+    from sam_jax.train.step import dense_text_loss, simulate_and_loss
 
     base = tiny()
     config = dataclasses.replace(base, prompt_encoder=dataclasses.replace(base.prompt_encoder, text_embed_dim=8))

@@ -71,6 +71,7 @@ def param_diffs(ref: dict, got: dict) -> dict[str, float]:
 def meshes(data_dir: str, workdir: str, steps: int) -> None:
     """The same steps on 1x1, 4x2 and 8x1 (data x fsdp) meshes of 8 CPU devices."""
     import jax
+
     from sam_jax.train.sharding import make_mesh
     from sam_jax.train.trainer import Trainer
 
@@ -128,6 +129,7 @@ def layouts(
 
     initialize_distributed(coordinator, num, pid, timeout_s=120)
     import jax
+
     from sam_jax.train.trainer import Trainer
 
     assert jax.device_count() == 4, jax.devices()

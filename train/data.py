@@ -139,6 +139,7 @@ def make_train_dataset(
     returned dataset is checkpointable (grain ``get_state`` / ``set_state``).
     """
     import grain
+
     from sam_jax.train.sa1b import make_map_dataset
 
     ds = make_map_dataset(source, seed=seed, shard_index=shard_index, shard_count=shard_count)

@@ -58,7 +58,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 from pycocotools import mask as mask_utils
-from sam_jax.train.sa1b import IMAGE_SUFFIXES, DataError, _read_image, list_records, load_record, write_json
+
+from sam_jax.files import IMAGE_SUFFIXES, FileFormatError, read_image, read_json, write_json
+from sam_jax.train.sa1b import DataError, list_records, load_record
 from sam_jax.train.trainer import METRICS_FILE, MODEL_DIR, TrainingError
 
 REPORT_FILE = "report.json"
@@ -189,10 +191,6 @@ def _link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 # ----------------------------------------------------------------------------- 1-3: pseudo-labels
 
 
@@ -248,8 +246,8 @@ def label_pool(
         if target.exists():
             continue
         try:
-            image = _read_image(path)
-        except DataError as err:
+            image = read_image(path)
+        except FileFormatError as err:
             warnings.warn(f"skipping unreadable unlabeled image: {err}", RuntimeWarning, stacklevel=2)
             skipped += 1
             continue
@@ -289,7 +287,7 @@ def pool_stats(cfg: ml_collections.ConfigDict, pseudo_dir: Path) -> dict[str, An
         pseudo_json = pseudo_dir / f"{path.stem}.json"
         if not pseudo_json.exists():
             continue  # unreadable image
-        anns = _read_json(pseudo_json)["annotations"]
+        anns = read_json(pseudo_json)["annotations"]
         counts.append(len(anns))
         gt_json = gt_dir / f"{path.stem}.json"
         if gt_json.is_file():
@@ -329,7 +327,7 @@ def build_train_dir(out: Path, labeled_dir: Path | None, pseudo_dir: Path, overs
         for image, js in labeled:
             _link(image, tmp / f"labeled{k}_{image.name}")
             _link(js, tmp / f"labeled{k}_{js.name}")
-    pseudo = [(image, js) for image, js in list_records(pseudo_dir) if _read_json(js)["annotations"]]
+    pseudo = [(image, js) for image, js in list_records(pseudo_dir) if read_json(js)["annotations"]]
     for image, js in pseudo:
         _link(image, tmp / f"pseudo_{image.name}")
         _link(js, tmp / f"pseudo_{js.name}")
@@ -372,7 +370,7 @@ def train_round(
 
 def _model_step(workdir: Path, r: int) -> int:
     """The step of round r's current model (steps trained by this engine)."""
-    return 0 if r == 0 else int(_read_json(workdir / f"round_{r - 1}" / REPORT_FILE)["model_step"])
+    return 0 if r == 0 else int(read_json(workdir / f"round_{r - 1}" / REPORT_FILE)["model_step"])
 
 
 def current_model(cfg: ml_collections.ConfigDict, workdir: Path, r: int):
@@ -380,10 +378,9 @@ def current_model(cfg: ml_collections.ConfigDict, workdir: Path, r: int):
     from sam_jax.checkpoint import load_model
 
     if r == 0:
+        from sam_jax.model import SamModel, abstract_params
         from sam_jax.train import sharding as shd
         from sam_jax.train.trainer import initial_params, model_config
-
-        from sam_jax.model import SamModel, abstract_params
 
         # Placed as the Trainer places them, so that its own init of the same params is a
         # hit in the persistent compilation cache (compiling the random init is slow).
@@ -395,9 +392,8 @@ def current_model(cfg: ml_collections.ConfigDict, workdir: Path, r: int):
 
 def run_round(cfg: ml_collections.ConfigDict, workdir: Path, r: int, *, quiet: bool = False) -> dict[str, Any]:
     """Run (or finish) round r -> its report (also written to round_{r}/report.json)."""
-    from sam_jax.train.evaluate import evaluate
-
     from sam_jax.checkpoint import load_model
+    from sam_jax.train.evaluate import evaluate
 
     e = cfg.engine
     log = (lambda *_: None) if quiet else (lambda text: print(text, flush=True))
@@ -469,7 +465,7 @@ def run_engine(
     for r in range(int(e.rounds)):
         report_path = workdir / f"round_{r}" / REPORT_FILE
         if report_path.exists():
-            rows.append(_read_json(report_path))
+            rows.append(read_json(report_path))
             printed = False
             if not quiet:
                 print(f"round {r}: done before ({report_path}), skipped", flush=True)

@@ -37,14 +37,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sam_jax.train.sa1b import list_records, load_record
-from sam_jax.train.shapes import inner_point
 from scipy import ndimage
 
 from sam_jax.config import SamConfig
 from sam_jax.model import Params, encode, predict_masks
 from sam_jax.predictor import PROMPT_BATCH_BUCKETS
 from sam_jax.prompts import LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_PAD, Prompts, bucket_size, make_prompts
+from sam_jax.train.sa1b import list_records, load_record
+from sam_jax.train.shapes import inner_point
 from sam_jax.transforms import ResizeLongestSide, preprocess
 
 MAX_MASK_FRACTION = 0.9  # masks covering more of the image are dropped, as in training (paper, appendix A)
@@ -335,7 +335,6 @@ def grid_ceiling(data_dir: str | Path, image_size: int, mask_size: int, *, max_i
     inference upsamples logits, thresholded, and compared with the mask itself."""
     from sam_jax.train.data import target_masks
     from sam_jax.train.step import upsample_logits
-
     from sam_jax.transforms import get_preprocess_shape
 
     ious = []

@@ -33,13 +33,13 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
-from sam_jax.train import sharding as shd
-from sam_jax.train.data import normalize_and_pad, resize_masks
-from sam_jax.train.sa1b import DataError, list_records, load_record
 
 from sam_jax.config import SamConfig, get_config
 from sam_jax.model import encode, init_params
 from sam_jax.modeling.image_encoder import split_high_res
+from sam_jax.train import sharding as shd
+from sam_jax.train.data import normalize_and_pad, resize_masks
+from sam_jax.train.sa1b import DataError, list_records, load_record
 from sam_jax.transforms import get_preprocess_shape
 
 

@@ -5,7 +5,6 @@
   (naming the file) on anything corrupt.
 * :class:`SA1BSource` is a grain ``RandomAccessDataSource`` over a folder; a corrupt record
   reads as ``None`` (with one warning per file) instead of stopping training.
-* :func:`write_json` writes a JSON file atomically (results, SA-1B records written here).
 * :func:`make_dataset` is the grain pipeline: a deterministic per-seed shuffle (reshuffled
   each epoch), sharded by process, ``None`` records dropped, and a checkpointable iterator
   (``it.get_state()`` / ``it.set_state(state)``). Elements are the raw dicts of
@@ -17,21 +16,18 @@ Uses grain's dataset API (grain >= 0.2.x): ``grain.MapDataset.source(...).shuffl
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+from sam_jax.files import IMAGE_SUFFIXES, FileFormatError, read_image, read_json
 
 
-class DataError(ValueError):
+class DataError(FileFormatError):
     """A record (image or JSON) of the data set is unreadable or inconsistent."""
 
 
@@ -56,15 +52,6 @@ def list_records(root: str | Path) -> list[tuple[Path, Path]]:
     return sorted(pairs, key=lambda pair: pair[0].name)
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int | None = None) -> None:
-    """Write `obj` as JSON atomically (a temporary file, then `os.replace`): a crash never
-    leaves a half-written file under the final name."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    os.replace(tmp, path)
-
-
 def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]:
     """Decode one SA-1B record.
 
@@ -75,9 +62,12 @@ def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]
     JSON, missing keys, a broken RLE, or a mask whose size differs from the image's.
     """
     image_path, json_path = Path(image_path), Path(json_path)
-    image = _read_image(image_path)
+    try:
+        image = read_image(image_path)
+        data = read_json(json_path)
+    except FileFormatError as e:
+        raise DataError(str(e)) from None
     h, w = image.shape[:2]
-    data = _read_json(json_path)
 
     try:
         anns = data["annotations"]
@@ -126,27 +116,6 @@ def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]
         "boxes": boxes_arr,
         "path": str(image_path),
     }
-
-
-def _read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            img.load()  # decodes fully: a truncated file raises here
-            rgb = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: unreadable image: {e}") from e
-    return np.asarray(rgb, np.uint8)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: unreadable JSON: top level is {type(data).__name__}, not an object")
-    return data
 
 
 def _checked_rle(seg: dict, h: int, w: int, where: str) -> dict:

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from sam_jax.train.sa1b import write_json
 from scipy import ndimage
+
+from sam_jax.files import write_json
 
 CATEGORIES = ("circle", "ellipse", "rectangle", "triangle", "star", "pentagon", "hexagon", "ring")
 # `colour_by_category`: each kind painted one flat colour (a data set whose categories a single

@@ -43,13 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from sam_jax.train import prompt_simulation as sim
-from sam_jax.train.losses import sam_loss
 
 from sam_jax.config import SamConfig
 from sam_jax.model import Sam, decode, encode
 from sam_jax.modeling.image_encoder import split_high_res
 from sam_jax.prompts import Prompts
+from sam_jax.train import prompt_simulation as sim
+from sam_jax.train.losses import sam_loss
 from sam_jax.transforms import linear_resize_matrix
 
 

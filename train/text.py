@@ -35,13 +35,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from sam_jax.train.data import target_masks
-from sam_jax.train.evaluate import _check_args, _jitted, _pad_rows, mask_iou, usable_indices
-from sam_jax.train.sa1b import list_records, load_record
 
 from sam_jax.config import SamConfig
 from sam_jax.model import Params, predict_masks
 from sam_jax.prompts import make_prompts
+from sam_jax.train.data import target_masks
+from sam_jax.train.evaluate import _check_args, _jitted, _pad_rows, mask_iou, usable_indices
+from sam_jax.train.sa1b import list_records, load_record
 from sam_jax.transforms import ResizeLongestSide
 
 MODES = ("", "caption", "image")

@@ -44,19 +44,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+
+from sam_jax.config import SamConfig, get_config
+from sam_jax.model import Params, abstract_params, init_params
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
 from sam_jax.train.optim import make_optimizer
 from sam_jax.train.step import TrainState, train_step
-
-from sam_jax.config import SamConfig, get_config
-from sam_jax.model import Params, abstract_params, init_params
 
 log = logging.getLogger("sam_jax.train")
 
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+MANIFEST_DIR = "checkpoint_manifests"
+DAMAGED_DIR = "checkpoints_damaged"
 
 
 class TrainingError(RuntimeError):
@@ -127,12 +129,18 @@ def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """`get_config()` of a Python config file (as ml_collections' config_flags reads them)."""
+    """`get_config()` of a Python config file (as ml_collections' config_flags reads them), or of a
+    recipe shipped in `sam_jax.train.configs` given by its name ("shapes_p8")."""
     import importlib.util
 
     path = Path(path)
+    if not path.is_file() and path.suffix == "" and len(path.parts) == 1:
+        try:
+            return importlib.import_module(f"sam_jax.train.configs.{path.name}").get_config()
+        except ModuleNotFoundError:
+            pass
     if not path.is_file():
-        raise TrainingError(f"{path}: no such config file")
+        raise TrainingError(f"{path}: no such config file (nor a recipe of sam_jax.train.configs)")
     spec = importlib.util.spec_from_file_location(f"_sam_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -206,13 +214,138 @@ def _warn_incomplete_checkpoints(directory: Path) -> None:
             )
 
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """Refuse a config that cannot train (before anything is written); warn about a schedule that
+    does not fit `steps` (a warmup that never ends, decays that never happen)."""
+    if not isinstance(cfg.steps, int) or cfg.steps <= 0:
+        raise TrainingError(f"steps={cfg.steps!r} must be a positive number of optimizer steps")
+    if not cfg.data.train_dir:
+        raise TrainingError("data.train_dir is not set")
+    if int(cfg.loss.get("points_per_iter", 1)) < 1:
+        raise TrainingError(
+            f"loss.points_per_iter={cfg.loss.points_per_iter} must be at least 1 (points a correction iteration adds)"
+        )
+    o = cfg.optim
+    if o.warmup_steps >= cfg.steps:
+        warnings.warn(
+            f"optim.warmup_steps={o.warmup_steps} is not below steps={cfg.steps}: the learning rate never reaches "
+            f"optim.lr={o.lr} (it ends at {o.lr * cfg.steps / max(o.warmup_steps, 1):.2e})",
+            UserWarning,
+            stacklevel=2,
+        )
+    late = [int(d) for d in o.decay_steps if int(d) >= cfg.steps]
+    if late:
+        warnings.warn(
+            f"optim.decay_steps {tuple(late)} lie beyond steps={cfg.steps}: those learning-rate decays never happen",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def make_checkpoint_manager(directory: Path, cfg: ml_collections.ConfigDict):
+    """The orbax `CheckpointManager` of a work directory's checkpoints (async saves, the last
+    `checkpoint.keep` kept, temporary directories of crashed saves cleaned up)."""
+    import orbax.checkpoint as ocp
+
+    _warn_incomplete_checkpoints(directory)
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.checkpoint.keep,
+            enable_async_checkpointing=cfg.checkpoint.async_save,
+            cleanup_tmp_directories=True,
+        ),
+    )
+
+
+def make_dataset(cfg: ml_collections.ConfigDict, mc: SamConfig, mask_size: int, text_prompts: Any = None):
+    """This process's slice of the training data: (the SA-1B-layout source, the batched grain dataset)."""
+    from sam_jax.train.sa1b import SA1BSource
+
+    source = SA1BSource(cfg.data.train_dir, cache=bool(cfg.data.get("cache_records", False)))
+    dataset = make_train_dataset(
+        source,
+        mc,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size // jax.process_count(),
+        masks_per_image=cfg.data.masks_per_image,
+        max_mask_fraction=cfg.data.max_mask_fraction,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        text_prompts=text_prompts,
+        mask_size=mask_size,
+    )
+    return source, dataset
+
+
+def create_train_state(
+    cfg: ml_collections.ConfigDict, mc: SamConfig, tx: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+    """The step-0 state (params from `cfg.init`, fresh optimizer state, the seed's RNG), placed with `shardings`."""
+    params = initial_params(cfg, mc, shardings.params)
+    init = jax.jit(
+        lambda p: TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=p,
+            opt_state=tx.init(p),
+            rng=jax.random.key_data(jax.random.key(cfg.seed)),
+        ),
+        out_shardings=shardings,
+    )
+    return init(params)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a whole step, whose checkpoint was saved."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved; rerun the same command to resume")
+        self.step, self.signal_name = step, signal_name
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only raise a flag: the loop finishes its step, saves and stops.
+    A second signal of the same kind stops at once (the default handler)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def stop_requested(self) -> bool:
+        """Whether any process received a signal (all processes agree, so they stop at the same step)."""
+        flag = self.received is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+
 class Trainer:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=None, quiet: bool = False):
-        import orbax.checkpoint as ocp
-
+        check_config(cfg)
         self.cfg = cfg
-        self.workdir = Path(workdir).absolute()
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.quiet = quiet
         self.model_config = model_config(cfg)
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
@@ -221,20 +354,14 @@ class Trainer:
             raise TrainingError(
                 f"batch_size={cfg.batch_size} must be a multiple of the data x fsdp devices ({n_batch}) and processes"
             )
-        if not cfg.data.train_dir:
-            raise TrainingError("data.train_dir is not set")
-        if int(cfg.loss.get("points_per_iter", 1)) < 1:
-            raise TrainingError(
-                f"loss.points_per_iter={cfg.loss.points_per_iter} must be at least 1 "
-                "(points a correction iteration adds)"
-            )
         self.mask_size = loss_mask_size(cfg, self.model_config)
+        self.workdir = Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
 
         boxed = abstract_params(self.model_config, boxed=True)
-        param_sh = shd.logical_shardings(boxed, self.mesh)
         abstract = abstract_params(self.model_config)
         self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim)
-        self.state_sharding = _state_shardings(self.tx, abstract, param_sh, self.mesh)
+        self.state_sharding = _state_shardings(self.tx, abstract, shd.logical_shardings(boxed, self.mesh), self.mesh)
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self._step = jax.jit(
             functools.partial(
@@ -249,58 +376,21 @@ class Trainer:
             out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
             donate_argnums=0,
         )
-
-        from sam_jax.train.sa1b import SA1BSource
+        self._compiled = None  # the step, compiled ahead of the first call (`_compile`)
 
         self.text_prompts = None  # with text prompts on: each mask's, in the data pipeline
         if self.model_config.prompt_encoder.text_embed_dim is not None:
+            from sam_jax.text import TextEncoder
             from sam_jax.train.text import text_prompts
 
-            from sam_jax.text import TextEncoder
-
             self.text_prompts = text_prompts(cfg, TextEncoder.from_folder(cfg.text.clip))
-        self.source = SA1BSource(cfg.data.train_dir, cache=bool(cfg.data.get("cache_records", False)))
-        self.dataset = make_train_dataset(
-            self.source,
-            self.model_config,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size // jax.process_count(),
-            masks_per_image=cfg.data.masks_per_image,
-            max_mask_fraction=cfg.data.max_mask_fraction,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
-            text_prompts=self.text_prompts,
-            mask_size=self.mask_size,
-        )
+        self.source, self.dataset = make_dataset(cfg, self.model_config, self.mask_size, self.text_prompts)
         self.data_iter = iter(self.dataset)
 
-        ckpt_dir = self.workdir / CHECKPOINT_DIR
-        _warn_incomplete_checkpoints(ckpt_dir)
-        self.manager = ocp.CheckpointManager(
-            ckpt_dir,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.checkpoint.keep,
-                enable_async_checkpointing=cfg.checkpoint.async_save,
-                cleanup_tmp_directories=True,
-            ),
-        )
-        latest = self.manager.latest_step()
-        if latest is None:
-            params = initial_params(cfg, self.model_config, param_sh)
-            init = jax.jit(
-                lambda p: TrainState(
-                    step=jnp.zeros((), jnp.int32),
-                    params=p,
-                    opt_state=self.tx.init(p),
-                    rng=jax.random.key_data(jax.random.key(cfg.seed)),
-                ),
-                out_shardings=self.state_sharding,
-            )
-            self.state = init(params)
-            self.resumed_from = None
-        else:
-            self.state = self._restore(latest)
-            self.resumed_from = latest
+        self.manager = make_checkpoint_manager(self.workdir / CHECKPOINT_DIR, cfg)
+        self.resumed_from = self._restore_latest_intact()
+        if self.resumed_from is None:
+            self.state = create_train_state(cfg, self.model_config, self.tx, self.state_sharding)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -314,10 +404,16 @@ class Trainer:
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
         )
 
+    def _manifest_path(self, step: int) -> Path:
+        return self.workdir / MANIFEST_DIR / f"{step}.json"
+
     def _restore(self, step: int) -> TrainState:
         import grain
         import orbax.checkpoint as ocp
 
+        from sam_jax.manifest import verify_manifest
+
+        verify_manifest(self.workdir / CHECKPOINT_DIR / str(step), self._manifest_path(step))
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -325,8 +421,73 @@ class Trainer:
                 data=grain.checkpoint.CheckpointRestore(self.data_iter),
             ),
         )
-        self._print(f"resumed from step {step} ({self.workdir / CHECKPOINT_DIR / str(step)})")
         return restored["state"]
+
+    def _restore_latest_intact(self) -> int | None:
+        """Restore the newest checkpoint that is intact -> its step (None: there is none, start afresh).
+
+        A damaged checkpoint (a file its manifest lists is missing or cut short, or orbax cannot
+        read it) is moved to `checkpoints_damaged/` with a warning that names it and the step
+        resumed from; nothing is deleted. If no checkpoint restores, nothing is moved and the
+        first error is raised: a config that no longer fits the checkpoints is not "damage".
+        """
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                self.state = self._restore(step)
+            except Exception as error:  # orbax and tensorstore raise many kinds for a broken file
+                damaged.append((step, " ".join(str(error).split())[:300]))
+                continue
+            self._set_aside(damaged)
+            if damaged:
+                warnings.warn(
+                    f"the checkpoint of step {damaged[0][0]} is damaged ({damaged[0][1]}); resuming from step {step}, "
+                    f"the newest intact one (damaged checkpoints moved to {self.workdir / DAMAGED_DIR})",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self._print(f"resumed from step {step} ({self.workdir / CHECKPOINT_DIR / str(step)})")
+            return step
+        if damaged:
+            raise TrainingError(
+                f"no checkpoint in {self.workdir / CHECKPOINT_DIR} can be restored; "
+                f"step {damaged[0][0]}: {damaged[0][1]}"
+            )
+        return None
+
+    def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
+        """Move damaged step directories (and their manifests) out of the manager's way, keeping them."""
+        if not damaged:
+            return
+        if jax.process_index() == 0:
+            aside = self.workdir / DAMAGED_DIR
+            aside.mkdir(exist_ok=True)
+            for step, _ in damaged:
+                target = aside / str(step)
+                n = 1
+                while target.exists():
+                    target, n = aside / f"{step}.{n}", n + 1
+                os.replace(self.workdir / CHECKPOINT_DIR / str(step), target)
+                if self._manifest_path(step).exists():
+                    os.replace(self._manifest_path(step), target.with_name(target.name + ".manifest.json"))
+        shd.sync("checkpoints:set-aside")
+        self.manager.reload()
+
+    def _write_manifests(self) -> None:
+        """Write the manifest of every finished checkpoint that has none; drop those of deleted steps."""
+        from sam_jax.manifest import write_manifest
+
+        self.manager.wait_until_finished()
+        if jax.process_index() != 0:
+            return
+        steps = set(self.manager.all_steps())
+        (self.workdir / MANIFEST_DIR).mkdir(exist_ok=True)
+        for step in steps:
+            if not self._manifest_path(step).exists():
+                write_manifest(self.workdir / CHECKPOINT_DIR / str(step), self._manifest_path(step))
+        for path in (self.workdir / MANIFEST_DIR).glob("*.json"):
+            if path.stem.isdigit() and int(path.stem) not in steps:
+                path.unlink()
 
     def save(self, force: bool = False) -> None:
         import grain
@@ -335,6 +496,7 @@ class Trainer:
         step = int(self.state.step)
         if step in self.manager.all_steps():
             return
+        self._write_manifests()  # of the previous (async) save, now finished
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -344,6 +506,8 @@ class Trainer:
             ),
             force=force,
         )
+        if not self.cfg.checkpoint.async_save:
+            self._write_manifests()
 
     def export(self) -> Path:
         """Write the current params in the inference format to workdir/model (replacing it).
@@ -383,20 +547,51 @@ class Trainer:
     def step(self) -> int:
         return int(self.state.step)
 
+    def _compile(self, batch: dict[str, jax.Array]) -> None:
+        """Compile the step ahead of its first call, saying so: it can take a minute."""
+        self._print("compiling the training step...")
+        t = time.perf_counter()
+        self._compiled = self._step.lower(self.state, batch).compile()
+        self._print(f"compiled the training step in {time.perf_counter() - t:.1f} s")
+
     def run_step(self) -> dict[str, jax.Array]:
         """One optimizer step on the next batch -> its metrics (on the device, not fetched)."""
-        self.state, metrics = self._step(self.state, self._next_batch())
+        batch = self._next_batch()
+        if self._compiled is None:
+            self._compile(batch)
+        self.state, metrics = self._compiled(self.state, batch)
         return metrics
+
+    def last_logged(self) -> dict[str, Any]:
+        """The last training metrics line of metrics.jsonl ({} if none)."""
+        path = self.workdir / METRICS_FILE
+        last: dict[str, Any] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if "loss" in row:
+                    last = row
+        return last
 
     def train(self, steps: int | None = None, callback: Any = None) -> dict[str, float]:
         """Train until `steps` (default cfg.steps) -> the last logged metrics. Saves every
         `checkpoint.every` steps and at the end, then exports the params to workdir/model.
-        `callback(step)`, if given, runs after each step."""
+        `callback(step)`, if given, runs after each step.
+
+        SIGINT (Ctrl-C) or SIGTERM (a preempted job) ends the current step, saves its checkpoint
+        and raises `TrainingInterrupted`; rerunning resumes from that step. A run already at
+        `steps` trains nothing and returns the last logged metrics."""
         from tqdm import tqdm
 
         cfg = self.cfg
         total = cfg.steps if steps is None else steps
         start = self.step
+        if start >= total:
+            self._print(f"already trained to step {start} of {total}")
+            return self.last_logged()
         bar = tqdm(
             total=total,
             initial=start,
@@ -405,32 +600,40 @@ class Trainer:
         )
         last: dict[str, float] = {}
         t0, n0 = time.perf_counter(), start
-        for step in range(start, total):
-            metrics = self.run_step()
-            if not bool(metrics["finite"]):
-                msg = f"non-finite loss or gradient at step {step} (loss {float(metrics['loss'])})"
-                if cfg.on_nonfinite == "stop":
-                    self.manager.wait_until_finished()
-                    raise TrainingError(
-                        msg + "; stopped, the last checkpoint is kept (on_nonfinite='skip' skips such steps)"
-                    )
-                warnings.warn(msg + "; update skipped", RuntimeWarning, stacklevel=2)
-            done = step + 1
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == total:
-                dt = time.perf_counter() - t0
-                last = self._log(metrics, done, (done - n0) / dt)
-                t0, n0 = time.perf_counter(), done
-                bar.write(last["line"]) if not bar.disable else self._print(last["line"])
-            if done % cfg.checkpoint.every == 0:
-                self.save()
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
-                self.evaluate()
-            if callback is not None:
-                callback(done)
+        with _StopSignals() as signals:
+            for step in range(start, total):
+                metrics = self.run_step()
+                if step == start:
+                    t0 = time.perf_counter()  # the rate leaves out the compilation
+                if not bool(metrics["finite"]):
+                    msg = f"non-finite loss or gradient at step {step} (loss {float(metrics['loss'])})"
+                    if cfg.on_nonfinite == "stop":
+                        self.manager.wait_until_finished()
+                        raise TrainingError(
+                            msg + "; stopped, the last checkpoint is kept (on_nonfinite='skip' skips such steps)"
+                        )
+                    warnings.warn(msg + "; update skipped", RuntimeWarning, stacklevel=2)
+                done = step + 1
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == total:
+                    dt = time.perf_counter() - t0
+                    last = self._log(metrics, done, (done - n0) / max(dt, 1e-9))
+                    t0, n0 = time.perf_counter(), done
+                    bar.write(last["line"]) if not bar.disable else self._print(last["line"])
+                if done % cfg.checkpoint.every == 0:
+                    self.save()
+                if cfg.eval_every and done % cfg.eval_every == 0 and done != total:
+                    self.evaluate()
+                if callback is not None:
+                    callback(done)
+                if done < total and signals.stop_requested():
+                    bar.close()
+                    self.save(force=True)
+                    self._write_manifests()
+                    raise TrainingInterrupted(done, signals.received or "a signal on another process")
         bar.close()
         self.save(force=True)
-        self.manager.wait_until_finished()
+        self._write_manifests()
         self.export()
         if cfg.data.eval_dir:
             last.update(self.evaluate())
@@ -487,5 +690,5 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self._write_manifests()
         self.manager.close()

@@ -16,6 +16,7 @@ fresh optimizer, so the optimizer schedule below is per round.
 from __future__ import annotations
 
 import ml_collections
+
 from sam_jax.train.configs import shapes_tiny
 
 
