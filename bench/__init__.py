@@ -1,4 +1,4 @@
-"""Side-by-side benchmarks of sam-jax against the official PyTorch SAM (issue 6).
+"""Side-by-side benchmarks of sam-jax against the official PyTorch SAM.
 
     python -m bench --model vit_b                       # all cases, the table, bench/results.json
     python -m bench --model tiny --cases encoder,predict --repeats 1 --out /tmp/r.json

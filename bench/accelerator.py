@@ -1,4 +1,4 @@
-"""`python -m bench.accelerator`: image-encoder throughput on an accelerator (issue 6).
+"""`python -m bench.accelerator`: image-encoder throughput on an accelerator.
 
     python -m bench.accelerator --out bench/results_gpu.json        # on a GPU machine
     python -m bench.accelerator --models tiny --batch 2 --iters 2   # a quick run anywhere
