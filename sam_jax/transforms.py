@@ -49,14 +49,17 @@ class ResizeLongestSide:
         return boxes.reshape(-1, 4)
 
 
-def preprocess(images: jax.Array, config: SamConfig) -> jax.Array:
-    """(B, h, w, 3) resized RGB in [0, 255] -> (B, S, S, 3) normalized and zero-padded."""
-    mean = jnp.asarray(config.pixel_mean, jnp.float32)
-    std = jnp.asarray(config.pixel_std, jnp.float32)
-    x = (images.astype(jnp.float32) - mean) / std
+def preprocess(images: jax.Array | np.ndarray, config: SamConfig) -> jax.Array | np.ndarray:
+    """(B, h, w, 3) resized RGB in [0, 255] -> (B, S, S, 3) float32 normalized and zero-padded.
+
+    A numpy array gives a numpy array (the data pipeline's host workers), anything else a jax.Array."""
+    xp = np if isinstance(images, np.ndarray) else jnp
+    mean = xp.asarray(config.pixel_mean, np.float32)
+    std = xp.asarray(config.pixel_std, np.float32)
+    x = (images.astype(np.float32) - mean) / std
     h, w = x.shape[1:3]
     s = config.image_size
-    return jnp.pad(x, ((0, 0), (0, s - h), (0, s - w), (0, 0)))
+    return xp.pad(x, ((0, 0), (0, s - h), (0, s - w), (0, 0)))
 
 
 def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:

@@ -50,6 +50,9 @@ def test_segment(workspace, tiny_params, tiny_config, photo, capsys):
         str(root / "cache"),
     ]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    shown = json.loads(printed[printed.index("scores ") + 7 : printed.index(" ->")])
+    assert all(round(v, 3) == v and len(repr(abs(v))) <= 5 for v in shown), printed  # 0.775, not 0.7749999761581421
     result = json.loads((out / "cat_scores.json").read_text())
     assert len(result["scores"]) == 3 and result["labels"] == [1, 0]
     predictor = SamPredictor(SamModel(tiny_config, tiny_params))
@@ -105,7 +108,10 @@ def test_bad_inputs(workspace, capsys):
     assert "no such image file" in _one_line_error(
         [*seg[:1], str(root / "nope.png"), *seg[1:], "--point", "1,2"], capsys
     )
-    assert "cannot read the image" in _one_line_error(
+    assert "is a folder, not an image file" in _one_line_error(
+        [*seg[:1], str(root / "dir"), *seg[1:], "--point", "1,2"], capsys
+    )
+    assert "unreadable image" in _one_line_error(
         [*seg[:1], str(root / "broken.png"), *seg[1:], "--point", "1,2"], capsys
     )
     assert "invalid point '1;2'" in _one_line_error(
@@ -244,3 +250,16 @@ def test_make_shapes_help_states_the_library_defaults(capsys):
 def test_console_script_is_installed():
     proc = subprocess.run([sys.executable, "-m", "sam_jax.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "segment" in proc.stdout and "auto" in proc.stdout
+
+
+def test_export_gets_the_usual_file_mode(workspace, tmp_path, capsys):
+    import os
+
+    root, ckpt = workspace
+    umask = os.umask(0o022)
+    try:
+        assert main(["export", str(ckpt), str(tmp_path / "tiny.safetensors")]) == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "tiny.safetensors").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.safetensors"]  # no temporary file left

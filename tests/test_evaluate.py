@@ -167,7 +167,7 @@ def test_evaluate_is_deterministic(results, params, config, data_dir):
 def test_decode_compiles_once_per_bucket(results, params, config, data_dir):
     counts = [len(ev.usable_masks(load_record(*r)["masks"])) for r in list_records(data_dir)]
     assert len(set(counts)) > 1 and {bucket_size(c, PROMPT_BATCH_BUCKETS) for c in counts} == {4}
-    encode_fn, decode_fn = ev._jitted(config)
+    encode_fn, decode_fn = ev.jitted_model(config)
     # One encoder (all images share a size); decoders: multimask (click 1), single (later clicks, box).
     assert (encode_fn._cache_size(), decode_fn._cache_size()) == (1, 2)
     limited = ev.evaluate(params, config, data_dir, num_clicks=1, max_images=2, max_masks_per_image=3)

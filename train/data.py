@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from sam_jax.config import SamConfig
-from sam_jax.transforms import get_preprocess_shape
+from sam_jax.transforms import get_preprocess_shape, preprocess
 
 
 def resize_masks(masks: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -53,17 +53,6 @@ def target_masks(masks: np.ndarray, hw: tuple[int, int], image_size: int, mask_s
     return to_low_res(resize_masks(masks, hw), image_size, mask_size)
 
 
-def normalize_and_pad(image: np.ndarray, config: SamConfig) -> np.ndarray:
-    """(h, w, 3) uint8 resized -> (S, S, 3) float32, as `transforms.preprocess`."""
-    s = config.image_size
-    x = (image.astype(np.float32) - np.asarray(config.pixel_mean, np.float32)) / np.asarray(
-        config.pixel_std, np.float32
-    )
-    out = np.zeros((s, s, 3), np.float32)
-    out[: x.shape[0], : x.shape[1]] = x
-    return out
-
-
 def prepare_example(
     record: dict,
     config: SamConfig,
@@ -94,7 +83,7 @@ def prepare_example(
         low = target_masks(masks[chosen], (nh, nw), config.image_size, m)
         out_masks[: len(chosen)] = low
         valid[: len(chosen)] = low.reshape(len(chosen), -1).any(1)  # a mask lost on the grid is not trained
-    out = {"images": normalize_and_pad(resized, config), "masks": out_masks, "valid": valid}
+    out = {"images": preprocess(resized[None], config)[0], "masks": out_masks, "valid": valid}
     if text_prompts is not None:
         out.update(
             text_prompts(

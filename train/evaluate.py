@@ -43,6 +43,7 @@ from sam_jax.config import SamConfig
 from sam_jax.model import Params, encode, predict_masks
 from sam_jax.predictor import PROMPT_BATCH_BUCKETS
 from sam_jax.prompts import LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_PAD, Prompts, bucket_size, make_prompts
+from sam_jax.train.losses import mask_iou
 from sam_jax.train.sa1b import list_records, load_record
 from sam_jax.train.shapes import inner_point
 from sam_jax.transforms import ResizeLongestSide, preprocess
@@ -52,13 +53,6 @@ MAX_PROMPT_BATCH = PROMPT_BATCH_BUCKETS[-1]  # masks decoded per call; more are 
 
 
 # --------------------------------------------------------------------------- IoU (host or device), clicks (host)
-
-
-def mask_iou(pred: jax.Array | np.ndarray, gt: jax.Array | np.ndarray) -> jax.Array:
-    """pred, gt (..., H, W) bool (broadcastable) -> IoU (...,) float32; 1 where both are empty."""
-    inter = jnp.sum(pred & gt, axis=(-2, -1), dtype=jnp.int32)
-    union = jnp.sum(pred | gt, axis=(-2, -1), dtype=jnp.int32)
-    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0).astype(jnp.float32)
 
 
 def usable_indices(masks: np.ndarray, limit: int | None = None) -> np.ndarray:
@@ -110,7 +104,7 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
     return np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
-def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
     """(B, ...) -> (n, ...) with copies of row 0 appended (n >= B)."""
     return np.concatenate([x, np.repeat(x[:1], n - len(x), axis=0)])
 
@@ -153,7 +147,7 @@ def _decode_and_score(
 
 
 @functools.cache
-def _jitted(config: SamConfig) -> tuple[Callable, Callable]:
+def jitted_model(config: SamConfig) -> tuple[Callable, Callable]:
     """The jitted (encode, decode-and-score) for `config`, kept so that each compiles once."""
     enc = jax.jit(functools.partial(_encode_image, config=config))
     dec = jax.jit(
@@ -169,7 +163,7 @@ def _jitted(config: SamConfig) -> tuple[Callable, Callable]:
 def _scorer(params: Params, config: SamConfig, embedding: jax.Array, gt: jax.Array, sizes: dict) -> Callable:
     """-> score(prompts, multimask_output): `_decode_and_score` of one image's embedding (1, e, e, C)
     and padded masks gt (Bp, H, W) bool; `sizes` holds its input_size and original_size."""
-    dec = _jitted(config)[1]
+    dec = jitted_model(config)[1]
 
     def score(prompts: Prompts, multimask_output: bool) -> tuple[jax.Array, ...]:
         prompts = jax.tree.map(jnp.asarray, prompts)  # numpy and jax arguments would key two cache entries
@@ -204,8 +198,8 @@ def _click_ious(
             batch_size=bp,
             mask_size=config.low_res_mask_size,
             num_points=num_points,
-            point_coords=_pad_rows(transform.apply_coords(coords[:, : k + 1], gt.shape[1:]), bp),
-            point_labels=_pad_rows(labels[:, : k + 1], bp),
+            point_coords=pad_rows(transform.apply_coords(coords[:, : k + 1], gt.shape[1:]), bp),
+            point_labels=pad_rows(labels[:, : k + 1], bp),
         )
         if low_res is not None:
             prompts = prompts.replace(mask_input=low_res, has_mask=np.ones((bp,), bool))
@@ -238,7 +232,7 @@ def _box_ious(
     b, bp = len(gt), bucket_size(len(gt), PROMPT_BATCH_BUCKETS)
     boxes = transform.apply_boxes(tight_boxes(gt), gt.shape[1:])
     prompts = make_prompts(
-        batch_size=bp, mask_size=config.low_res_mask_size, num_points=num_points, boxes=_pad_rows(boxes, bp)
+        batch_size=bp, mask_size=config.low_res_mask_size, num_points=num_points, boxes=pad_rows(boxes, bp)
     )
     iou_gt, *_ = score(prompts, multimask_output=False)
     return np.asarray(iou_gt)[:b, 0]
@@ -251,13 +245,13 @@ def _evaluate_image(
     "predicted" (B,), "box" (B,)."""
     transform = ResizeLongestSide(config.image_size)
     resized = transform.apply_image(image)
-    embedding = _jitted(config)[0](params, jnp.asarray(resized)[None])
+    embedding = jitted_model(config)[0](params, jnp.asarray(resized)[None])
     sizes = dict(input_size=tuple(resized.shape[:2]), original_size=tuple(image.shape[:2]))
     kw = dict(num_points=bucket_size(num_clicks + 1), transform=transform, config=config)
     out: dict[str, list] = {"clicks": [], "predicted": [], "box": []}
     for start in range(0, len(gt), MAX_PROMPT_BATCH):
         chunk = gt[start : start + MAX_PROMPT_BATCH]
-        padded = jnp.asarray(_pad_rows(chunk, bucket_size(len(chunk), PROMPT_BATCH_BUCKETS)))
+        padded = jnp.asarray(pad_rows(chunk, bucket_size(len(chunk), PROMPT_BATCH_BUCKETS)))
         score = _scorer(params, config, embedding, padded, sizes)  # the masks go to the device once
         clicks, predicted = _click_ious(score, chunk, num_clicks=num_clicks, **kw)
         out["clicks"].append(clicks)
@@ -269,7 +263,9 @@ def _evaluate_image(
 # --------------------------------------------------------------------------- public
 
 
-def _check_args(data_dir: str | Path, num_clicks: int, max_images: int | None, max_masks_per_image: int | None) -> list:
+def eval_records(
+    data_dir: str | Path, num_clicks: int, max_images: int | None, max_masks_per_image: int | None
+) -> list:
     """Validate `evaluate`'s arguments; -> the (image, json) records to read."""
     for name, value, allow_none in (
         ("num_clicks", num_clicks, False),
@@ -305,7 +301,7 @@ def evaluate(
     ("miou_1click" is the oracle's), "miou_box", "per_click": [mIoU after click k]}.
     Images without usable masks are skipped (not counted).
     """
-    records = _check_args(data_dir, num_clicks, max_images, max_masks_per_image)
+    records = eval_records(data_dir, num_clicks, max_images, max_masks_per_image)
     per_image = []
     for image_path, json_path in records:
         record = load_record(image_path, json_path)
@@ -338,7 +334,7 @@ def grid_ceiling(data_dir: str | Path, image_size: int, mask_size: int, *, max_i
     from sam_jax.transforms import get_preprocess_shape
 
     ious = []
-    for image_path, json_path in _check_args(data_dir, 1, max_images, None):
+    for image_path, json_path in eval_records(data_dir, 1, max_images, None):
         masks = usable_masks(load_record(image_path, json_path)["masks"])
         if not len(masks):
             continue

@@ -30,13 +30,11 @@ def dice_loss(logits: jax.Array, targets: jax.Array, smooth: float = 1.0) -> jax
     return 1.0 - (2.0 * inter + smooth) / (p.sum(axis=(-2, -1)) + targets.sum(axis=(-2, -1)) + smooth)
 
 
-def mask_iou(logits: jax.Array, targets: jax.Array, threshold: float = 0.0) -> jax.Array:
-    """IoU of the thresholded prediction with the target: (..., H, W) -> (...). Empty vs empty is 1."""
-    pred = logits > threshold
-    tgt = targets > 0.5
-    inter = (pred & tgt).sum(axis=(-2, -1))
-    union = (pred | tgt).sum(axis=(-2, -1))
-    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+def mask_iou(pred: jax.Array, gt: jax.Array) -> jax.Array:
+    """pred, gt (..., H, W) bool (broadcastable) -> IoU (...,) float32; 1 where both are empty."""
+    inter = jnp.sum(pred & gt, axis=(-2, -1), dtype=jnp.int32)
+    union = jnp.sum(pred | gt, axis=(-2, -1), dtype=jnp.int32)
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0).astype(jnp.float32)
 
 
 def sam_loss(
@@ -69,7 +67,7 @@ def sam_loss(
         mask_loss = jnp.where(candidates, mask_loss, jnp.inf)
     best = jnp.argmin(mask_loss, axis=1)  # only the lowest-loss output is trained
     pick = lambda x: jnp.take_along_axis(x, best[:, None], axis=1)[:, 0]  # noqa: E731
-    actual_iou = jax.lax.stop_gradient(mask_iou(logits, t))  # (B, M)
+    actual_iou = jax.lax.stop_gradient(mask_iou(logits > 0.0, t > 0.5))  # (B, M)
     iou_se = jnp.square(iou_pred.astype(jnp.float32) - actual_iou)
     if not supervise_all_iou:
         iou_term = pick(iou_se)

@@ -38,9 +38,9 @@ from sam_jax.config import SamConfig, get_config
 from sam_jax.model import encode, init_params
 from sam_jax.modeling.image_encoder import split_high_res
 from sam_jax.train import sharding as shd
-from sam_jax.train.data import normalize_and_pad, resize_masks
+from sam_jax.train.data import resize_masks
 from sam_jax.train.sa1b import DataError, list_records, load_record
-from sam_jax.transforms import get_preprocess_shape
+from sam_jax.transforms import get_preprocess_shape, preprocess
 
 
 def kind_targets(record: dict, categories: list[str], config: SamConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +90,7 @@ def load_kinds(
         h, w = record["image"].shape[:2]
         nh, nw = get_preprocess_shape(h, w, s)
         images.append(
-            normalize_and_pad(np.asarray(Image.fromarray(record["image"]).resize((nw, nh), Image.BILINEAR)), config)
+            preprocess(np.asarray(Image.fromarray(record["image"]).resize((nw, nh), Image.BILINEAR))[None], config)[0]
         )
         t, wt = kind_targets(record, categories, config)
         targets.append(t)

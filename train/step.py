@@ -72,6 +72,7 @@ class TrainState:
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """The step-0 state of `params`: a fresh optimizer state and the seed's RNG."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -107,8 +108,8 @@ def simulate_and_loss(
     valid = valid.reshape(b * k)
     targets = gt.astype(jnp.float32)
     loss_kw = dict(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight)
-    loss_kw.update({k: cfg[k] for k in ("focal_alpha", "focal_gamma") if k in cfg})  # absent: sam_loss's defaults
-    k_pts = cfg.get("points_per_iter", 1)  # absent in config files older than the option: 1
+    loss_kw.update(focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
+    k_pts = cfg.points_per_iter
     n = sim.num_slots(cfg.num_point_iters, k_pts)
     s = model_config.image_size
     up = lambda x: upsample_logits(x, m)  # noqa: E731  low-res logits -> the loss grid
@@ -126,7 +127,7 @@ def simulate_and_loss(
         labels = jnp.where(text_mask, -1, labels)
     # No mask prompt in the first decode: one no-mask embedding for every row.
     prompts = Prompts(points=points, labels=labels, mask_input=None, has_mask=None, text=text, text_mask=text_mask)
-    if cfg.get("box_single_output"):  # absent in config files older than the option: the paper's rule
+    if cfg.box_single_output:
         # As SAM 2's training: a lone point (or text) is ambiguous and trains the best of the
         # multimask outputs 1..3; a box trains the single output 0, the one a box gets at inference.
         logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=None)
@@ -191,7 +192,7 @@ def simulate_and_loss(
         "last_iou": final["mask_iou"],
         **{f"first_{k}": v for k, v in metrics0.items() if k != "mask_iou"},
     }
-    if text is not None and cfg.get("dense_text_weight", 0.0):
+    if text is not None and cfg.dense_text_weight:
         dense = dense_text_loss(
             params, emb, batch["text"], batch["text_masks"], batch["text_valid"] & batch["valid"], model_config
         )

@@ -40,7 +40,8 @@ from sam_jax.config import SamConfig
 from sam_jax.model import Params, predict_masks
 from sam_jax.prompts import make_prompts
 from sam_jax.train.data import target_masks
-from sam_jax.train.evaluate import _check_args, _jitted, _pad_rows, mask_iou, usable_indices
+from sam_jax.train.evaluate import eval_records, jitted_model, pad_rows, usable_indices
+from sam_jax.train.losses import mask_iou
 from sam_jax.train.sa1b import list_records, load_record
 from sam_jax.transforms import ResizeLongestSide
 
@@ -221,8 +222,8 @@ def evaluate_text(
     "miou_all_shapes"}: the last, the mIoU of answering every query with the union of all the
     image's usable masks, is the level a model that ignores the text can reach.
     """
-    records = _check_args(data_dir, 1, max_images, None)
-    encode_fn = _jitted(config)[0]
+    records = eval_records(data_dir, 1, max_images, None)
+    encode_fn = jitted_model(config)[0]
     transform = ResizeLongestSide(config.image_size)
     ious: dict[str, list[float]] = {c: [] for c in captions}
     all_shapes: list[float] = []  # the text-blind answer's IoU per query
@@ -241,13 +242,13 @@ def evaluate_text(
         resized = transform.apply_image(record["image"])
         embedding = encode_fn(params, jnp.asarray(resized)[None])
         # Rows padded to one per caption: one compiled decoder per image size, whatever is present.
-        text = _pad_rows(np.stack([captions[c] for c in present]), len(captions))
+        text = pad_rows(np.stack([captions[c] for c in present]), len(captions))
         prompts = make_prompts(batch_size=len(captions), mask_size=config.low_res_mask_size, text=text).without_masks()
         iou = _text_scores(
             params,
             embedding,
             jax.tree.map(jnp.asarray, prompts),
-            jnp.asarray(_pad_rows(gt, len(captions))),
+            jnp.asarray(pad_rows(gt, len(captions))),
             config=config,
             input_size=tuple(resized.shape[:2]),
             original_size=tuple(record["image"].shape[:2]),

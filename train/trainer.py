@@ -50,7 +50,7 @@ from sam_jax.model import Params, abstract_params, init_params
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
 from sam_jax.train.optim import make_optimizer
-from sam_jax.train.step import TrainState, train_step
+from sam_jax.train.step import TrainState, init_state, train_step
 
 log = logging.getLogger("sam_jax.train")
 
@@ -88,7 +88,7 @@ def model_config(cfg: ml_collections.ConfigDict) -> SamConfig:
 def loss_mask_size(cfg: ml_collections.ConfigDict, mc: SamConfig) -> int:
     """The side of the grid the mask losses are computed on: `loss.mask_size`, or the
     decoder's low-res size when it is 0. It must lie between the two and divide the input size."""
-    low, size = mc.low_res_mask_size, int(cfg.loss.get("mask_size", 0) or 0)
+    low, size = mc.low_res_mask_size, int(cfg.loss.mask_size)
     if size == 0:
         return low
     if not low <= size <= mc.image_size or mc.image_size % size:
@@ -221,7 +221,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise TrainingError(f"steps={cfg.steps!r} must be a positive number of optimizer steps")
     if not cfg.data.train_dir:
         raise TrainingError("data.train_dir is not set")
-    if int(cfg.loss.get("points_per_iter", 1)) < 1:
+    if cfg.loss.points_per_iter < 1:
         raise TrainingError(
             f"loss.points_per_iter={cfg.loss.points_per_iter} must be at least 1 (points a correction iteration adds)"
         )
@@ -262,7 +262,7 @@ def make_dataset(cfg: ml_collections.ConfigDict, mc: SamConfig, mask_size: int, 
     """This process's slice of the training data: (the SA-1B-layout source, the batched grain dataset)."""
     from sam_jax.train.sa1b import SA1BSource
 
-    source = SA1BSource(cfg.data.train_dir, cache=bool(cfg.data.get("cache_records", False)))
+    source = SA1BSource(cfg.data.train_dir, cache=cfg.data.cache_records)
     dataset = make_train_dataset(
         source,
         mc,
@@ -283,16 +283,7 @@ def create_train_state(
 ) -> TrainState:
     """The step-0 state (params from `cfg.init`, fresh optimizer state, the seed's RNG), placed with `shardings`."""
     params = initial_params(cfg, mc, shardings.params)
-    init = jax.jit(
-        lambda p: TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=p,
-            opt_state=tx.init(p),
-            rng=jax.random.key_data(jax.random.key(cfg.seed)),
-        ),
-        out_shardings=shardings,
-    )
-    return init(params)
+    return jax.jit(functools.partial(init_state, tx=tx, seed=cfg.seed), out_shardings=shardings)(params)
 
 
 class TrainingInterrupted(Exception):
@@ -395,11 +386,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _abstract_state(self) -> TrainState:
-        def init(key):
-            p = init_params(self.model_config, key)
-            return TrainState(jnp.zeros((), jnp.int32), p, self.tx.init(p), jax.random.key_data(key))
-
-        shapes = jax.eval_shape(init, jax.random.key(0))
+        params = abstract_params(self.model_config)
+        shapes = jax.eval_shape(functools.partial(init_state, tx=self.tx, seed=self.cfg.seed), params)
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
         )

@@ -23,7 +23,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.eval_dir = ""
     c.data.masks_per_image = 64  # the paper samples at most 64 masks per GPU
     c.data.max_mask_fraction = 0.9  # masks covering more than 90% of the image are dropped
-    c.data.num_workers = 0  # grain worker processes (0: in the main process)
     c.data.cache_records = False  # keep decoded records in memory (small data sets: no decoding after epoch 1)
 
     c.optim = ml_collections.ConfigDict()
