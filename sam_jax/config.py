@@ -231,21 +231,13 @@ def tiny() -> SamConfig:
 
 
 def tiny_p8() -> SamConfig:
-    """`tiny` with 8-px patches: a 32x32 grid (128x128 mask logits), 2 blocks of windowed
-    attention (windows of 8, no global block), high-res features from a 16-channel pixel stem,
-    click maps in the decoder.
-    The `make demo` model (shapes_p8 recipe): small shapes need the finer grid, at 32x32 global
-    attention costs 3x the step on a CPU, and the decoder's 4-channel upscaling alone draws
-    imprecise edges (the stem, in the demo recipe over three seeds: held-out 1-click 0.692
-    against 0.665 on average, docs/demo-recipe.md). The decoder has 2 heads instead of `tiny`'s 4: its
-    cross-attention works in 16 dims (32 / `attention_downsample_rate`), so 4 heads compare a
-    pixel's positional encoding with the click's in 4 dims each, 2 heads in 8 (the official
-    models: 16). Same cost; over three seeds of the demo recipe, 1-click 0.710 against 0.691,
-    every seed +0.016 to +0.025, the small masks most (docs/demo-recipe.md). Click maps of 4 to
-    64 px (`MaskDecoderConfig.click_map_sigmas`): in the demo recipe on its seed, held-out
-    1-click 0.753 against 0.729 over 400 images and box 0.780 against 0.705; on a second seed
-    1-click 0.693 against 0.695, box 0.767 against 0.620; ~4% a step with `make demo`'s glibc
-    tunable, ~17% without (sam_jax/host_memory.py, docs/demo-recipe.md, 2026-11-28)."""
+    """`tiny` with 8-px patches, the `make demo` model (recipe `shapes_p8`): a 32x32 grid (128x128 mask
+    logits) for small shapes; 2 blocks of windowed attention (windows of 8, no global block: at 32x32
+    global attention would triple a CPU step); high-res features from a 16-channel pixel stem, which
+    sharpen the edges the decoder's 4-channel upscaling draws; a decoder of 2 heads, so its 16-dim
+    cross-attention compares positions in 8 dims a head rather than 4; click maps of 4 to 64 px, which
+    tell the decoder where the clicks and the box lie at the logits' resolution. Measured:
+    docs/demo-recipe.md."""
     base = tiny()
     encoder = dataclasses.replace(
         base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=(), high_res_channels=16
@@ -258,11 +250,10 @@ def tiny_p8() -> SamConfig:
 
 def tiny_p8_conv() -> SamConfig:
     """`tiny_p8` with a convolutional stem instead of the 8-px patch projection: six 3x3
-    convolutions (32, 64, 64, 64, 64, 64 wide; strides 2, 2, 2, 1, 1, 1; a 63-px receptive
-    field). The text-prompt model (`shapes_text_p8`): its encoder learns to tell circles,
-    rectangles and triangles apart in every token (`train.pretrain`), which the patch
-    projection does not within a CPU session (docs/text-training.md). Without `tiny_p8`'s click
-    maps (added after the text recipe was measured; a caption has no click to draw)."""
+    convolutions (32, 64, 64, 64, 64, 64 wide; strides 2, 2, 2, 1, 1, 1; a 63-px receptive field), and
+    no click maps (a caption has no click to draw). The text-prompt model (`shapes_text_p8`): the stem
+    sees the corners and curves that tell shapes apart, and `sam-jax pretrain-kinds` trains it to put
+    each shape's kind in every token, which captions need (docs/text-training.md)."""
     base = tiny_p8()
     encoder = dataclasses.replace(base.image_encoder, conv_stem=(32, 64, 64, 64, 64, 64))
     decoder = dataclasses.replace(base.mask_decoder, click_map_sigmas=())

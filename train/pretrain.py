@@ -2,8 +2,8 @@
 
 A caption selects every shape of its kind, and SAM's decoder never mixes image tokens with each
 other: the kind of a shape must already be in every token of it in the image embedding. An
-encoder trained from scratch through SAM's losses does not learn that within this machine's
-budget (docs/text-training.md), while the same encoder trained on it directly does, in a few
+encoder trained from scratch through SAM's losses does not learn that in thousands of steps
+(docs/text-training.md), while the same encoder trained on it directly does, in a few
 thousand steps of 8 images with a convolutional stem (`ImageEncoderConfig.conv_stem`).
 
 The task: every token of the encoder's output (the embedding the decoder reads) goes through a

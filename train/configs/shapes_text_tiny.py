@@ -1,9 +1,9 @@
 """`shapes_tiny` with text prompts (caption mode): the shapes' categories are the captions.
 
-The CLIP folder (`text.clip`) is set by the caller: `make demo` and the tests write a small
-random-weight CLIP with `sam_jax.clip_folder.make_random_clip` (no weights can be downloaded
-here; a random CLIP still gives each caption its own fixed embedding). With real CLIP weights
-the same recipe trains against real text embeddings.
+The CLIP folder (`text.clip`) is set by the caller: the tests write a small random-weight CLIP
+with `sam_jax.clip_folder.make_random_clip` (no CLIP weights are bundled; a random CLIP still
+gives each caption its own fixed embedding). With real CLIP weights the same recipe trains
+against real text embeddings.
 """
 
 from __future__ import annotations
