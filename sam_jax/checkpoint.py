@@ -24,6 +24,12 @@ from sam_jax.model import Params, SamModel
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
+# A config is a few kB of JSON; a larger file is not one this project wrote.
+MAX_CONFIG_BYTES = 1 << 20
+# Orbax stores arrays compressed and weights barely compress: params declaring more than this
+# many times the bytes on disk (beyond the first 64 MiB) are refused before any is read.
+_MAX_PARAMS_RATIO = 16
+_RATIO_FREE_BYTES = 64 << 20
 
 
 def _checkpointer():
@@ -60,6 +66,12 @@ def load_params(directory: str | os.PathLike) -> tuple[SamConfig, Params]:
             f"{path} is not a sam-jax checkpoint directory (no '{PARAMS_ITEM}' and '{CONFIG_ITEM}' items)"
         )
     verify_manifest(path)
+    config_bytes = sum(f.stat().st_size for f in (path / CONFIG_ITEM).rglob("*") if f.is_file())
+    if config_bytes > MAX_CONFIG_BYTES:
+        raise CheckpointError(
+            f"{path}: its '{CONFIG_ITEM}' item holds {config_bytes} bytes, more than {MAX_CONFIG_BYTES}"
+        )
+    stored = _stored_shapes(path / PARAMS_ITEM)
     ocp, ckptr = _checkpointer()
     try:
         config = SamConfig.from_dict(
@@ -70,11 +82,41 @@ def load_params(directory: str | os.PathLike) -> tuple[SamConfig, Params]:
     from sam_jax.model import abstract_params
 
     target = abstract_params(config)
+    misshaped = [
+        f"{'.'.join(name)} {stored[name]} (the {config.name} model has {tuple(leaf.shape)})"
+        for name, leaf in _flat(target).items()
+        if name in stored and stored[name] != tuple(leaf.shape)
+    ]
+    if misshaped:
+        raise CheckpointError(f"{path}: {len(misshaped)} of its params do not match its config ({misshaped[0]}, ...)")
     try:
         params = ckptr.restore(path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
     except Exception as error:
         raise CheckpointError(f"{path}: its params are unreadable ({_one_line(error)})") from None
     return config, params[PARAMS_ITEM]
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    import jax
+
+    return {tuple(str(k.key) for k in keys): leaf for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _stored_shapes(directory: Path) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shapes of the arrays in an orbax params item, from their metadata alone (orbax restores
+    an array at its stored shape, and tensorstore fills a missing chunk): refuses arrays that
+    declare far more bytes than the item holds."""
+    import orbax.checkpoint as ocp
+
+    try:
+        arrays = _flat(ocp.StandardCheckpointHandler().metadata(directory))
+    except Exception as error:
+        raise CheckpointError(f"{directory}: its array metadata is unreadable ({_one_line(error)})") from None
+    declared = sum(int(np.prod(a.shape, dtype=object)) * np.dtype(a.dtype).itemsize for a in arrays.values())
+    on_disk = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    if declared > max(_MAX_PARAMS_RATIO * on_disk, _RATIO_FREE_BYTES):
+        raise CheckpointError(f"{directory}: its arrays declare {declared} bytes, but it holds {on_disk} bytes")
+    return {name: tuple(a.shape) for name, a in arrays.items()}
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
 from sam_jax.convert.errors import CheckpointError, UnsafeCheckpointError
 from sam_jax.convert.torch_pickle import load_torch_checkpoint
 
@@ -175,7 +176,7 @@ def test_missing_storage_record(tmp_path: Path, checkpoint: Path) -> None:
 def test_storage_shorter_than_tensor(tmp_path: Path, checkpoint: Path) -> None:
     path = tmp_path / "short_storage.pth"
     _rewrite(checkpoint, path, lambda name, data: data[:4] if name == "model/data/0" else data)
-    assert "of storage 'model/data/0', which holds only 4" in _load_error(path)
+    assert "is truncated: storage 'model/data/0' holds 4 bytes, but the pickle declares" in _load_error(path)
 
 
 def test_big_endian_storages(tmp_path: Path) -> None:
