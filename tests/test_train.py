@@ -156,17 +156,18 @@ def _one_mask_setup(shapes):
     config with the first decode only."""
     from sam_jax.config import get_config
     from sam_jax.model import init_params
+    from sam_jax.train.step import TrainBatch
 
     config = get_config("tiny")
     params = init_params(config, jax.random.key(0))
     masks = np.zeros((1, 1, 64, 64), bool)
     masks[0, 0, 20:40, 10:30] = True
-    batch = {
-        "images": jax.random.normal(jax.random.key(1), (1, 256, 256, 3)),
-        "masks": jnp.asarray(masks),
-        "valid": jnp.ones((1, 1), bool),
-        "ids": jnp.zeros((1,), jnp.int32),
-    }
+    batch = TrainBatch(
+        images=jax.random.normal(jax.random.key(1), (1, 256, 256, 3)),
+        masks=jnp.asarray(masks),
+        valid=jnp.ones((1, 1), bool),
+        ids=jnp.zeros((1,), jnp.int32),
+    )
     cfg = small_config(str(shapes), **{"loss.num_point_iters": 0, "loss.num_no_point_iters": 0}).loss
     return config, params, batch, cfg
 
@@ -410,7 +411,7 @@ def test_trainer_loss_at_input_resolution(shapes, tmp_path):
     assert loss_mask_size(small_config(str(shapes), **{"loss.mask_size": 0}), mc) == 64
     tr = Trainer(cfg, tmp_path / "work", quiet=True)
     batch = tr._next_batch()
-    assert batch["masks"].shape == (8, 2, 256, 256)
+    assert batch.masks.shape == (8, 2, 256, 256)
     last = tr.train(steps=2)
     assert np.isfinite(last["loss"]) and 0.0 <= last["first_iou"] <= 1.0
     tr.close()
@@ -518,7 +519,7 @@ def test_trainer_frozen_encoder_nonfinite_and_corrupt_data(shapes, tmp_path, mon
 
     def nan_batch():
         batch = real()
-        return {**batch, "images": jnp.full_like(batch["images"], jnp.nan)}
+        return batch.replace(images=jnp.full_like(batch.images, jnp.nan))
 
     monkeypatch.setattr(tr, "_next_batch", nan_batch)
     with pytest.raises(TrainingError, match="non-finite loss or gradient at step 2"):

@@ -284,7 +284,7 @@ def test_dense_text_loss():
 
     from sam_jax.config import tiny
     from sam_jax.model import Sam, init_params
-    from sam_jax.train.step import dense_text_loss, simulate_and_loss
+    from sam_jax.train.step import TrainBatch, dense_text_loss, simulate_and_loss
 
     base = tiny()
     config = dataclasses.replace(base, prompt_encoder=dataclasses.replace(base.prompt_encoder, text_embed_dim=8))
@@ -318,15 +318,15 @@ def test_dense_text_loss():
     # In the step: the metric appears, and the weight adds it to the loss.
     big = np.zeros((1, 4, 64, 64), bool)
     big[0, 0, :32, :32] = big[0, 2, :32, :32] = big[0, 1, 32:, 32:] = True
-    batch = {
-        "images": jax.random.normal(jax.random.key(2), (1, 256, 256, 3)),
-        "masks": jnp.asarray(big),
-        "valid": jnp.ones((1, 4), bool),
-        "ids": jnp.zeros((1,), jnp.int32),
-        "text": text,
-        "text_valid": valid,
-        "text_masks": jnp.asarray(big),
-    }
+    batch = TrainBatch(
+        images=jax.random.normal(jax.random.key(2), (1, 256, 256, 3)),
+        masks=jnp.asarray(big),
+        valid=jnp.ones((1, 4), bool),
+        ids=jnp.zeros((1,), jnp.int32),
+        text=text,
+        text_valid=valid,
+        text_masks=jnp.asarray(big),
+    )
     cfg = shapes_text_tiny.get_config().loss
     cfg.num_point_iters, cfg.num_no_point_iters = 0, 0
 

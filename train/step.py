@@ -64,6 +64,21 @@ def upsample_logits(logits: jax.Array, size: int) -> jax.Array:
 
 
 @struct.dataclass
+class TrainBatch:
+    """One training batch: B images with K mask slots each (global shapes; each process holds its rows).
+
+    The data pipeline yields these fields as a dict of numpy arrays; `TrainBatch(**example)` wraps them."""
+
+    images: jax.Array  # (B, S, S, 3) float32, normalised and zero-padded (`transforms.preprocess`)
+    masks: jax.Array  # (B, K, m, m) bool targets on the loss grid
+    valid: jax.Array  # (B, K) bool: the slot holds a mask (else padding)
+    ids: jax.Array  # (B,) int32: each example's index in the data stream (its prompts' random keys)
+    text: jax.Array | None = None  # (B, K, D) float32: a caption or crop embedding per slot (text prompts)
+    text_valid: jax.Array | None = None  # (B, K) bool: the slot has a text prompt
+    text_masks: jax.Array | None = None  # (B, K, m, m) bool: what the slot's text selects
+
+
+@struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
@@ -83,7 +98,7 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> Trai
 
 def simulate_and_loss(
     params: Any,
-    batch: dict[str, jax.Array],
+    batch: TrainBatch,
     rng: jax.Array,
     *,
     model_config: SamConfig,
@@ -93,13 +108,13 @@ def simulate_and_loss(
     """The interactive-simulation loss of one batch -> (loss, metrics). With
     `train_image_encoder=False` (a frozen encoder) no gradient flows into the embeddings, so
     the encoder's backward pass is never computed."""
-    images, gt, valid = batch["images"], batch["masks"], batch["valid"]
+    images, gt, valid = batch.images, batch.masks, batch.valid
     b, k, m, _ = gt.shape
     k_sched, k_rows, k_drop = jax.random.split(rng, 3)
     # One key per mask row, from the example id and the slot: independent of the batch layout.
     row_keys = jax.vmap(
         lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(k_rows, i), j))(jnp.arange(k))
-    )(batch["ids"]).reshape(b * k)
+    )(batch.ids).reshape(b * k)
     emb = encode(params, images, config=model_config, drop_path_rng=k_drop)  # drop path: config's rate
     if not train_image_encoder:
         emb = jax.lax.stop_gradient(emb)
@@ -115,12 +130,12 @@ def simulate_and_loss(
     up = lambda x: upsample_logits(x, m)  # noqa: E731  low-res logits -> the loss grid
 
     text = text_mask = None
-    if "text" in batch:
+    if batch.text is not None:
         draw = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(r, 1 << 20)))(row_keys)
-        use_text = batch["text_valid"].reshape(b * k) & (draw < cfg.text_prob)
-        gt = jnp.where(use_text[:, None, None], batch["text_masks"].reshape(b * k, m, m), gt)
+        use_text = batch.text_valid.reshape(b * k) & (draw < cfg.text_prob)
+        gt = jnp.where(use_text[:, None, None], batch.text_masks.reshape(b * k, m, m), gt)
         targets = gt.astype(jnp.float32)
-        text = batch["text"].reshape(b * k, 1, -1)
+        text = batch.text.reshape(b * k, 1, -1)
         text_mask = use_text[:, None]
     points, labels = sim.initial_prompt(row_keys, gt, image_size=s, num_slots=n, box_prob=cfg.box_prob)
     if text is not None:  # a text-prompted mask starts from its text alone
@@ -193,9 +208,7 @@ def simulate_and_loss(
         **{f"first_{k}": v for k, v in metrics0.items() if k != "mask_iou"},
     }
     if text is not None and cfg.dense_text_weight:
-        dense = dense_text_loss(
-            params, emb, batch["text"], batch["text_masks"], batch["text_valid"] & batch["valid"], model_config
-        )
+        dense = dense_text_loss(params, emb, batch.text, batch.text_masks, batch.text_valid & batch.valid, model_config)
         total = total + cfg.dense_text_weight * dense
         out["dense_text_loss"] = dense
     if text is not None:
@@ -238,7 +251,7 @@ def dense_text_loss(
 
 def train_step(
     state: TrainState,
-    batch: dict[str, jax.Array],
+    batch: TrainBatch,
     *,
     model_config: SamConfig,
     cfg: Any,

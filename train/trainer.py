@@ -50,7 +50,7 @@ from sam_jax.model import Params, abstract_params, init_params
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
 from sam_jax.train.optim import make_optimizer
-from sam_jax.train.step import TrainState, init_state, train_step
+from sam_jax.train.step import TrainBatch, TrainState, init_state, train_step
 
 log = logging.getLogger("sam_jax.train")
 
@@ -523,9 +523,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def _next_batch(self) -> dict[str, jax.Array]:
+    def _next_batch(self) -> TrainBatch:
         local = next(self.data_iter)
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
+        return TrainBatch(
+            **{k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
+        )
 
     def _print(self, text: str) -> None:
         if not self.quiet and jax.process_index() == 0:
@@ -535,7 +537,7 @@ class Trainer:
     def step(self) -> int:
         return int(self.state.step)
 
-    def _compile(self, batch: dict[str, jax.Array]) -> None:
+    def _compile(self, batch: TrainBatch) -> None:
         """Compile the step ahead of its first call, saying so: it can take a minute."""
         self._print("compiling the training step...")
         t = time.perf_counter()
