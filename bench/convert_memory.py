@@ -6,7 +6,9 @@ child processes and reads each one's peak resident memory (`ru_maxrss`, from `os
 
 * imports: the converter's imports alone (Python, JAX, orbax), the floor of any conversion;
 * reader: `load_torch_checkpoint` alone, imported without `sam_jax` (numpy and ml_dtypes only);
-* convert: `sam-jax convert` (`python -m sam_jax.cli convert SRC DST`), the whole conversion.
+* load: `sam_jax.load_model(SRC)`, the checkpoint read, converted and placed on the device;
+* convert: `sam-jax convert` (`python -m sam_jax.cli convert SRC DST`), the whole conversion,
+  which also writes the orbax directory (orbax holds a host copy of every array while it saves).
 
 Prints the tensor bytes, each peak, and peak / tensor bytes, also net of the imports. Not a timed test.
 A child's `ru_maxrss` starts at its parent's resident size when it is forked, so this process
@@ -33,6 +35,7 @@ assert "jax" not in sys.modules and "torch" not in sys.modules
 print(sum(a.nbytes for a in arrays.values()))
 """
 _WRITER_CHILD = "import sys; from bench.convert_memory import write_checkpoint; print(write_checkpoint(*sys.argv[1:]))"
+_LOAD_CHILD = "import sys, sam_jax; sam_jax.load_model(sys.argv[1])"
 _IMPORTS_CHILD = "import jax, orbax.checkpoint, sam_jax.checkpoint, sam_jax.cli, sam_jax.convert.state_dict"
 
 
@@ -74,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         imports, _ = peak_rss([sys.executable, "-c", _IMPORTS_CHILD])
         reader, read_bytes = peak_rss([sys.executable, "-c", _READER_CHILD, reader_folder, str(src)])
         assert int(read_bytes) == tensor_bytes, (read_bytes, tensor_bytes)
+        load, _ = peak_rss([sys.executable, "-c", _LOAD_CHILD, str(src)])
         convert, _ = peak_rss([sys.executable, "-m", "sam_jax.cli", "convert", str(src), str(dst)])
     mib = 1 << 20
     print(f"{args.model}: tensor bytes {tensor_bytes} ({tensor_bytes / mib:.1f} MiB)")
-    for name, peak, floor in (("imports", imports, 0), ("reader", reader, 0), ("convert", convert, imports)):
+    rows = (("imports", imports, 0), ("reader", reader, 0), ("load", load, imports), ("convert", convert, imports))
+    for name, peak, floor in rows:
         net = f", net of imports {(peak - floor) / mib:.0f} MiB = {(peak - floor) / tensor_bytes:.2f}x" if floor else ""
         print(f"  {name:8s} peak RSS {peak / mib:7.0f} MiB = {peak / tensor_bytes:.2f}x tensor bytes{net}")
     return 0

@@ -10,7 +10,7 @@ except that the loader casts to the float32 params when a checkpoint is half pre
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -67,11 +67,14 @@ def _expected_shapes(config: SamConfig) -> dict[tuple[str, ...], tuple[int, ...]
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig) -> dict[str, Any]:
-    """Convert an official or Hugging Face state dict to Flax params for `config`, strictly."""
+def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig, *, consume: bool = False) -> dict[str, Any]:
+    """Convert an official or Hugging Face state dict to Flax params for `config`, strictly.
+
+    consume: pop each tensor from `state_dict` (a dict) as it is converted, so that a layout
+    copy never lives beside its source for more than one tensor (conversion in ~1x the memory)."""
     style = key_style(state_dict)
     if style == "hf" and HF_PE_ALIAS in state_dict:
-        state_dict = dict(state_dict)
+        state_dict = dict(state_dict) if not consume else state_dict
         alias = state_dict.pop(HF_PE_ALIAS)
         state_dict.setdefault(HF_PE_KEY, alias)
     table = key_table(config)
@@ -88,9 +91,10 @@ def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig) -> dict[str
         key = _row_key(row, style)
         if key not in state_dict:
             continue
-        value = row.transform(np.asarray(state_dict[key]))
+        source = np.asarray(state_dict.pop(key) if consume else state_dict[key])
+        value = row.transform(source)
         if value.shape != expected[row.flax]:
-            misshaped.append(f"{key} {tuple(np.shape(state_dict[key]))}")
+            misshaped.append(f"{key} {tuple(source.shape)}")
             continue
         set_path(params, row.flax, value)
     check_keys(f"checkpoint does not match the {config.name} model", missing, unexpected, misshaped)
@@ -106,6 +110,33 @@ def to_official(params: Mapping[str, Any], config: SamConfig) -> dict[str, np.nd
             node = node[part]
         out[row.official] = row.inverse(np.asarray(node))
     return out
+
+
+def shape_check(model_type: str | SamConfig) -> Callable[[Mapping[str, tuple[int, ...]]], None]:
+    """A check of a checkpoint's tensor shapes, before any tensor is read (`load_torch_checkpoint`'s
+    `check_shapes`): every tensor the model of `model_type` ("auto": the variant the shapes show)
+    has must have its shape. Shapes are looked at, never allocated."""
+
+    def check(shapes: Mapping[str, tuple[int, ...]]) -> None:
+        views = {k: np.broadcast_to(np.empty((), np.uint8), s) for k, s in shapes.items()}  # no memory
+        style = key_style(views)
+        config = resolve_config(views, model_type)
+        expected = _expected_shapes(config)
+        wrong = []
+        for row in key_table(config):
+            key = _row_key(row, style)
+            want = _official_shape(row, expected[row.flax])
+            if key in shapes and tuple(shapes[key]) != want:
+                wrong.append(f"{key} {tuple(shapes[key])}, not {want}")
+        check_keys(f"checkpoint does not match the {config.name} model", [], [], wrong)
+
+    return check
+
+
+def _official_shape(row: Row, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a tensor in the checkpoint's layout, from its Flax shape (the inverse transform's axes)."""
+    probe = row.inverse(np.empty(tuple(range(2, 2 + len(flax_shape))), np.uint8))  # distinct sizes: the axis order
+    return tuple(flax_shape[d - 2] for d in probe.shape)
 
 
 def resolve_config(state_dict: Mapping[str, np.ndarray], model_type: str | SamConfig) -> SamConfig:

@@ -11,6 +11,7 @@ that `segment_anything`'s `Sam.load_state_dict` accepts.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,22 +125,33 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A flat state dict from an official `.pth` or a `.safetensors` file."""
+def load_state_dict(
+    path: str | os.PathLike, *, check_shapes: Callable[[Mapping[str, tuple[int, ...]]], None] | None = None
+) -> dict[str, np.ndarray]:
+    """A flat state dict from an official `.pth` or a `.safetensors` file.
+
+    check_shapes: called with `{name: shape}` from the file's metadata before any tensor is read
+    (e.g. `convert.state_dict.shape_check`); it raises `CheckpointError` to refuse the file."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.numpy import load_file
 
         try:
+            if check_shapes is not None:
+                with safe_open(str(path), "numpy") as f:
+                    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+                check_shapes(shapes)
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
     from sam_jax.convert.torch_pickle import load_torch_checkpoint
 
-    return load_torch_checkpoint(path)
+    return load_torch_checkpoint(path, check_shapes=check_shapes)
 
 
 def load_model(
@@ -150,7 +162,7 @@ def load_model(
     model_type: "auto" (from the checkpoint), a registry name, or a config; a checkpoint
     of another variant is refused. dtype: the compute dtype (params stay float32).
     """
-    from sam_jax.convert.state_dict import resolve_config, to_flax
+    from sam_jax.convert.state_dict import resolve_config, shape_check, to_flax
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -162,20 +174,25 @@ def load_model(
                 "with the model type it holds"
             )
     else:
-        state_dict = load_state_dict(path)
+        state_dict = load_state_dict(path, check_shapes=shape_check(model_type))
         config = resolve_config(state_dict, model_type)
-        params = to_flax(state_dict, config)
-        params = _as_float32(params)
+        params = _on_device_float32(to_flax(state_dict, config, consume=True))
     model = SamModel(config, params)
     return model.with_dtype(dtype) if dtype else model
 
 
-def _as_float32(params: Any) -> Any:
-    """Params are float32 by convention: a half-precision checkpoint is widened (losslessly);
-    float32 checkpoints are untouched. The compute dtype is chosen separately."""
+def _on_device_float32(params: dict[str, Any]) -> dict[str, Any]:
+    """Numpy params -> float32 device arrays, leaf by leaf in place, each host copy dropped as soon
+    as it is on the device (loading stays near 1x the params' bytes). Params are float32 by
+    convention: a half-precision checkpoint is widened (losslessly); the compute dtype is separate."""
     import jax
 
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    for key, value in params.items():
+        if isinstance(value, dict):
+            _on_device_float32(value)
+        else:
+            params[key] = jax.device_put(np.asarray(value, np.float32))
+    return params
 
 
 def export_safetensors(params: Params, config: SamConfig, path: str | os.PathLike) -> Path:

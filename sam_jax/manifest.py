@@ -22,6 +22,7 @@ from pathlib import Path
 from sam_jax.convert.errors import CheckpointError
 
 MANIFEST_FILE = "MANIFEST.json"
+MAX_MANIFEST_BYTES = 16 << 20  # ~100k files' worth: a larger one is refused unread
 
 
 def list_files(directory: str | os.PathLike) -> dict[str, int]:
@@ -59,6 +60,9 @@ def verify_manifest(directory: str | os.PathLike, manifest_path: str | os.PathLi
     path = Path(manifest_path) if manifest_path is not None else directory / MANIFEST_FILE
     if not path.is_file():
         return
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{directory}: its manifest {path.name} has {size} bytes (at most {MAX_MANIFEST_BYTES})")
     try:
         expected = json.loads(path.read_text())["files"]
         if not isinstance(expected, dict):

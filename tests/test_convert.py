@@ -174,3 +174,17 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     assert "refusing to load" in proc.stderr and "system" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_shapes_are_checked_from_metadata_alone(official_tiny):
+    """`load_model`'s shape check looks at the shapes a checkpoint declares, never allocates them."""
+    from sam_jax.config import tiny
+    from sam_jax.convert.errors import CheckpointError
+    from sam_jax.convert.state_dict import shape_check
+
+    shapes = {k: tuple(v.shape) for k, v in official_tiny.state_dict().items()}
+    config = tiny()
+    shape_check(config)(shapes)  # the model's own shapes pass
+    huge = {**shapes, "image_encoder.neck.0.weight": (10**6, 10**6, 1, 1)}
+    with pytest.raises(CheckpointError, match=r"1 mis-shaped \(image_encoder.neck.0.weight \(1000000, 1000000, 1, 1\)"):
+        shape_check(config)(huge)
