@@ -1,7 +1,7 @@
 """Writing Hugging Face CLIP folders: a CLIP with our params, in the format `TextEncoder.from_folder`
 (and `transformers.CLIPModel.from_pretrained`, `CLIPTokenizerFast.from_pretrained`) read.
 
-No CLIP weights can be downloaded here, so the text-prompt demo and tests make their own:
+The text-prompt demo and tests need no downloaded CLIP weights: they make their own.
 `make_random_clip(folder, corpus)` learns a CLIP-format byte-level BPE vocabulary from
 `corpus` (the files OpenAI's CLIP ships: vocab.json + merges.txt, and the tokenizer.json that
 HF derives from them) and saves a small CLIP with random weights beside it. A random CLIP is

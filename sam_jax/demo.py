@@ -4,16 +4,16 @@
     python -m sam_jax.demo --text [--out DIR]                  # the same with text prompts
     python -m sam_jax.demo --checkpoint CKPT [--image PATH] [--point X,Y] [--out DIR]
 
-Without a checkpoint (the default; no official weights can be downloaded here) the demo
-is the whole project in one run: it writes a synthetic SA-1B-layout data set of shapes
+Without a checkpoint (the default: it needs no downloaded weights) the demo is the whole
+project in one run: it writes a synthetic SA-1B-layout data set of shapes
 (`sam-jax make-shapes`), trains the `shapes_p8` recipe on it (`sam-jax train`; a rerun
 resumes from the checkpoints in DIR/train/shapes_p8), reports the 1-click and 5-click mIoU on held-out
 images (`sam-jax eval`), and writes overlays of point-prompted and automatic masks of
 held-out images. With a checkpoint it segments a photo with one point prompt.
 
 `--text` trains text prompts in caption mode instead ("a circle", "a rectangle", "a
-triangle", embedded by a small random-weight CLIP written to DIR/clip, as no CLIP weights can
-be downloaded here), on shapes of those 3 kinds, 0.15-0.45 of the image's side, in two
+triangle", embedded by a small random-weight CLIP written to DIR/clip, so that no CLIP weights need
+be downloaded), on shapes of those 3 kinds, 0.15-0.45 of the image's side, in two
 stages (docs/text-training.md): `sam-jax pretrain-kinds` trains the `tiny_p8_conv` encoder
 to tell the kinds apart in every token (on the training images plus `--kinds-images` more,
 DIR/train/kinds; a rerun reuses it), then the `shapes_text_p8` recipe trains SAM with text from
@@ -121,7 +121,7 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         kinds = out / "train" / "kinds"
         if kinds.exists():
             print(f"the encoder pretrained on the kinds: {kinds} (already trained)")
-        else:  # stage 1: the kinds in every token (not resumable: a crash keeps kinds.step_N, docs/text-training.md)
+        else:  # stage 1: the kinds in every token (not resumable: a crash keeps the snapshot kinds.step_N)
             steps = args.pretrain_steps
             print(f"stage 1: pretraining {cfg.model}'s encoder on the kinds, {steps} steps of 8 images -> {kinds}")
             pretrain_kinds(
@@ -165,11 +165,8 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         )
     predictor = SamPredictor(model, text_encoder=text_encoder)
     # Minutes of training leave the IoU head uncalibrated (it predicts ~0.1-0.3) and the logits
-    # soft: keep masks by stability alone, at a lower bar than the official 0.95. For the point
-    # recipe, on 20 held-out images (docs/demo-recipe.md): 0.8 keeps 46 masks an image (ground truth
-    # found at IoU >= 0.5: 0.86, masks matching one: 0.36), 0.85 keeps 27 (0.80, 0.45), 0.9 keeps
-    # 12 (0.64, 0.59). With focal alpha 0.25 (until 2026-11-27), 0.6 kept 67 (0.88, 0.22), 0.8
-    # 27 (0.83, 0.39), 0.9 7 (0.61, 0.65).
+    # soft: keep masks by stability alone, at a lower bar than the official 0.95 (the trade-off of
+    # masks kept against shapes found is measured in docs/demo-recipe.md).
     stability = 0.85
     generator = SamAutomaticMaskGenerator(
         model, points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=stability

@@ -13,7 +13,13 @@ Work directory:
                         config); async saves, the last `checkpoint.keep` kept
   metrics.jsonl         one JSON line per logged step
   model/                the final params in the inference format (`sam_jax.checkpoint`),
-                        loadable with `sam_model_registry[...](checkpoint=workdir/"model")`
+                        loadable with `sam_jax.load_model(workdir / "model")`
+  checkpoint_manifests/ the files of each complete checkpoint (`sam_jax.manifest`), checked
+                        before it is restored
+  checkpoints_damaged/  checkpoints found damaged, set aside (never deleted)
+
+SIGINT or SIGTERM ends the current step, saves it and stops (`TrainingInterrupted`). A damaged
+latest checkpoint is set aside with a warning and the newest intact one is restored.
 
 A restart resumes from the latest complete checkpoint: params, optimizer, RNG and the data
 iterator are restored, so an interrupted run ends with exactly the params of an
