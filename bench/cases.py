@@ -167,7 +167,8 @@ def case_encoder(ctx: Context) -> list[Row]:
         x = encoder_input(ctx, b)
         xj, xt = jnp.asarray(x), torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         a, o, out = ctx.time_both(
-            lambda: np.asarray(ctx.pair.ours.encode(xj)), lambda: official_encode(ctx.pair.official, xt)
+            lambda xj=xj: np.asarray(ctx.pair.ours.encode(xj)),
+            lambda xt=xt: official_encode(ctx.pair.official, xt),
         )
         flop = encoder_flops(ctx.config, b)
         rows.append(
@@ -203,9 +204,22 @@ def official_predict_many(predictor, coords: np.ndarray, labels: np.ndarray) -> 
     return masks.numpy(), iou.numpy()
 
 
+def _upsample_flops(ctx: Context, input_size: tuple[int, int], original_size: tuple[int, int]) -> float:
+    """FLOPs of upsampling and thresholding one mask to the original size (`upsample_logits`)."""
+    from sam_jax.transforms import upsample_logits
+
+    m = ctx.config.low_res_mask_size
+    fn = jax.jit(
+        lambda low: upsample_logits(low, input_size, original_size, ctx.config.image_size) > ctx.config.mask_threshold
+    )
+    return xla_flops(fn, jax.ShapeDtypeStruct((m, m), jnp.float32))
+
+
 def _predict_flops(ctx: Context, predictor, coords: np.ndarray, labels: np.ndarray) -> float:
-    """FLOPs of decoding + postprocessing B prompts on one image (as the predictor's jitted call)."""
-    from sam_jax.model import predict_masks
+    """FLOPs of decoding + postprocessing B prompts on one image (as the predictor's jitted steps):
+    the decoder on the B prompts plus the upsampling of each of the 3B masks (counted one mask at a
+    time: XLA's cost analysis counts a loop body once)."""
+    from sam_jax.predictor import decode_prompts
     from sam_jax.prompts import make_prompts
 
     prompts = make_prompts(
@@ -213,21 +227,10 @@ def _predict_flops(ctx: Context, predictor, coords: np.ndarray, labels: np.ndarr
         mask_size=ctx.config.low_res_mask_size,
         point_coords=predictor.transform.apply_coords(coords, predictor.original_size),
         point_labels=labels,
-    )
-    fn = jax.jit(
-        functools.partial(predict_masks, config=ctx.config),
-        static_argnames=("input_size", "original_size", "multimask_output", "return_logits"),
-    )
-    return xla_flops(
-        fn,
-        ctx.pair.ours.params,
-        predictor.features,
-        prompts,
-        input_size=predictor.input_size,
-        original_size=predictor.original_size,
-        multimask_output=True,
-        return_logits=False,
-    )
+    ).without_masks()
+    fn = jax.jit(functools.partial(decode_prompts, config=ctx.config), static_argnames="multimask_output")
+    decoder = xla_flops(fn, ctx.pair.ours.params, predictor.features, prompts, multimask_output=True)
+    return decoder + 3 * len(coords) * _upsample_flops(ctx, predictor.input_size, predictor.original_size)
 
 
 def case_predict(ctx: Context) -> list[Row]:
@@ -241,11 +244,11 @@ def case_predict(ctx: Context) -> list[Row]:
         coords = prompt_points(ctx.photo, n)
         labels = np.ones((n, 1), np.int64)
         if n == 1:  # the plain official call: (N, 2) and (N,) for one prompt
-            run_ours = lambda: ours.predict(point_coords=coords[0], point_labels=labels[0])[:2]  # noqa: E731
-            run_ref = lambda: ref.predict(point_coords=coords[0], point_labels=labels[0])[:2]  # noqa: E731
+            run_ours = lambda c=coords, lb=labels: ours.predict(point_coords=c[0], point_labels=lb[0])[:2]  # noqa: E731
+            run_ref = lambda c=coords, lb=labels: ref.predict(point_coords=c[0], point_labels=lb[0])[:2]  # noqa: E731
         else:
-            run_ours = lambda: ours.predict(point_coords=coords, point_labels=labels)[:2]  # noqa: E731
-            run_ref = lambda: official_predict_many(ref, coords, labels)  # noqa: E731
+            run_ours = lambda c=coords, lb=labels: ours.predict(point_coords=c, point_labels=lb)[:2]  # noqa: E731
+            run_ref = lambda c=coords, lb=labels: official_predict_many(ref, c, lb)  # noqa: E731
         a, o, out = ctx.time_both(run_ours, run_ref)
         flop = _predict_flops(ctx, ours, coords, labels)
         rows.append(
@@ -266,36 +269,27 @@ def case_predict(ctx: Context) -> list[Row]:
 
 
 def _amg_flops(ctx: Context, gen, image: np.ndarray) -> float:
-    """FLOPs of one `generate` with one crop (the default): the encoder on the image plus
-    each jitted point batch (decode, upsample, filters)."""
-    from sam_jax.automatic_mask_generator import process_point_batch
+    """FLOPs of one `generate` with one crop (the default): the encoder on the image, the decoder
+    on each point batch and the upsampling of each of its 3 masks per point (all of them: the
+    predicted-IoU filter, before the upsampling, only lowers the count)."""
+    from sam_jax.automatic_mask_generator import decode_point_batch
     from sam_jax.transforms import get_preprocess_shape
 
     cfg, params = ctx.config, ctx.pair.ours.params
     s, e = cfg.image_size, cfg.embedding_size
     h, w = image.shape[:2]
-    batch = jax.jit(
-        functools.partial(
-            process_point_batch,
-            config=cfg,
-            pred_iou_thresh=gen.pred_iou_thresh,
-            stability_score_thresh=gen.stability_score_thresh,
-            stability_score_offset=gen.stability_score_offset,
-        ),
-        static_argnames=("input_size", "crop_box", "orig_size"),
-    )
     p = gen.points_per_batch
-    one = xla_flops(
-        batch,
+    decoder = xla_flops(
+        jax.jit(functools.partial(decode_point_batch, config=cfg)),
         params,
         jax.ShapeDtypeStruct((1, e, e, cfg.prompt_embed_dim), jnp.float32),
         jax.ShapeDtypeStruct((p, 2), jnp.float32),
-        jax.ShapeDtypeStruct((p,), jnp.bool_),
-        input_size=get_preprocess_shape(h, w, s),
-        crop_box=(0, 0, w, h),
-        orig_size=(h, w),
     )
-    return encoder_flops(ctx.config, 1) + math.ceil(len(gen.point_grids[0]) / p) * one
+    batches = math.ceil(len(gen.point_grids[0]) / p)
+    masks = 3 * len(gen.point_grids[0])
+    return (
+        encoder_flops(cfg, 1) + batches * decoder + masks * _upsample_flops(ctx, get_preprocess_shape(h, w, s), (h, w))
+    )
 
 
 def case_amg(ctx: Context) -> list[Row]:

@@ -11,6 +11,9 @@ Modes:
                one point), then of a second call (steady state, no compilation). With
                --cache-dir, ours uses JAX's persistent compilation cache there, as the CLI
                does (`sam_jax.cli.enable_compilation_cache`).
+  photo        one task of `bench.photo_sizes` (--task amg16|amg32|predict64) on the coffee
+               photo resized to --size HxW: its seconds, what it produced, the RSS before it
+               and the peak RSS of the process.
 
 Prints one line `RESULT {json}` at the end. The side `ours` never imports torch.
 """
@@ -75,7 +78,17 @@ def first_call(side: str, model, image: np.ndarray, args: argparse.Namespace) ->
     }
 
 
-MODES = {"amg": amg, "first-call": first_call}
+def photo(side: str, model, image: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.photo_sizes import photo_at, run_task
+
+    h, w = (int(v) for v in args.size.split("x"))
+    image = photo_at((h, w))
+    rss_before = _status_mb("VmRSS")
+    result = run_task(side, model, args.task, image)
+    return {**result, "rss_before_mb": rss_before, "peak_mb": _status_mb("VmHWM")}
+
+
+MODES = {"amg": amg, "first-call": first_call, "photo": photo}
 
 
 def _load(side: str, model: str, weights: str, cache_dir: str | None):
@@ -100,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--points-per-side", type=int, default=32, help="amg: the generator's point grid (official default 32)"
     )
+    p.add_argument("--task", default="amg16", help="photo: the bench.photo_sizes task")
+    p.add_argument("--size", default="400x600", help="photo: the photo's HxW")
     args = p.parse_args(argv)
     start = time.perf_counter()
     model = _load(args.side, args.model, args.weights, args.cache_dir)

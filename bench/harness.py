@@ -28,7 +28,7 @@ class Row:
     case: str  # the --cases group it belongs to
     label: str  # what the line measures, for the table
     unit: str  # "s" or "MB"
-    ours: float
+    ours: float | None  # None only where a run measured the official side alone
     official: float | None  # None where the official package has no counterpart (training)
     ours_runs: list[float] = dataclasses.field(default_factory=list)
     official_runs: list[float] = dataclasses.field(default_factory=list)
@@ -38,7 +38,7 @@ class Row:
     @property
     def ratio(self) -> float | None:
         """official / ours: how many times faster (or smaller) ours is."""
-        return None if self.official is None else self.official / self.ours
+        return None if self.official is None or self.ours is None else self.official / self.ours
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "ratio": self.ratio}

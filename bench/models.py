@@ -64,6 +64,13 @@ class Pair:
     state_dict: dict[str, np.ndarray]
 
 
+def official_state_dict(model: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """The state dict of `build_pair`'s weights alone (no model kept)."""
+    from bench.official import build_official, randomize_, sharpen_, state_dict_numpy
+
+    return state_dict_numpy(sharpen_(randomize_(build_official(get_config(model)), seed=seed), **SHARPEN))
+
+
 def build_pair(model: str, seed: int = 0) -> Pair:
     from bench.official import build_official, randomize_, sharpen_, state_dict_numpy
 

@@ -3,11 +3,12 @@
 Same semantics as the official functions; where they run:
 
 - Device (JAX, fixed shapes, jittable): `calculate_stability_score`,
-  `batched_mask_to_box`, `is_box_near_crop_edge`, `batched_nms`.
-- Either: `uncrop_boxes_xyxy`, `uncrop_points`, `uncrop_masks` return the kind of
+  `batched_mask_to_box` (and `box_from_projections`), `batched_nms`.
+- Either: `is_box_near_crop_edge`, `uncrop_boxes_xyxy`, `uncrop_points`, `uncrop_masks` return the kind of
   array they are given (numpy in, numpy out; a JAX array or tracer in, JAX out).
 - Host (numpy / python, building the output records): point grids, crop boxes,
-  `box_xyxy_to_xywh`, RLE encoding and decoding, `remove_small_regions`, and
+  `box_xyxy_to_xywh`, `mask_to_box_np`, RLE encoding (also of a transposed mask,
+  `transposed_mask_to_rle`) and decoding, `remove_small_regions`, and
   `nms_indices` (the kept indices of `batched_nms`, in torchvision's order).
 
 Boxes are XYXY (x0, y0, x1, y1) in pixels; a mask box is inclusive of its last
@@ -91,9 +92,14 @@ def calculate_stability_score(masks: ArrayLike, mask_threshold: float, threshold
 def batched_mask_to_box(masks: ArrayLike) -> jax.Array:
     """Inclusive XYXY boxes around masks: bool (..., H, W) -> int32 (..., 4); empty masks give [0, 0, 0, 0]."""
     masks = jnp.asarray(masks).astype(bool)
-    h, w = masks.shape[-2:]
-    rows = jnp.any(masks, axis=-1)  # (..., H)
-    cols = jnp.any(masks, axis=-2)  # (..., W)
+    return box_from_projections(jnp.any(masks, axis=-1), jnp.any(masks, axis=-2))
+
+
+def box_from_projections(rows: ArrayLike, cols: ArrayLike) -> jax.Array:
+    """`batched_mask_to_box` from a mask's projections: rows (..., H) bool (any pixel set in
+    each row) and cols (..., W) bool (in each column) -> int32 (..., 4) XYXY; empty gives zeros."""
+    rows, cols = jnp.asarray(rows), jnp.asarray(cols)
+    h, w = rows.shape[-1], cols.shape[-1]
     ys = jnp.arange(h, dtype=jnp.int32)
     xs = jnp.arange(w, dtype=jnp.int32)
     top = jnp.min(jnp.where(rows, ys, h), axis=-1, initial=h)
@@ -104,6 +110,14 @@ def batched_mask_to_box(masks: ArrayLike) -> jax.Array:
     return jnp.where(jnp.any(rows, axis=-1)[..., None], boxes, 0)
 
 
+def mask_to_box_np(mask: np.ndarray) -> np.ndarray:
+    """`batched_mask_to_box` of one (H, W) bool mask on the host -> int64 (4,) XYXY (zeros when empty)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return np.zeros(4, np.int64)
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], np.int64)
+
+
 def is_box_near_crop_edge(
     boxes: ArrayLike, crop_box: Sequence[int], orig_box: Sequence[int], atol: float = 20.0
 ) -> jax.Array:
@@ -112,13 +126,15 @@ def is_box_near_crop_edge(
     boxes: (..., 4) XYXY in the crop's frame -> (...) bool. Each coordinate is
     uncropped to the image frame and compared, within `atol` pixels (float32), to
     the same coordinate of `crop_box` and of `orig_box` (both XYXY in the image frame).
+    numpy in, numpy out; a JAX array (or tracer) in, JAX out.
     """
-    crop = jnp.asarray(crop_box, jnp.float32)
-    orig = jnp.asarray(orig_box, jnp.float32)
-    boxes = uncrop_boxes_xyxy(jnp.asarray(boxes), crop_box).astype(jnp.float32)
-    near_crop_edge = jnp.isclose(boxes, crop, rtol=0.0, atol=atol)
-    near_image_edge = jnp.isclose(boxes, orig, rtol=0.0, atol=atol)
-    return jnp.any(near_crop_edge & ~near_image_edge, axis=-1)
+    xp = jnp if isinstance(boxes, jax.Array) else np
+    crop = xp.asarray(crop_box, xp.float32)
+    orig = xp.asarray(orig_box, xp.float32)
+    boxes = uncrop_boxes_xyxy(xp.asarray(boxes), crop_box).astype(xp.float32)
+    near_crop_edge = xp.isclose(boxes, crop, rtol=0.0, atol=atol)
+    near_image_edge = xp.isclose(boxes, orig, rtol=0.0, atol=atol)
+    return xp.any(near_crop_edge & ~near_image_edge, axis=-1)
 
 
 # --------------------------------------------------------------------------- uncropping
@@ -189,6 +205,18 @@ def mask_to_rle(masks: np.ndarray) -> list[dict[str, Any]]:
             counts.insert(0, 0)
         out.append({"size": [h, w], "counts": counts})
     return out
+
+
+def transposed_mask_to_rle(mask_t: np.ndarray) -> dict[str, Any]:
+    """`mask_to_rle` of one mask given transposed: mask_t (W, H) bool is the (H, W) mask's
+    transpose, so its C order is the RLE's column-major order -> {"size": [H, W], "counts": [...]}."""
+    w, h = mask_t.shape
+    flat = np.ascontiguousarray(mask_t).reshape(-1)
+    ends = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(ends, prepend=0, append=flat.size).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)
+    return {"size": [h, w], "counts": counts}
 
 
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:

@@ -90,15 +90,19 @@ def predict_masks(
     return_logits: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One image's embedding (1, h, w, C) with B prompts -> masks at the original size
-    (B, M, H, W) (bool, or logits with `return_logits`), IoU (B, M), low-res logits (B, M, 4h, 4w)."""
+    (B, M, H, W) (bool, or logits with `return_logits`), IoU (B, M), low-res logits (B, M, 4h, 4w).
+
+    The masks are upsampled and thresholded a few at a time (`postprocess_masks`): without
+    `return_logits` no float logits at the original size are stored, and the intermediates
+    take memory for one chunk of masks whatever B.
+    """
     b = prompts.labels.shape[0]
     # Without mask prompts the embedding stays (1, h, w, C): the decoder's first layer runs its
     # image side once for the B prompts (`TwoWayTransformer`); with them, one copy per prompt.
     emb = embedding if prompts.mask_input is None else jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
     low_res, iou = decode(params, emb, prompts, config=config, multimask_output=multimask_output)
-    masks = postprocess_masks(low_res, input_size, original_size, config.image_size)
-    if not return_logits:
-        masks = masks > config.mask_threshold
+    threshold = None if return_logits else config.mask_threshold
+    masks = postprocess_masks(low_res, input_size, original_size, config.image_size, threshold=threshold)
     return masks, iou, low_res
 
 

@@ -41,9 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_jax.model import SamModel, predict_masks
+from sam_jax.config import SamConfig
+from sam_jax.model import Params, SamModel, decode
 from sam_jax.prompts import Prompts, bucket_size, make_prompts
-from sam_jax.transforms import ResizeLongestSide, preprocess
+from sam_jax.transforms import CHUNK_PIXELS, ResizeLongestSide, postprocess_masks, preprocess
 
 if TYPE_CHECKING:
     from sam_jax.text import TextEncoder
@@ -95,6 +96,32 @@ def check_text(text: Any, name: str = "text") -> list[str] | str:
     return list(text)
 
 
+def decode_prompts(
+    params: Params, embedding: jax.Array, prompts: Prompts, *, config: SamConfig, multimask_output: bool
+) -> tuple[jax.Array, jax.Array]:
+    """One image's embedding (1, h, w, C), B prompts -> low-res logits (B, M, 4h, 4w), IoU (B, M)
+    (the decoding half of `sam_jax.model.predict_masks`)."""
+    b = prompts.labels.shape[0]
+    emb = embedding if prompts.mask_input is None else jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
+    return decode(params, emb, prompts, config=config, multimask_output=multimask_output)
+
+
+def upsample_chunk(
+    low: jax.Array,
+    start: jax.Array,
+    *,
+    size: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    image_size: int,
+    threshold: float | None,
+) -> jax.Array:
+    """Masks start .. start + size of low-res logits (N, s, s) -> (size, H, W) at the original
+    size (the postprocessing half of `sam_jax.model.predict_masks`)."""
+    chunk = jax.lax.dynamic_slice_in_dim(low, start, size)
+    return postprocess_masks(chunk, input_size, original_size, image_size, threshold=threshold)
+
+
 class SamPredictor:
     def __init__(self, sam_model: SamModel, text_encoder: TextEncoder | None = None) -> None:
         """sam_model: a `SamModel`; text_encoder: a CLIP `TextEncoder` for `predict(text=...)`
@@ -105,9 +132,12 @@ class SamPredictor:
         if text_encoder is not None and width is not None and text_encoder.embed_dim != width:
             self._check_text_support()  # raises: the widths differ
         self.transform = ResizeLongestSide(sam_model.image_size)
-        self._predict = jax.jit(
-            functools.partial(predict_masks, config=sam_model.config),
-            static_argnames=("input_size", "original_size", "multimask_output", "return_logits"),
+        self._decode = jax.jit(
+            functools.partial(decode_prompts, config=sam_model.config), static_argnames="multimask_output"
+        )
+        self._upsample = jax.jit(
+            functools.partial(upsample_chunk, image_size=sam_model.image_size),
+            static_argnames=("size", "input_size", "original_size", "threshold"),
         )
         self.reset_image()
 
@@ -269,17 +299,46 @@ class SamPredictor:
     def _run(self, index, point_coords, point_labels, box, mask_input, multimask_output, return_logits, text=None):
         orig, inp = self._orig_hw[index], self._input_hw[index]
         prompts, n, _ = self._prepare_prompts(point_coords, point_labels, box, mask_input, orig, text)
-        masks, iou, low = self._predict(
-            self.model.params,
-            self.features[index : index + 1],
-            prompts,
-            input_size=tuple(inp),
-            original_size=tuple(orig),
-            multimask_output=bool(multimask_output),
-            return_logits=bool(return_logits),
+        low, iou = self._decode(
+            self.model.params, self.features[index : index + 1], prompts, multimask_output=bool(multimask_output)
         )
-        masks, iou, low = (np.asarray(x[:n]) for x in (masks, iou, low))
+        masks = self._postprocess(low, n, tuple(inp), tuple(orig), bool(return_logits))
+        iou, low = np.array(np.asarray(iou)[:n]), np.array(np.asarray(low)[:n])
         return (masks[0], iou[0], low[0]) if n == 1 else (masks, iou, low)
+
+    def _postprocess(
+        self, low: jax.Array, n: int, input_size: tuple[int, int], original_size: tuple[int, int], logits: bool
+    ) -> np.ndarray:
+        """Low-res logits (Bp, M, s, s) of a padded prompt batch -> the first n prompts' masks
+        (n, M, H, W) at the original size, bool (or float32 logits), in a new numpy array.
+
+        The masks are upsampled a chunk at a time (`CHUNK_PIXELS` output pixels, a fixed chunk
+        per prompt bucket) and each chunk is copied into the output as soon as it is done, so
+        the peak memory is the output plus two chunks, whatever the number of prompts.
+        """
+        bp, m, s = low.shape[:3]
+        h, w = original_size
+        total, padded = n * m, bp * m
+        k = max(1, min(padded, CHUNK_PIXELS // (h * w)))
+        flat = low.reshape(padded, s, s)
+        out = np.empty((total, h, w), np.float32 if logits else bool)
+        threshold = None if logits else float(self.model.config.mask_threshold)
+
+        def copy(start: int, first: int, chunk: jax.Array) -> None:
+            stop = min(start + k, total)
+            out[start:stop] = np.asarray(chunk)[start - first : stop - first]
+
+        pending = None
+        for start in range(0, total, k):
+            first = min(start, padded - k)  # the last chunk may overlap the previous one
+            chunk = self._upsample(
+                flat, first, size=k, input_size=input_size, original_size=original_size, threshold=threshold
+            )
+            if pending is not None:  # dispatched the next chunk before copying this one
+                copy(*pending)
+            pending = (start, first, chunk)
+        copy(*pending)
+        return out.reshape(n, m, h, w)
 
     def predict(
         self,

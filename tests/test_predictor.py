@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from bench.official import official_predictor
+from sam_jax import predictor as predictor_module
 from sam_jax.model import SamModel
 from sam_jax.predictor import SamPredictor
+from sam_jax.transforms import postprocess_masks
 
 ATOL = 1e-4
 
@@ -82,6 +84,30 @@ def test_batched_prompts_match_one_by_one(predictors):
         _close(logits[i], lg)
 
 
+@pytest.mark.parametrize("return_logits", [False, True])
+def test_chunked_upsampling(predictors, monkeypatch, return_logits):
+    """Upsampled a few masks at a time (5 prompts x 3 masks in chunks of 2, the last chunk
+    overlapping) -> the masks of the whole batch at once, in a new writable array."""
+    ours = predictors[0]
+    points = np.array([[[60.0, 60.0]], [[250.0, 150.0]], [[400.0, 250.0]], [[10.0, 290.0]], [[200.0, 20.0]]])
+    kw = dict(point_coords=points, point_labels=np.ones((5, 1)), return_logits=return_logits)
+    masks, scores, low = ours.predict(**kw)
+    h, w = ours.original_size
+    monkeypatch.setattr(predictor_module, "CHUNK_PIXELS", 2 * h * w)
+    chunked, scores_c, low_c = ours.predict(**kw)
+    ref = np.asarray(postprocess_masks(low, ours.input_size, ours.original_size, ours.model.image_size))
+    if not return_logits:
+        ref = ref > ours.model.config.mask_threshold
+    assert chunked.shape == masks.shape == (5, 3, h, w) and chunked.flags.writeable
+    np.testing.assert_array_equal(chunked, masks)
+    np.testing.assert_array_equal(scores_c, scores)
+    np.testing.assert_array_equal(low_c, low)
+    if return_logits:
+        np.testing.assert_allclose(masks, ref, atol=1e-4)
+    else:
+        assert np.mean(masks == ref) > 0.9999
+
+
 def test_predict_batch_over_images(predictors, official_tiny, tiny_params, tiny_config, photo):
     ours = SamPredictor(SamModel(tiny_config, tiny_params))
     second = np.ascontiguousarray(photo[40:260, 100:300])  # another size: 220 x 200
@@ -126,7 +152,7 @@ def test_no_recompile_within_a_bucket(predictors):
         ours.predict(point_coords=np.full((n, 2), 10.0), point_labels=np.ones(n))
     for b in (3, 4):  # prompts per call: bucket 4
         ours.predict(point_coords=np.full((b, 1, 2), 10.0), point_labels=np.ones((b, 1)))
-    assert ours._predict._cache_size() == 2
+    assert ours._decode._cache_size() == 2 and ours._upsample._cache_size() == 2
 
 
 BAD = [
