@@ -241,6 +241,7 @@ def _auto(args: argparse.Namespace) -> None:
 def _pretrain_kinds(args: argparse.Namespace) -> None:
     from sam_jax.train.pretrain import pretrain_kinds
     from sam_jax.train.text import dataset_categories
+    from sam_jax.train.trainer import load_config_file, recipe_model
 
     if args.categories:
         categories = [c.strip() for c in args.categories.split(",") if c.strip()]
@@ -252,7 +253,7 @@ def _pretrain_kinds(args: argparse.Namespace) -> None:
         args.data,
         args.out,
         categories=categories,
-        model=args.model,
+        config=recipe_model(load_config_file(args.recipe)),
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -469,7 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out", help="the checkpoint to write (new); train from it with --config.init=encoder:OUT")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: every category in DATA)")
-    p.add_argument("--model", default="tiny_p8_conv", help="model config name (default tiny_p8_conv)")
+    p.add_argument(
+        "--recipe",
+        default="shapes_text_p8",
+        help="the training recipe (a name in sam_jax.train.configs or a config file) whose model to pretrain "
+        "(default shapes_text_p8: tiny_p8_conv)",
+    )
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(

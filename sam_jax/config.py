@@ -11,6 +11,7 @@ checkpoint runs in bfloat16 with `dataclasses.replace(config, dtype="bfloat16")`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -230,34 +231,25 @@ def tiny() -> SamConfig:
     )
 
 
-def tiny_p8() -> SamConfig:
-    """`tiny` with 8-px patches, the `make demo` model (recipe `shapes_p8`): a 32x32 grid (128x128 mask
-    logits) for small shapes; 2 blocks of windowed attention (windows of 8, no global block: at 32x32
-    global attention would triple a CPU step); high-res features from a 16-channel pixel stem, which
-    sharpen the edges the decoder's 4-channel upscaling draws; a decoder of 2 heads, so its 16-dim
-    cross-attention compares positions in 8 dims a head rather than 4; click maps of 4 to 64 px, which
-    tell the decoder where the clicks and the box lie at the logits' resolution. Measured:
-    docs/demo-recipe.md."""
-    base = tiny()
-    encoder = dataclasses.replace(
-        base.image_encoder, patch_size=8, depth=2, window_size=8, global_attn_indexes=(), high_res_channels=16
-    )
-    decoder = dataclasses.replace(
-        base.mask_decoder, transformer_num_heads=2, click_map_sigmas=(4.0, 8.0, 16.0, 32.0, 64.0)
-    )
-    return dataclasses.replace(base, name="tiny_p8", image_encoder=encoder, mask_decoder=decoder)
+def with_overrides(config: SamConfig, overrides: Mapping[str, Any]) -> SamConfig:
+    """`config` with nested fields replaced: {"name": ..., "image_encoder": {"patch_size": 8}, ...}.
 
-
-def tiny_p8_conv() -> SamConfig:
-    """`tiny_p8` with a convolutional stem instead of the 8-px patch projection: six 3x3
-    convolutions (32, 64, 64, 64, 64, 64 wide; strides 2, 2, 2, 1, 1, 1; a 63-px receptive field), and
-    no click maps (a caption has no click to draw). The text-prompt model (`shapes_text_p8`): the stem
-    sees the corners and curves that tell shapes apart, and `sam-jax pretrain-kinds` trains it to put
-    each shape's kind in every token, which captions need (docs/text-training.md)."""
-    base = tiny_p8()
-    encoder = dataclasses.replace(base.image_encoder, conv_stem=(32, 64, 64, 64, 64, 64))
-    decoder = dataclasses.replace(base.mask_decoder, click_map_sigmas=())
-    return dataclasses.replace(base, name="tiny_p8_conv", image_encoder=encoder, mask_decoder=decoder)
+    How a training recipe defines its model variant (a registry name plus overrides). Lists become
+    tuples; an unknown field raises ValueError naming it."""
+    changes: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"model override {key!r}: {type(config).__name__} has no such field")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"model override {key!r} must be a mapping of its fields, got {value!r}")
+            value = with_overrides(current, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        changes[key] = value
+    return dataclasses.replace(config, **changes)
 
 
 CONFIGS = {
@@ -265,8 +257,6 @@ CONFIGS = {
     "vit_l": vit_l,
     "vit_h": vit_h,
     "tiny": tiny,
-    "tiny_p8": tiny_p8,
-    "tiny_p8_conv": tiny_p8_conv,
 }
 
 

@@ -90,7 +90,7 @@ def train_and_segment(args: argparse.Namespace) -> dict:
     from sam_jax.train.evaluate import evaluate, format_table
     from sam_jax.train.sa1b import list_records, load_record
     from sam_jax.train.shapes import make_shapes
-    from sam_jax.train.trainer import Trainer, load_config_file
+    from sam_jax.train.trainer import Trainer, load_config_file, recipe_model
 
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -123,12 +123,13 @@ def train_and_segment(args: argparse.Namespace) -> dict:
             print(f"the encoder pretrained on the kinds: {kinds} (already trained)")
         else:  # stage 1: the kinds in every token (not resumable: a crash keeps the snapshot kinds.step_N)
             steps = args.pretrain_steps
-            print(f"stage 1: pretraining {cfg.model}'s encoder on the kinds, {steps} steps of 8 images -> {kinds}")
+            model = recipe_model(cfg)
+            print(f"stage 1: pretraining {model.name}'s encoder on the kinds, {steps} steps of 8 images -> {kinds}")
             pretrain_kinds(
                 [train_dir, kinds_dir],
                 kinds,
                 categories=list(TEXT_KINDS),
-                model=cfg.model,
+                config=model,
                 steps=steps,
                 warmup_steps=min(50, steps - 1),
                 heldout_dir=heldout_dir,
@@ -138,10 +139,8 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         cfg.text.captions = ",".join(TEXT_KINDS)
     if args.steps is not None:
         cfg.steps = args.steps
-    workdir = out / "train" / recipe.stem  # one per recipe: a rerun resumes only its own checkpoints
-    trainer = Trainer(cfg, workdir)
-    if trainer.resumed_from is not None:
-        print(f"resuming the training in {workdir} from step {trainer.resumed_from}")
+    workdir = out / "train" / recipe  # one per recipe: a rerun resumes only its own checkpoints
+    trainer = Trainer(cfg, workdir)  # says so when it resumes from a checkpoint in workdir
     t_train = time.perf_counter()
     trainer.train()
     trainer.close()

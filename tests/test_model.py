@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 from sam_jax.checkpoint import load_model, load_params, save_params
-from sam_jax.config import SamConfig, get_config
+from sam_jax.config import SamConfig, get_config, with_overrides
 from sam_jax.model import SamModel, init_params
 from sam_jax.modeling.prompt_encoder import token_mask
 from sam_jax.prompts import bucket_size, make_prompts
+from sam_jax.train.trainer import load_config_file, recipe_model
+
+# The demo recipe's model (`tiny_p8`: 8-px patches, high-res features, click maps).
+P8_MODEL = recipe_model(load_config_file("shapes_p8"))
 
 
 def test_token_mask_matches_official_padding_rule():
@@ -88,14 +92,26 @@ def test_bfloat16_compute_keeps_float32_params(tiny_params, tiny_config, photo):
 
 
 def test_config_round_trip():
-    for name in ("vit_b", "vit_l", "vit_h", "tiny", "tiny_p8"):
-        cfg = get_config(name)
+    for cfg in [get_config(name) for name in ("vit_b", "vit_l", "vit_h", "tiny")] + [P8_MODEL]:
         assert SamConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
         hash(cfg)  # frozen and hashable: a static argument of jitted functions
-    p8 = get_config("tiny_p8")  # the demo model: a 32x32 grid, 128x128 logits, windowed attention only
+    p8 = P8_MODEL  # the demo model: a 32x32 grid, 128x128 logits, windowed attention only
     assert (p8.embedding_size, p8.low_res_mask_size, p8.image_encoder.global_attn_indexes) == (32, 128, ())
     with pytest.raises(ValueError, match="unknown model type 'vit_x'"):
         get_config("vit_x")
+
+
+def test_a_recipe_defines_its_variant_with_overrides():
+    """A variant is a registry model plus nested overrides (`with_overrides`), not a registry entry."""
+    tiny = get_config("tiny")
+    p8 = with_overrides(tiny, {"name": "p8", "image_encoder": {"patch_size": 8, "global_attn_indexes": [0]}})
+    assert (p8.name, p8.image_encoder.patch_size, p8.image_encoder.global_attn_indexes) == ("p8", 8, (0,))
+    assert p8.mask_decoder == tiny.mask_decoder and tiny.image_encoder.patch_size == 16  # the rest untouched
+    assert "tiny_p8" not in __import__("sam_jax.config", fromlist=["CONFIGS"]).CONFIGS
+    with pytest.raises(ValueError, match="model override 'depthh'"):
+        with_overrides(tiny, {"image_encoder": {"depthh": 2}})
+    with pytest.raises(ValueError, match="'image_encoder' must be a mapping"):
+        with_overrides(tiny, {"image_encoder": 3})
 
 
 def test_conv_stem_replaces_the_patch_projection():
@@ -105,7 +121,7 @@ def test_conv_stem_replaces_the_patch_projection():
     from sam_jax.config import ImageEncoderConfig
     from sam_jax.modeling.image_encoder import ConvStem
 
-    base = get_config("tiny_p8")
+    base = P8_MODEL
     cfg = dataclasses.replace(base, image_encoder=dataclasses.replace(base.image_encoder, conv_stem=(8, 16, 16, 12)))
     assert SamConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     params = init_params(cfg, jax.random.key(0))["image_encoder"]
@@ -173,7 +189,7 @@ def test_high_res_features_land_on_their_pixels():
     np.testing.assert_array_equal(t1[1, 2, 3, 1, 0], s1[1, 5, 6])
     np.testing.assert_array_equal(t0[1, 2, 1, 1, 0, 1, 1], s0[1, 11, 5])
 
-    config = get_config("tiny_p8")
+    config = P8_MODEL
     c = config.prompt_embed_dim
     params = init_params(config, jax.random.key(0))
     emb = encode(params, jax.random.normal(jax.random.key(1), (1, 256, 256, 3)), config=config)
@@ -242,7 +258,7 @@ def test_click_maps_start_at_zero_and_move_the_clicked_logits():
     from sam_jax.convert.keys import key_table
     from sam_jax.model import decode, encode
 
-    p8 = get_config("tiny_p8")
+    p8 = P8_MODEL
     plain = dataclasses.replace(p8, mask_decoder=dataclasses.replace(p8.mask_decoder, click_map_sigmas=()))
     config = dataclasses.replace(p8, mask_decoder=dataclasses.replace(p8.mask_decoder, click_map_sigmas=(4.0, 16.0)))
     assert config.mask_decoder.num_click_maps == 5 and plain.mask_decoder.num_click_maps == 0
@@ -524,7 +540,7 @@ def test_grouped_images_equal_one_copy_per_row():
     masks of one embedding copy per row, the high-res features included."""
     from sam_jax.model import decode, encode
 
-    config = get_config("tiny_p8")
+    config = P8_MODEL
     params = init_params(config, jax.random.key(0))
     s, low = config.image_size, config.low_res_mask_size
     emb = encode(params, jax.random.normal(jax.random.key(1), (2, s, s, 3)), config=config)

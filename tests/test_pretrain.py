@@ -7,17 +7,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sam_jax.config import get_config
+from sam_jax.train.configs import shapes_text_p8
 from sam_jax.train.pretrain import kind_targets, pretrain_kinds
+from sam_jax.train.trainer import recipe_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+# The text recipe's model (`tiny_p8_conv`: 8-px cells, a convolutional stem).
+CONV_MODEL = recipe_model(shapes_text_p8.get_config())
 
 
 def test_kind_targets_cover_weight_and_padding():
     """A 64 x 32 image in tiny_p8_conv's frame (256 x 128 of 256 x 256, cells of 8 px: 2 px
     of the original): shares of each cell, background first; cells of a mask outside the
     categories and of the padding weigh 0."""
-    config = get_config("tiny_p8_conv")
+    config = CONV_MODEL
     masks = np.zeros((3, 64, 32), bool)
     masks[0, 0:4, 0:4] = True  # circle: cells (0..1, 0..1)
     masks[1, 4:5, 0:2] = True  # triangle: the top half of cell (2, 0)
@@ -56,6 +60,7 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
         tmp_path / "train",
         tmp_path / "enc",
         categories=kinds,
+        config=CONV_MODEL,
         steps=100,
         lr=4e-3,
         warmup_steps=10,
@@ -67,7 +72,7 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
     assert len(logs) == 6 and result["steps"] == 100 and last["step"] == 100
     assert last["loss"] < 0.5 * first["loss"], result["history"]
     assert last["token_accuracy"] > first["token_accuracy"] + 0.15, result["history"]
-    data = load_kinds(tmp_path / "train", kinds, get_config("tiny_p8_conv"))
+    data = load_kinds(tmp_path / "train", kinds, CONV_MODEL)
     assert (data["labels"] >= 0).sum() == sum(len(r) for r in _categories(tmp_path / "train"))
     assert 0.0 <= last["heldout_mask_accuracy"] <= 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "train"]  # the snapshots, removed
@@ -84,7 +89,7 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     with pytest.raises(FileExistsError):
-        pretrain_kinds(tmp_path / "train", tmp_path / "enc", categories=kinds, steps=1)
+        pretrain_kinds(tmp_path / "train", tmp_path / "enc", categories=kinds, config=CONV_MODEL, steps=1)
 
     # A crash after a log keeps that log's snapshot, a whole checkpoint.
     from unittest import mock
@@ -97,6 +102,7 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
             tmp_path / "train",
             tmp_path / "crashed",
             categories=kinds,
+            config=CONV_MODEL,
             steps=4,
             warmup_steps=1,
             heldout_dir=tmp_path / "train",
@@ -105,7 +111,9 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
     assert not (tmp_path / "crashed").exists()
     assert load_model(tmp_path / "crashed.step_2").config.name == "tiny_p8_conv"
     with pytest.raises(ValueError, match="batch_size"):
-        pretrain_kinds(tmp_path / "train", tmp_path / "enc2", categories=kinds, steps=10, warmup_steps=10)
+        pretrain_kinds(
+            tmp_path / "train", tmp_path / "enc2", categories=kinds, config=CONV_MODEL, steps=10, warmup_steps=10
+        )
 
 
 def _categories(folder):

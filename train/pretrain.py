@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from sam_jax.config import SamConfig, get_config
+from sam_jax.config import SamConfig
 from sam_jax.model import encode, init_params
 from sam_jax.modeling.image_encoder import split_high_res
 from sam_jax.train import sharding as shd
@@ -167,7 +167,7 @@ def pretrain_kinds(
     out: str | Path,
     *,
     categories: list[str],
-    model: str = "tiny_p8_conv",
+    config: SamConfig,
     steps: int = 2500,
     batch_size: int = 8,
     lr: float = 2e-3,
@@ -178,7 +178,7 @@ def pretrain_kinds(
     eval_every: int = 500,
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """Train `model`'s image encoder on the kinds task, on the records of `data_dir` (a folder or
+    """Train the image encoder of the model `config` on the kinds task, on the records of `data_dir` (a folder or
     several); write the SAM params (the encoder
     trained, the rest at their init) to `out` with `checkpoint.save_params`, for
     `init = "encoder:OUT"`. At each log before the last, the params are also written to
@@ -200,10 +200,11 @@ def pretrain_kinds(
             f"need steps >= 1, 0 <= warmup_steps < steps and a batch_size divisible by the {n_dev} local devices; "
             f"got steps={steps}, warmup_steps={warmup_steps}, batch_size={batch_size}"
         )
-    config = get_config(model)
     data = load_kinds(data_dir, categories, config)
     heldout = load_kinds(heldout_dir, categories, config) if heldout_dir else None
-    log(f"pretrain-kinds: {len(data['images'])} images, categories {categories}, model {model}, {n_dev} device(s)")
+    log(
+        f"pretrain-kinds: {len(data['images'])} images, categories {categories}, model {config.name}, {n_dev} device(s)"
+    )
 
     mesh = shd.make_mesh(n_dev, 1, devices=jax.local_devices())
     replicated, split = NamedSharding(mesh, P()), shd.batch_sharding(mesh)

@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sam_jax.config import SamConfig, get_config
+from sam_jax.config import SamConfig, get_config, with_overrides
 from sam_jax.model import Params, abstract_params, init_params
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
@@ -74,10 +74,18 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- config
 
 
+def recipe_model(cfg: ml_collections.ConfigDict) -> SamConfig:
+    """The model variant a training config names: `cfg.model` with `cfg.model_overrides` applied."""
+    try:
+        return with_overrides(get_config(cfg.model), cfg.model_overrides.to_dict())
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
 def model_config(cfg: ml_collections.ConfigDict) -> SamConfig:
-    """The model of a training config: the named variant with the config's compute dtype
-    and encoder training options (drop path, rematerialisation) where the model has them."""
-    mc = get_config(cfg.model)
+    """The model of a training config: `recipe_model` with the config's compute dtype, encoder
+    training options (drop path, rematerialisation) where the model has them, and text layers."""
+    mc = recipe_model(cfg)
     mc = dataclasses.replace(mc, dtype=str(jnp.dtype(cfg.dtype)))
     enc = {f.name for f in dataclasses.fields(mc.image_encoder)}
     extra = {k: cfg.get(k) for k in ("drop_path_rate", "remat") if k in enc and cfg.get(k) is not None}
@@ -130,7 +138,7 @@ def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any
     want = jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(init, jax.random.key(cfg.seed)))
     got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), loaded)
     if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
-        raise TrainingError(f"init checkpoint {path} does not match model {cfg.model!r} (different shapes)")
+        raise TrainingError(f"init checkpoint {path} does not match model {mc.name!r} (different shapes)")
     return jax.device_put(loaded, shardings)
 
 

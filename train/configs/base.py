@@ -8,6 +8,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "vit_b"  # a sam_jax.config name
+    # Fields of that model's SamConfig to change, nested ({"image_encoder": {"depth": 2}}): a recipe's own variant.
+    c.model_overrides = ml_collections.ConfigDict()
     c.dtype = "float32"  # compute dtype; params stay float32 ("bfloat16" on accelerators)
     c.seed = 0
     c.steps = 180_000  # ViT-B/L: 180k iterations at batch 128 (ViT-H: 90k at 256)

@@ -1,6 +1,10 @@
 """Text prompts (caption mode) on the `tiny_p8_conv` model, from an encoder pretrained to tell the kinds apart
 (`sam-jax pretrain-kinds`); the captions are the shapes' categories.
 
+`tiny_p8_conv` is `shapes_p8`'s `tiny_p8` with a convolutional stem instead of the 8-px patch projection (six 3x3
+convolutions, 32, 64, 64, 64, 64, 64 wide, strides 2, 2, 2, 1, 1, 1: a 63-px receptive field that sees the corners
+and curves telling shapes apart) and no click maps (a caption has no click to draw).
+
 SAM's decoder never mixes image tokens, so a caption can select every shape of its kind only where the image
 embedding carries the kind in every token. Trained from scratch through SAM's losses, a small encoder does not
 learn that (captions stay at or below the text-blind level). So:
@@ -16,12 +20,21 @@ both stages on 3-kind shapes (captions alone: held-out mIoU 0.791, text-blind le
 
 from __future__ import annotations
 
+import copy
+
+import ml_collections
+
 from sam_jax.train.configs import shapes_p8
+
+MODEL_OVERRIDES = copy.deepcopy(shapes_p8.MODEL_OVERRIDES)
+MODEL_OVERRIDES["name"] = "tiny_p8_conv"
+MODEL_OVERRIDES["image_encoder"]["conv_stem"] = (32, 64, 64, 64, 64, 64)
+MODEL_OVERRIDES["mask_decoder"]["click_map_sigmas"] = ()
 
 
 def get_config():
     c = shapes_p8.get_config()
-    c.model = "tiny_p8_conv"
+    c.model_overrides = ml_collections.ConfigDict(MODEL_OVERRIDES)
     c.init = ""  # set by the caller: "encoder:PATH" of `sam-jax pretrain-kinds`
     c.steps = 2000
     c.optim.decay_steps = (1600, 1880)
