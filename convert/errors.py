@@ -21,7 +21,8 @@ SHOWN = 4  # how many keys of each kind an error message lists
 def check_keys(what: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> None:
     """One CheckpointError naming every kind of key mismatch (up to `SHOWN` keys of each), if any."""
     problems = [
-        f"{len(items)} {kind} ({', '.join(items[:SHOWN])}{f', ... ({len(items) - SHOWN} more)' if len(items) > SHOWN else ''})"
+        f"{len(items)} {kind} ({', '.join(items[:SHOWN])}"
+        f"{f', ... ({len(items) - SHOWN} more)' if len(items) > SHOWN else ''})"
         for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
         if items
     ]

@@ -122,7 +122,7 @@ class MaskDecoderConfig:
     attention_downsample_rate: int = 2
     # Click maps (not in the official SAM): Gaussians of these widths (std, in model-input
     # pixels) around the row's positive points and around its negative points and an
-    # inside-the-box map, at the mask logits' resolution (`mask_decoder.click_maps`). Each mask
+    # inside-the-box map, at the mask logits' resolution (`prompt_encoder.click_maps`). Each mask
     # token also gives, through a zero-initialised linear layer, one weight per map, and its
     # logits gain their weighted sum: a learned radial profile around the clicks, which the
     # 4-channel upscaled features of a small decoder cannot draw (docs/demo-recipe.md). ():
@@ -135,7 +135,7 @@ class MaskDecoderConfig:
 
     @property
     def num_click_maps(self) -> int:
-        """Channels of `mask_decoder.click_maps`: 2 per width and the box (0: none)."""
+        """Channels of `prompt_encoder.click_maps`: 2 per width and the box (0: none)."""
         return 2 * len(self.click_map_sigmas) + 1 if self.click_map_sigmas else 0
 
 

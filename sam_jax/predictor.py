@@ -214,7 +214,8 @@ class SamPredictor:
         if self.text_encoder.embed_dim != width:
             raise ValueError(
                 f"text: the text encoder gives embeddings of width {self.text_encoder.embed_dim}, but this checkpoint "
-                f"takes CLIP embeddings of width {width} (prompt_encoder.text_embed_dim): use the CLIP it was trained with"
+                f"takes CLIP embeddings of width {width} (prompt_encoder.text_embed_dim): "
+                "use the CLIP it was trained with"
             )
 
     def _prepare_prompts(
@@ -235,7 +236,8 @@ class SamPredictor:
                 raise ValueError(f"point_coords must have shape (N, 2) or (B, N, 2) with N >= 1, got {coords.shape}")
             if labels.shape != coords.shape[:-1]:
                 raise ValueError(
-                    f"point_labels must have shape {coords.shape[:-1]} to match point_coords {coords.shape}, got {labels.shape}"
+                    f"point_labels must have shape {coords.shape[:-1]} to match point_coords {coords.shape}, "
+                    f"got {labels.shape}"
                 )
             if not np.all(np.isin(labels, (0, 1))):
                 raise ValueError("point_labels must be 1 (foreground) or 0 (background)")

@@ -227,7 +227,7 @@ def test_high_res_features_land_on_their_pixels():
 def test_click_maps_are_drawn_around_the_prompts():
     """`click_maps`: Gaussians around the nearest positive and negative point and the box's
     inside, on the logits' grid, points at their pixel's centre; padding ignored."""
-    from sam_jax.modeling.mask_decoder import click_maps
+    from sam_jax.modeling.prompt_encoder import click_maps
 
     points = jnp.array([[[40.0, 50.0], [100.0, 10.0], [10.0, 20.0], [60.0, 80.0]], [[0.0, 0.0]] * 4])
     labels = jnp.array([[1, 0, 2, 3], [-1, -1, -1, -1]])

@@ -5,7 +5,7 @@ prompt tokens; the two-way transformer runs over them and the image; the image
 is upscaled 4x and each mask token's hypernetwork MLP gives the weights of one
 output mask. Masks (B, M, 4h, 4w) and IoU predictions (B, M), M = 1 + multimask.
 A decoder with `click_map_sigmas` (not the official SAM) also adds to each mask a
-token-weighted sum of maps drawn around the row's clicks (`click_maps`).
+token-weighted sum of maps drawn around the row's clicks (`PromptEncoder.click_maps`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class MaskDecoder(nn.Module):
         (docs/text-training.md, "Text rows have their own mask tokens").
 
         click_maps (B, 4h, 4w, K), given exactly when `config.click_map_sigmas` is set
-        (`click_maps` below): each mask token's `output_click_weights_i` (a zero-initialised
+        (`PromptEncoder.click_maps`): each mask token's `output_click_weights_i` (a zero-initialised
         linear layer) weighs the K maps, and the weighted sum is added to its mask logits.
         """
         cfg = self.config
@@ -160,40 +160,3 @@ def add_per_image(x: jax.Array, y: jax.Array) -> jax.Array:
     gets y[r // (B / G)], broadcast rather than copied (so its gradient is one sum per image)."""
     g = y.shape[0]
     return (x.reshape(g, x.shape[0] // g, *x.shape[1:]) + y[:, None].astype(x.dtype)).reshape(x.shape)
-
-
-def click_maps(
-    points: jax.Array, labels: jax.Array, image_size: int, grid: int, sigmas: tuple[float, ...]
-) -> jax.Array:
-    """The maps a decoder with `click_map_sigmas` weighs into its masks.
-
-    points (B, N, 2) (x, y) in model-input pixels and labels (B, N) (1 positive, 0 negative,
-    2 / 3 box corners, -1 padding) of a prompt batch, on the square input of side image_size
-    -> (B, grid, grid, 2S + 1) float32 on the mask logits' grid, S = len(sigmas): for each
-    width s, exp(-d^2 / 2s^2) with d the distance from a logit cell's centre to the nearest
-    positive point (0 without one), the same for the negative points, then 1 inside the row's
-    box (0 without one). The nearest point, not a sum over the points: more clicks never make
-    a map larger than the one or two points of training (summed Gaussians gave 5-click mIoU
-    0.655 against 0.816 in the demo recipe). Points are taken at their pixel's centre (+0.5),
-    as the prompt encoder does. No gradient flows into the prompts.
-    """
-    points = jax.lax.stop_gradient(points).astype(jnp.float32) + 0.5
-    centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) * (image_size / grid)
-    dx2 = jnp.square(centres[None, None, :] - points[..., 0:1])  # (B, N, grid) along x
-    dy2 = jnp.square(centres[None, None, :] - points[..., 1:2])  # (B, N, grid) along y
-    maps = []
-    for label in (1, 0):
-        # +inf for the points of other labels, added to the distances rather than selected, so
-        # that a batch with a constant label pattern does not fold a (B, N, grid, grid) constant.
-        far = jnp.where(labels == label, 0.0, jnp.inf)[:, :, None, None]
-        nearest = jnp.min(dy2[:, :, :, None] + dx2[:, :, None, :] + far, axis=1)  # (B, grid, grid)
-        maps += [jnp.exp(-nearest / (2.0 * s * s)) for s in sigmas]
-
-    def corner(label: int) -> jax.Array:  # (B, 2)
-        return jnp.max(jnp.where((labels == label)[..., None], points, -jnp.inf), axis=1)
-
-    top_left, bottom_right = corner(2), corner(3)
-    inside_x = (centres[None] >= top_left[:, 0:1]) & (centres[None] <= bottom_right[:, 0:1])  # (B, grid)
-    inside_y = (centres[None] >= top_left[:, 1:2]) & (centres[None] <= bottom_right[:, 1:2])
-    maps.append((inside_y[:, :, None] & inside_x[:, None, :]).astype(jnp.float32))
-    return jnp.stack(maps, axis=-1)

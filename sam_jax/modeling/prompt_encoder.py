@@ -25,6 +25,12 @@ import numpy as np
 from flax import linen as nn
 
 from sam_jax.modeling.common import LayerNorm, conv, dense, embedding, gelu
+from sam_jax.prompts import LABEL_BACKGROUND, LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_FOREGROUND
+
+
+def pixel_centres(points: jax.Array) -> jax.Array:
+    """Pixel coordinates (x, y) -> the centres of those pixels, where the official encoder places points."""
+    return points + 0.5
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -118,13 +124,17 @@ class PromptEncoder(nn.Module):
             self.text_proj_1 = dense(self.embed_dim, (None, "embed"), dtype=self.dtype)
             self.text_embed = embedding(1, self.embed_dim)
 
+    def click_maps(self, points: jax.Array, labels: jax.Array, sigmas: tuple[float, ...]) -> jax.Array:
+        """The click maps of a prompt batch on the mask logits' grid (4x the embedding's): `click_maps`."""
+        return click_maps(points, labels, self.input_image_size[0], 4 * self.image_embedding_size[0], sigmas)
+
     def get_dense_pe(self) -> jax.Array:
         """Positional encoding of the image embedding grid: (h, w, C)."""
         return self.pe_layer(self.image_embedding_size)
 
     def embed_points(self, points: jax.Array, labels: jax.Array) -> jax.Array:
         """points (B, N, 2) in input-image pixels (x, y), labels (B, N) -> (B, N, C)."""
-        pe = self.pe_layer.forward_with_coords(points + 0.5, self.input_image_size)
+        pe = self.pe_layer.forward_with_coords(pixel_centres(points), self.input_image_size)
         table = jnp.concatenate(
             [
                 self.not_a_point_embed.embedding,
@@ -191,3 +201,40 @@ class PromptEncoder(nn.Module):
             return sparse, jnp.broadcast_to(no_mask, (1, h, w, no_mask.shape[-1])), mask
         dense = jnp.where(has_mask[:, None, None, None], self.embed_masks(mask_input), no_mask)
         return sparse, dense, mask
+
+
+def click_maps(
+    points: jax.Array, labels: jax.Array, image_size: int, grid: int, sigmas: tuple[float, ...]
+) -> jax.Array:
+    """The maps a decoder with `click_map_sigmas` weighs into its masks.
+
+    points (B, N, 2) (x, y) in model-input pixels and labels (B, N) (1 positive, 0 negative,
+    2 / 3 box corners, -1 padding) of a prompt batch, on the square input of side image_size
+    -> (B, grid, grid, 2S + 1) float32 on the mask logits' grid, S = len(sigmas): for each
+    width s, exp(-d^2 / 2s^2) with d the distance from a logit cell's centre to the nearest
+    positive point (0 without one), the same for the negative points, then 1 inside the row's
+    box (0 without one). The nearest point, not a sum over the points: more clicks never make
+    a map larger than the one or two points of training (summed Gaussians gave 5-click mIoU
+    0.655 against 0.816 in the demo recipe). Points are taken at their pixel's centre (+0.5),
+    as the prompt encoder does. No gradient flows into the prompts.
+    """
+    points = pixel_centres(jax.lax.stop_gradient(points).astype(jnp.float32))
+    centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) * (image_size / grid)
+    dx2 = jnp.square(centres[None, None, :] - points[..., 0:1])  # (B, N, grid) along x
+    dy2 = jnp.square(centres[None, None, :] - points[..., 1:2])  # (B, N, grid) along y
+    maps = []
+    for label in (LABEL_FOREGROUND, LABEL_BACKGROUND):
+        # +inf for the points of other labels, added to the distances rather than selected, so
+        # that a batch with a constant label pattern does not fold a (B, N, grid, grid) constant.
+        far = jnp.where(labels == label, 0.0, jnp.inf)[:, :, None, None]
+        nearest = jnp.min(dy2[:, :, :, None] + dx2[:, :, None, :] + far, axis=1)  # (B, grid, grid)
+        maps += [jnp.exp(-nearest / (2.0 * s * s)) for s in sigmas]
+
+    def corner(label: int) -> jax.Array:  # (B, 2)
+        return jnp.max(jnp.where((labels == label)[..., None], points, -jnp.inf), axis=1)
+
+    top_left, bottom_right = corner(LABEL_BOX_TOP_LEFT), corner(LABEL_BOX_BOTTOM_RIGHT)
+    inside_x = (centres[None] >= top_left[:, 0:1]) & (centres[None] <= bottom_right[:, 0:1])  # (B, grid)
+    inside_y = (centres[None] >= top_left[:, 1:2]) & (centres[None] <= bottom_right[:, 1:2])
+    maps.append((inside_y[:, :, None] & inside_x[:, None, :]).astype(jnp.float32))
+    return jnp.stack(maps, axis=-1)

@@ -16,7 +16,7 @@ from flax import linen as nn
 from sam_jax.config import SamConfig
 from sam_jax.modeling.common import accum_dtype
 from sam_jax.modeling.image_encoder import ImageEncoderViT, split_high_res
-from sam_jax.modeling.mask_decoder import MaskDecoder, click_maps
+from sam_jax.modeling.mask_decoder import MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
 from sam_jax.prompts import Prompts
 
@@ -64,9 +64,8 @@ class Sam(nn.Module):
             text_rows = mask[:, prompts.points.shape[1] :].any(axis=-1)
         maps = None
         if self.config.mask_decoder.click_map_sigmas:
-            cfg = self.config
-            maps = click_maps(
-                prompts.points, prompts.labels, cfg.image_size, cfg.low_res_mask_size, cfg.mask_decoder.click_map_sigmas
+            maps = self.prompt_encoder.click_maps(
+                prompts.points, prompts.labels, self.config.mask_decoder.click_map_sigmas
             )
         return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output, high_res, text_rows, maps)
 
