@@ -387,21 +387,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sam-jax", description="Segment Anything in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="official .pth or HF/official .safetensors -> sam-jax checkpoint directory")
     p.add_argument("input", help="sam_vit_*.pth, or model.safetensors (official or Hugging Face key names)")
     p.add_argument("output", help="new checkpoint directory (must not exist)")
     p.add_argument("--model-type", default="auto", choices=["auto", *CONFIGS], help="default: inferred from shapes")
     p.set_defaults(func=_convert)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="any checkpoint -> .safetensors with the official key names")
     p.add_argument("input", help="sam-jax checkpoint directory (or any checkpoint `convert` reads)")
     p.add_argument("output", help="output .safetensors file")
     p.set_defaults(func=_export)
 
+
+def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="masks for point / box / text prompts on one image")
     p.add_argument("image")
     _add_model_args(p)
@@ -427,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_segment)
 
+
+def _add_auto(sub) -> None:
     p = sub.add_parser("auto", help="segment everything: SA-1B-style JSON (COCO RLE) + overlay per image")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     _add_model_args(p)
@@ -441,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_auto)
 
+
+def _add_make_shapes(sub) -> None:
     p = sub.add_parser("make-shapes", help="a synthetic SA-1B-layout data set of shapes with exact masks")
     p.add_argument("out", help="output directory")
     p.add_argument("--n", type=int, default=100, help="number of images")
@@ -461,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_make_shapes)
 
+
+def _add_pretrain_kinds(sub) -> None:
     p = sub.add_parser(
         "pretrain-kinds",
         help="pretrain a model's image encoder to tell the annotations' categories apart in every token",
@@ -487,8 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=500)
     p.set_defaults(func=_pretrain_kinds)
 
-    p = sub.add_parser("train", help="train (or resume) from a config file; extra --config.KEY=VALUE override it")
-    p.add_argument("--config", required=True, help="a config file, e.g. train/configs/shapes_tiny.py")
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) from a recipe; extra --config.KEY=VALUE override it. Ctrl-C or SIGTERM saves the step "
+        "and stops; rerun the same command to resume",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a recipe of sam_jax.train.configs by name (shapes_tiny, base, ...) or a config file with get_config()",
+    )
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and the final model/ go here")
     p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -504,11 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train, takes_overrides=True)
 
+
+def _add_engine(sub) -> None:
     p = sub.add_parser(
         "engine", help="data engine rounds: pseudo-label, filter, train on labeled + pseudo, evaluate (resumes)"
     )
     p.add_argument(
-        "--config", required=True, help="a config with an engine section, e.g. train/configs/engine_shapes_tiny.py"
+        "--config", required=True, help="a recipe with an engine section, e.g. engine_shapes_tiny (or a config file)"
     )
     p.add_argument(
         "--workdir", required=True, help="round_*/ (pseudo-labels, training data, training, report.json) go here"
@@ -517,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="only the table and a last line")
     p.set_defaults(func=_engine, takes_overrides=True)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="interactive-click and box mIoU on an SA-1B-layout folder")
     p.add_argument("data", help="folder of NAME.jpg + NAME.json")
     _add_model_args(p)
@@ -535,6 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--template", default="{}", help="category -> caption, as the training config's text.template (default '{}')"
     )
     p.set_defaults(func=_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sam-jax", description="Segment Anything in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_convert(sub)
+    _add_export(sub)
+    _add_segment(sub)
+    _add_auto(sub)
+    _add_make_shapes(sub)
+    _add_pretrain_kinds(sub)
+    _add_train(sub)
+    _add_engine(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -218,8 +218,8 @@ def test_pretrain_kinds_bad_inputs(tmp_path, capsys):
     assert "warmup_steps < steps" in _one_line_error(
         ["pretrain-kinds", str(data), str(tmp_path / "a"), "--steps", "20"], capsys
     )
-    assert "unknown model type" in _one_line_error(
-        ["pretrain-kinds", str(data), str(tmp_path / "a"), "--model", "vit_x"], capsys
+    assert "no such config file (nor a recipe" in _one_line_error(
+        ["pretrain-kinds", str(data), str(tmp_path / "a"), "--recipe", "nope"], capsys
     )
     missing = tmp_path / "missing"  # DATA may be several folders
     assert f"not a folder: {missing}" in _one_line_error(
