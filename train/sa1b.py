@@ -16,6 +16,7 @@ Uses grain's dataset API (grain >= 0.2.x): ``grain.MapDataset.source(...).shuffl
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -246,7 +247,7 @@ class SA1BSource:
 
 
 def make_map_dataset(
-    root: str | Path | SA1BSource,
+    root: str | os.PathLike | SA1BSource,
     *,
     seed: int,
     shard_index: int | None = None,
@@ -261,7 +262,8 @@ def make_map_dataset(
     """
     import grain
 
-    source = root if isinstance(root, SA1BSource) else SA1BSource(root)
+    # A folder, or any random-access source (SA1BSource, sam_jax.train.sources.open_source).
+    source = SA1BSource(root) if isinstance(root, (str, os.PathLike)) else root
     if len(source) == 0:
         raise ValueError(f"no (image, json) records in {source.root}")
     if shard_index is None or shard_count is None:
