@@ -114,9 +114,9 @@ def make_train_dataset(
     text_prompts: Callable[..., dict[str, np.ndarray]] | None = None,
     mask_size: int | None = None,
 ):
-    """The training pipeline of one process over `source` (a folder or an `SA1BSource`): a grain ``IterDataset``
-    of batches ``images (b, S, S, 3)``, ``masks (b, K, m, m)`` (m = ``mask_size``, default the low-res size),
-    ``valid (b, K)``, ``ids (b,)``.
+    """The training pipeline of one process over `source` (an SA-1B folder, or a record source of
+    `train.sources`: SA-1B, COCO, mask folders): a grain ``IterDataset`` of batches ``images (b, S, S, 3)``,
+    ``masks (b, K, m, m)`` (m = ``mask_size``, default the low-res size), ``valid (b, K)``, ``ids (b,)``.
 
     Process ``shard_index`` of ``shard_count`` reads every ``shard_count``-th record of the
     shuffled stream, ``b = batch_size`` at a time (with ``text_prompts``, also
