@@ -36,6 +36,7 @@ metrics then include `text_iou`: the first output's IoU over the text-prompted m
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -107,18 +108,71 @@ def simulate_and_loss(
 ):
     """The interactive-simulation loss of one batch -> (loss, metrics). With
     `train_image_encoder=False` (a frozen encoder) no gradient flows into the embeddings, so
-    the encoder's backward pass is never computed."""
-    images, gt, valid = batch.images, batch.masks, batch.valid
-    b, k, m, _ = gt.shape
-    k_sched, k_rows, k_drop = jax.random.split(rng, 3)
+    the encoder's backward pass is never computed.
+
+    Memory (`cfg.remat_decoder`, `cfg.mask_chunk`): with `remat_decoder` each decoder pass
+    (the first decode and every later iteration) is rematerialised, its activations recomputed
+    in the backward pass instead of stored, so only the iterations' carries (prompts and the
+    low-res mask prompt) are kept; `mask_chunk` runs the simulation for that many masks of each
+    image at a time (a `lax.map` over the chunks), so the backward pass of one decoder pass
+    holds the activations of one chunk of masks. Neither changes the loss or the gradients."""
+    emb = encode(params, batch.images, config=model_config, drop_path_rng=jax.random.split(rng, 3)[2])
+    if not train_image_encoder:
+        emb = jax.lax.stop_gradient(emb)
+    return interactive_loss(params, emb, batch, rng, model_config=model_config, cfg=cfg)
+
+
+def interactive_loss(
+    params: Any, emb: jax.Array, batch: TrainBatch, rng: jax.Array, *, model_config: SamConfig, cfg: Any
+):
+    """`simulate_and_loss` given the batch's image embeddings `emb` (B, h, w, C): the decoder's
+    part of the step, whose gradient reaches `params` and `emb` (batch.images unused)."""
+    b, k = batch.valid.shape
+    k_sched, k_rows, _ = jax.random.split(rng, 3)  # the third key is the encoder's drop path
     # One key per mask row, from the example id and the slot: independent of the batch layout.
     row_keys = jax.vmap(
         lambda i: jax.vmap(lambda j: jax.random.fold_in(jax.random.fold_in(k_rows, i), j))(jnp.arange(k))
-    )(batch.ids).reshape(b * k)
-    emb = encode(params, images, config=model_config, drop_path_rng=k_drop)  # drop path: config's rate
-    if not train_image_encoder:
-        emb = jax.lax.stop_gradient(emb)
-    # emb (B, h, w, C) serves its image's K mask rows (row i*K + j: image i), without a copy.
+    )(batch.ids)  # (B, K)
+    schedule = sim.iteration_schedule(k_sched, cfg.num_point_iters, cfg.num_no_point_iters)
+    rows = {"keys": row_keys, "gt": batch.masks, "valid": batch.valid}
+    if batch.text is not None:
+        rows.update(text=batch.text, text_valid=batch.text_valid, text_masks=batch.text_masks)
+    run = functools.partial(_interactive_sums, params, emb, schedule=schedule, model_config=model_config, cfg=cfg)
+    chunk = int(cfg.get("mask_chunk", 0) or 0)
+    if 0 < chunk < k:
+        if k % chunk:
+            raise ValueError(f"loss.mask_chunk={chunk} must divide the masks per image ({k})")
+        # (B, K, ...) -> (K / chunk, B, chunk, ...): chunk c holds slots c*chunk.. of every image.
+        split = lambda x: jnp.swapaxes(x.reshape(b, k // chunk, chunk, *x.shape[2:]), 0, 1)  # noqa: E731
+        sums = jax.tree.map(lambda x: x.sum(0), jax.lax.map(run, jax.tree.map(split, rows)))
+    else:
+        sums = run(rows)
+    n = jnp.maximum(sums.pop("n"), 1.0)
+    text_n = sums.pop("text_n", None)
+    text_iou = sums.pop("text_iou", None)
+    out = {name: v / n for name, v in sums.items()}
+    total = out["loss"]
+    if batch.text is not None and cfg.dense_text_weight:
+        dense = dense_text_loss(params, emb, batch.text, batch.text_masks, batch.text_valid & batch.valid, model_config)
+        total = total + cfg.dense_text_weight * dense
+        out["dense_text_loss"] = dense
+    if text_iou is not None:
+        # What the text alone selects: the IoU of the trained first output of the text-prompted
+        # rows (0 in a batch without one).
+        out["text_iou"] = text_iou / jnp.maximum(text_n, 1.0)
+    return total, out
+
+
+def _interactive_sums(
+    params: Any, emb: jax.Array, rows: dict[str, jax.Array], *, schedule: jax.Array, model_config: SamConfig, cfg: Any
+) -> dict[str, jax.Array]:
+    """The interactive simulation of the mask rows `rows` (each (B, k, ...): k masks of each of
+    the B images of `emb`) -> the loss and metrics summed over the valid rows, with their count
+    `n` (and `text_iou` summed over the `text_n` text-prompted rows)."""
+    gt, valid = rows["gt"], rows["valid"]
+    b, k, m, _ = gt.shape
+    row_keys = rows["keys"].reshape(b * k)
+    # emb (B, h, w, C) serves its image's k mask rows (row i*k + j: image i), without a copy.
     gt = gt.reshape(b * k, m, m).astype(bool)
     valid = valid.reshape(b * k)
     targets = gt.astype(jnp.float32)
@@ -128,39 +182,49 @@ def simulate_and_loss(
     n = sim.num_slots(cfg.num_point_iters, k_pts)
     s = model_config.image_size
     up = lambda x: upsample_logits(x, m)  # noqa: E731  low-res logits -> the loss grid
+    remat = bool(cfg.get("remat_decoder", False))
+    # Each decoder pass recomputed in the backward pass, nothing of it stored (a scan body needs
+    # no CSE barrier: prevent_cse=False there, as jax.checkpoint's docs advise).
+    no_remat = lambda f: f  # noqa: E731
+    remat_first = jax.checkpoint if remat else no_remat
+    remat_body = functools.partial(jax.checkpoint, prevent_cse=False) if remat else no_remat
 
     text = text_mask = None
-    if batch.text is not None:
+    if "text" in rows:
         draw = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(r, 1 << 20)))(row_keys)
-        use_text = batch.text_valid.reshape(b * k) & (draw < cfg.text_prob)
-        gt = jnp.where(use_text[:, None, None], batch.text_masks.reshape(b * k, m, m), gt)
+        use_text = rows["text_valid"].reshape(b * k) & (draw < cfg.text_prob)
+        gt = jnp.where(use_text[:, None, None], rows["text_masks"].reshape(b * k, m, m), gt)
         targets = gt.astype(jnp.float32)
-        text = batch.text.reshape(b * k, 1, -1)
+        text = rows["text"].reshape(b * k, 1, -1)
         text_mask = use_text[:, None]
     points, labels = sim.initial_prompt(row_keys, gt, image_size=s, num_slots=n, box_prob=cfg.box_prob)
     if text is not None:  # a text-prompted mask starts from its text alone
         labels = jnp.where(text_mask, -1, labels)
-    # No mask prompt in the first decode: one no-mask embedding for every row.
-    prompts = Prompts(points=points, labels=labels, mask_input=None, has_mask=None, text=text, text_mask=text_mask)
-    if cfg.box_single_output:
-        # As SAM 2's training: a lone point (or text) is ambiguous and trains the best of the
-        # multimask outputs 1..3; a box trains the single output 0, the one a box gets at inference.
-        logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=None)
-        is_box = (labels[:, 0] == sim.LABEL_BOX_TOP_LEFT)[:, None]
-        candidates = jnp.where(is_box, jnp.arange(logits.shape[1]) == 0, jnp.arange(logits.shape[1]) > 0)
-    else:
-        logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=True)
-        candidates = None
-    up_logits = up(logits)
-    loss0, metrics0, best, chosen_iou0 = sam_loss(up_logits, iou, targets, valid, **loss_kw, candidates=candidates)
-    # The mask prompt fed forward: the trained (lowest-loss) output, without gradient; and
-    # its upsampled logits, which pick the next correction point (upsampled once, here).
-    pick = lambda x: jax.lax.stop_gradient(jnp.take_along_axis(x, best[:, None, None, None], axis=1)[:, 0])  # noqa: E731
-    prev, prev_up = pick(logits), pick(up_logits)
 
-    schedule = sim.iteration_schedule(k_sched, cfg.num_point_iters, cfg.num_no_point_iters)
+    @remat_first
+    def first(params, emb, points, labels):
+        # No mask prompt in the first decode: one no-mask embedding for every row.
+        prompts = Prompts(points=points, labels=labels, mask_input=None, has_mask=None, text=text, text_mask=text_mask)
+        if cfg.box_single_output:
+            # As SAM 2's training: a lone point (or text) is ambiguous and trains the best of the
+            # multimask outputs 1..3; a box trains the single output 0, the one a box gets at inference.
+            logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=None)
+            is_box = (labels[:, 0] == sim.LABEL_BOX_TOP_LEFT)[:, None]
+            candidates = jnp.where(is_box, jnp.arange(logits.shape[1]) == 0, jnp.arange(logits.shape[1]) > 0)
+        else:
+            logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=True)
+            candidates = None
+        up_logits = up(logits)
+        loss0, metrics0, best, chosen_iou0 = sam_loss(up_logits, iou, targets, valid, **loss_kw, candidates=candidates)
+        # The mask prompt fed forward: the trained (lowest-loss) output, without gradient; and
+        # its upsampled logits, which pick the next correction point (upsampled once, here).
+        pick = lambda x: jax.lax.stop_gradient(jnp.take_along_axis(x, best[:, None, None, None], axis=1)[:, 0])  # noqa: E731
+        return loss0, metrics0, chosen_iou0, pick(logits), pick(up_logits)
+
+    loss0, metrics0, chosen_iou0, prev, prev_up = first(params, emb, points, labels)
     num_later = schedule.shape[0]
 
+    @remat_body
     def body(carry, inputs):
         points, labels, prev, prev_up, slot = carry
         add_point, it = inputs
@@ -201,22 +265,21 @@ def simulate_and_loss(
         final = jax.tree.map(lambda x: x[-1], metrics)
     else:
         total, final = loss0, metrics0
+    # Means over the valid rows -> sums (a mean over no row is 0, so the sum is too).
+    count = valid.astype(jnp.float32).sum()
     out = {
         "loss": total,
         "first_iou": metrics0["mask_iou"],
         "last_iou": final["mask_iou"],
-        **{f"first_{k}": v for k, v in metrics0.items() if k != "mask_iou"},
+        **{f"first_{name}": v for name, v in metrics0.items() if name != "mask_iou"},
     }
-    if text is not None and cfg.dense_text_weight:
-        dense = dense_text_loss(params, emb, batch.text, batch.text_masks, batch.text_valid & batch.valid, model_config)
-        total = total + cfg.dense_text_weight * dense
-        out["dense_text_loss"] = dense
+    out = {name: v * count for name, v in out.items()}
+    out["n"] = count
     if text is not None:
-        # What the text alone selects: the IoU of the trained first output of the text-prompted
-        # rows (0 in a batch without one).
         w = (text_mask[:, 0] & valid).astype(jnp.float32)
-        out["text_iou"] = (chosen_iou0 * w).sum() / jnp.maximum(w.sum(), 1.0)
-    return total, out
+        out["text_iou"] = (chosen_iou0 * w).sum()
+        out["text_n"] = w.sum()
+    return out
 
 
 def dense_text_loss(

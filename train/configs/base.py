@@ -64,6 +64,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Caption mode: weight of a dense loss on the encoder's output alone, each token's kind
     # among its image's captions (train.step.dense_text_loss). 0: none, the paper's losses only.
     c.loss.dense_text_weight = 0.0
+    # Memory of the interactive loop (train.step.simulate_and_loss; same loss and gradients either
+    # way). remat_decoder: recompute each decoder pass in the backward pass instead of storing its
+    # activations for all 11 iterations x masks (vit_b, 64 masks, 1024 px: the step's temp memory
+    # drops from ~150 GB to the activations of one pass; costs one more decoder forward pass).
+    c.loss.remat_decoder = True
+    # mask_chunk: run the simulation for this many masks of an image at a time (0: all at once);
+    # must divide data.masks_per_image. Bounds one pass's activations by the chunk, not the 64 masks.
+    c.loss.mask_chunk = 0
 
     # Text prompts (paper, section 7.5; off by default; sam_jax/train/text.py). "image" (the
     # paper's): the CLIP image embedding of a crop around a large mask is its prompt. "caption":

@@ -1,0 +1,301 @@
+"""The training step's memory and FLOPs at the paper's scale, from XLA's compiled analysis (nothing runs).
+
+    python -m bench.train_scale                        # vit_b and vit_h, float32 and bf16, batch 1, fsdp 1 and 8
+    python -m bench.train_scale --models vit_b --batches 1 2 4 --fsdp 1 --dtypes bfloat16
+
+The recipe is `train/configs/base.py` (1024 px, 64 masks per image, 1 + 8 + 2 interactive
+iterations, drop path and layer decay of the model); the state and the batch are
+`jax.ShapeDtypeStruct`s placed as the Trainer places them on a (data=1, fsdp=N) mesh of
+simulated CPU devices, and the step is jitted as the Trainer jits it (state donated). For
+each variant: `compiled.memory_analysis()` per device (arguments, outputs, aliased, temp; peak
+= arguments + outputs - aliased + temp) and the largest per-chip batch that fits 80 and 16 GB
+(from the peaks at the batches measured: measured when two or more, else peak(1) x batch).
+
+FLOPs (`--flops`, one device, batch 1): XLA's cost analysis counts a loop body once, so the
+step is split into pieces compiled alone: the encoder's forward + backward (a VJP of `encode`),
+and the interactive loop's forward + backward (`train.step.interactive_loss` given the
+embeddings), the latter as D(0) + n x (D(1) - D(0)) with D(i) the pieces with i later
+iterations and n = 10. XLA:CPU's buffer assignment stands in for the accelerator's: the
+numbers are an estimate of the device's, not a measurement on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results_train_scale.json")
+GB = 1e9
+# The paper's per-model recipe values (appendix A): drop path, layer decay, peak lr.
+PAPER = {
+    "vit_b": dict(drop_path_rate=0.6, layer_decay=0.6, lr=8e-4),
+    "vit_l": dict(drop_path_rate=0.4, layer_decay=0.8, lr=4e-4),
+    "vit_h": dict(drop_path_rate=0.4, layer_decay=0.8, lr=8e-4),
+}
+
+
+def recipe(
+    model: str = "vit_b",
+    dtype: str = "float32",
+    *,
+    remat_encoder: bool = False,
+    remat_decoder: bool = True,
+    mask_chunk: int = 0,
+    masks: int = 64,
+    point_iters: int | None = None,
+    no_point_iters: int | None = None,
+):
+    """`train/configs/base.py` for `model` with the paper's per-model values and the memory options."""
+    from train.configs import base
+
+    c = base.get_config()
+    c.model = model
+    c.dtype = dtype
+    c.remat = remat_encoder
+    p = PAPER.get(model, {})
+    c.drop_path_rate = p.get("drop_path_rate", c.drop_path_rate)
+    c.optim.layer_decay = p.get("layer_decay", c.optim.layer_decay)
+    c.optim.lr = p.get("lr", c.optim.lr)
+    c.data.masks_per_image = masks
+    c.loss.remat_decoder = remat_decoder
+    c.loss.mask_chunk = mask_chunk
+    if point_iters is not None:
+        c.loss.num_point_iters = point_iters
+    if no_point_iters is not None:
+        c.loss.num_no_point_iters = no_point_iters
+    return c
+
+
+def abstract_step(cfg, per_chip_batch: int, fsdp: int):
+    """The jitted step of `cfg` on a (1, fsdp) mesh of the first `fsdp` devices, with its state and a
+    batch of `per_chip_batch` x fsdp images as ShapeDtypeStructs placed as the Trainer places them."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from sam_jax.model import abstract_params
+    from sam_jax.train import sharding as shd
+    from sam_jax.train.optim import make_optimizer
+    from sam_jax.train.step import TrainBatch, init_state, train_step
+    from sam_jax.train.trainer import _state_shardings, loss_mask_size, model_config
+
+    mc = model_config(cfg)
+    mesh = shd.make_mesh(1, fsdp, devices=jax.devices()[:fsdp])
+    boxed = abstract_params(mc, boxed=True)
+    abstract = abstract_params(mc)
+    tx, schedule = make_optimizer(abstract, mc, cfg.optim)
+    state_sh = _state_shardings(tx, abstract, shd.logical_shardings(boxed, mesh), mesh)
+    shapes = jax.eval_shape(functools.partial(init_state, tx=tx, seed=cfg.seed), abstract)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+    bsh = shd.batch_sharding(mesh)
+    b, k, s, m = per_chip_batch * fsdp, cfg.data.masks_per_image, mc.image_size, loss_mask_size(cfg, mc)
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=bsh)  # noqa: E731
+    batch = TrainBatch(
+        images=sds((b, s, s, 3), jnp.float32),
+        masks=sds((b, k, m, m), jnp.bool_),
+        valid=sds((b, k), jnp.bool_),
+        ids=sds((b,), jnp.int32),
+    )
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model_config=mc,
+            cfg=cfg.loss,
+            tx=tx,
+            schedule=schedule,
+            train_image_encoder=not cfg.optim.freeze_image_encoder,
+        ),
+        in_shardings=(state_sh, bsh),
+        out_shardings=(state_sh, shd.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return step, state, batch
+
+
+def memory(compiled) -> dict[str, int]:
+    """`compiled.memory_analysis()` in bytes per device, with the peak estimate."""
+    ma = compiled.memory_analysis()
+    out = {
+        name: int(getattr(ma, f"{name}_size_in_bytes"))
+        for name in ("argument", "output", "alias", "temp", "generated_code")
+    }
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def flops(compiled) -> float:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0]
+    return float(ca.get("flops", 0.0))
+
+
+def analyze_step(cfg, per_chip_batch: int = 1, fsdp: int = 1) -> dict:
+    """Compile the step of `cfg` (no run) -> memory per device (bytes), the step's raw FLOPs, compile seconds."""
+    t = time.perf_counter()
+    step, state, batch = abstract_step(cfg, per_chip_batch, fsdp)
+    compiled = step.lower(state, batch).compile()
+    return {**memory(compiled), "step_flops_raw": flops(compiled), "compile_s": time.perf_counter() - t}
+
+
+def flop_split(cfg) -> dict[str, float]:
+    """FLOPs of one image's step (one device): encoder forward + backward, interactive loop forward + backward."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from sam_jax.model import abstract_params, encode
+    from sam_jax.train.step import TrainBatch, interactive_loss
+    from sam_jax.train.trainer import loss_mask_size, model_config
+
+    mc = model_config(cfg)
+    params = abstract_params(mc)
+    s, k, m = mc.image_size, cfg.data.masks_per_image, loss_mask_size(cfg, mc)
+    h, c = mc.embedding_size, mc.prompt_embed_dim
+    sds = jax.ShapeDtypeStruct
+    images, key = sds((1, s, s, 3), jnp.float32), sds((2,), jnp.uint32)
+    emb = sds((1, h, h, c), jnp.float32)
+
+    def enc(p, x, ct, kd):
+        out, vjp = jax.vjp(lambda p: encode(p, x, config=mc, drop_path_rng=jax.random.wrap_key_data(kd)), p)
+        return out, vjp(ct)
+
+    e = flops(jax.jit(enc).lower(params, images, emb, key).compile())
+    batch = TrainBatch(
+        images=images, masks=sds((1, k, m, m), jnp.bool_), valid=sds((1, k), jnp.bool_), ids=sds((1,), jnp.int32)
+    )
+
+    def dec(iters):
+        c2 = recipe_copy(cfg, iters)
+        f = functools.partial(interactive_loss, model_config=mc, cfg=c2.loss)
+        g = jax.grad(lambda p, e, b, r: f(p, e, b, jax.random.wrap_key_data(r))[0], argnums=(0, 1))
+        return flops(jax.jit(g).lower(params, emb, batch, key).compile())
+
+    d0, d1 = dec(0), dec(1)
+    n = cfg.loss.num_point_iters + cfg.loss.num_no_point_iters
+    loop = d0 + n * (d1 - d0)
+    return {"encoder_fwd_bwd": e, "first_decode_fwd_bwd": d0, "iteration_fwd_bwd": d1 - d0, "loop_fwd_bwd": loop}
+
+
+def recipe_copy(cfg, later_iters: int):
+    """`cfg` with `later_iters` point iterations and none without a point."""
+    c = cfg.copy_and_resolve_references()
+    c.loss.num_point_iters = later_iters
+    c.loss.num_no_point_iters = 0
+    return c
+
+
+def fits(peaks: dict[int, int], capacity: float) -> int:
+    """The largest per-chip batch whose peak fits `capacity` bytes, from peaks at measured batches
+    (a line through the smallest and largest; one batch: proportional)."""
+    bs = sorted(peaks)
+    if len(bs) == 1:
+        per = peaks[bs[0]] / bs[0]
+        fixed = 0.0
+    else:
+        per = (peaks[bs[-1]] - peaks[bs[0]]) / (bs[-1] - bs[0])
+        fixed = peaks[bs[0]] - per * bs[0]
+    return max(int((capacity - fixed) // per), 0) if per > 0 else 0
+
+
+def variants(args) -> list[dict]:
+    out = []
+    for model in args.models:
+        for dtype in args.dtypes:
+            for remat_enc in args.remat_encoder:
+                for remat_dec in args.remat_decoder:
+                    for chunk in args.mask_chunk:
+                        out.append(
+                            dict(
+                                model=model,
+                                dtype=dtype,
+                                remat_encoder=bool(remat_enc),
+                                remat_decoder=bool(remat_dec),
+                                mask_chunk=chunk,
+                            )
+                        )
+    return out
+
+
+def _row(r: dict) -> str:
+    g = lambda x: f"{x / GB:8.2f}"  # noqa: E731
+    return (
+        f"{r['model']:6} {r['dtype']:9} enc_remat={int(r['remat_encoder'])} dec_remat={int(r['remat_decoder'])} "
+        f"chunk={r['mask_chunk']:2} b={r['batch']} fsdp={r['fsdp']}  arg {g(r['argument'])} out {g(r['output'])} "
+        f"alias {g(r['alias'])} temp {g(r['temp'])} peak {g(r['peak'])} GB  ({r['compile_s']:.0f} s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vit_b", "vit_h"], choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1], help="images per chip")
+    ap.add_argument("--fsdp", nargs="+", type=int, default=[1, 8], help="simulated devices on the fsdp axis")
+    ap.add_argument("--remat-encoder", nargs="+", type=int, default=[1], help="encoder block remat: 0 and/or 1")
+    ap.add_argument("--remat-decoder", nargs="+", type=int, default=[0, 1], help="decoder pass remat: 0 and/or 1")
+    ap.add_argument("--mask-chunk", nargs="+", type=int, default=[0], help="masks per chunk (0: all)")
+    ap.add_argument("--masks", type=int, default=64, help="masks per image")
+    ap.add_argument("--flops", action="store_true", help="also the FLOP split (one device, batch 1)")
+    ap.add_argument("--out", default=str(RESULTS), help="JSON results (appended to by variant)")
+    args = ap.parse_args(argv)
+
+    # Simulated devices: set before JAX initialises its backends.
+    n = max(args.fsdp)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    if len(jax.devices()) < n:
+        sys.exit(f"need {n} devices, JAX has {len(jax.devices())} (XLA_FLAGS set before JAX started?)")
+
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.exists() else {"rows": [], "flops": []}
+    fields = ("model", "dtype", "remat_encoder", "remat_decoder", "mask_chunk", "masks")
+
+    def key(r):
+        return tuple(r[f] for f in (*fields, "batch", "fsdp"))
+
+    for v in variants(args):
+        cfg = recipe(
+            v["model"],
+            v["dtype"],
+            remat_encoder=v["remat_encoder"],
+            remat_decoder=v["remat_decoder"],
+            mask_chunk=v["mask_chunk"],
+            masks=args.masks,
+        )
+        if args.flops:
+            t = time.perf_counter()
+            split = {**v, "masks": args.masks, **flop_split(cfg)}
+            print(
+                f"{v['model']} enc_remat={int(v['remat_encoder'])} dec_remat={int(v['remat_decoder'])}: "
+                f"encoder fwd+bwd {split['encoder_fwd_bwd'] / 1e12:.2f} TFLOP, interactive loop fwd+bwd "
+                f"{split['loop_fwd_bwd'] / 1e12:.2f} TFLOP (one iteration {split['iteration_fwd_bwd'] / 1e12:.3f}) "
+                f"({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
+            old = [r for r in results["flops"] if any(r[f] != split[f] for f in fields)]
+            results["flops"] = [*old, split]
+            path.write_text(json.dumps(results, indent=1))
+        for fsdp in args.fsdp:
+            peaks = {}
+            for b in args.batches:
+                row = {**v, "masks": args.masks, "batch": b, "fsdp": fsdp, **analyze_step(cfg, b, fsdp)}
+                peaks[b] = row["peak"]
+                print(_row(row), flush=True)
+                results["rows"] = [r for r in results["rows"] if key(r) != key(row)] + [row]
+                path.write_text(json.dumps(results, indent=1))
+            print(f"    largest per-chip batch: 80 GB {fits(peaks, 80 * GB)}, 16 GB {fits(peaks, 16 * GB)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
