@@ -33,8 +33,11 @@ def _tiny_batch(b: int = 2, k: int = 4):
 
 
 def test_decoder_remat_and_mask_chunks_keep_loss_and_gradients():
+    """The decoder's part of the step (`interactive_loss`, given the embeddings: the options touch
+    nothing else), with and without the options: same loss, metrics and gradients (params and
+    embeddings)."""
     from sam_jax.model import init_params
-    from sam_jax.train.step import simulate_and_loss
+    from sam_jax.train.step import interactive_loss
     from sam_jax.train.trainer import model_config
 
     batch = _tiny_batch()
@@ -43,8 +46,10 @@ def test_decoder_remat_and_mask_chunks_keep_loss_and_gradients():
         cfg = train_scale.recipe("tiny", remat_decoder=remat, mask_chunk=chunk, point_iters=2, no_point_iters=1)
         mc = model_config(cfg)
         params = init_params(mc, jax.random.key(0))
-        f = functools.partial(simulate_and_loss, model_config=mc, cfg=cfg.loss)
-        (loss, metrics), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params, batch, jax.random.key(2))
+        emb = jax.random.normal(jax.random.key(3), (2, mc.embedding_size, mc.embedding_size, mc.prompt_embed_dim))
+        f = functools.partial(interactive_loss, model_config=mc, cfg=cfg.loss)
+        grad = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+        (loss, metrics), grads = jax.jit(grad)(params, emb, batch, jax.random.key(2))
         results.append((loss, metrics, grads))
     (loss0, m0, g0), (loss1, m1, g1) = results
     assert np.isfinite(float(loss0)) and float(loss0) > 0

@@ -113,9 +113,10 @@ def simulate_and_loss(
     Memory (`cfg.remat_decoder`, `cfg.mask_chunk`): with `remat_decoder` each decoder pass
     (the first decode and every later iteration) is rematerialised, its activations recomputed
     in the backward pass instead of stored, so only the iterations' carries (prompts and the
-    low-res mask prompt) are kept; `mask_chunk` runs the simulation for that many masks of each
-    image at a time (a `lax.map` over the chunks), so the backward pass of one decoder pass
-    holds the activations of one chunk of masks. Neither changes the loss or the gradients."""
+    low-res mask prompt) are kept; `mask_chunk` runs the simulation for at most that many masks of
+    each image at a time (the largest divisor of K not above it; a `lax.map` over the chunks), so
+    the backward pass of one decoder pass holds the activations of one chunk of masks. Neither
+    changes the loss or the gradients."""
     emb = encode(params, batch.images, config=model_config, drop_path_rng=jax.random.split(rng, 3)[2])
     if not train_image_encoder:
         emb = jax.lax.stop_gradient(emb)
@@ -140,8 +141,7 @@ def interactive_loss(
     run = functools.partial(_interactive_sums, params, emb, schedule=schedule, model_config=model_config, cfg=cfg)
     chunk = int(cfg.get("mask_chunk", 0) or 0)
     if 0 < chunk < k:
-        if k % chunk:
-            raise ValueError(f"loss.mask_chunk={chunk} must divide the masks per image ({k})")
+        chunk = max(d for d in range(1, chunk + 1) if k % d == 0)  # the largest divisor of K not above it
         # (B, K, ...) -> (K / chunk, B, chunk, ...): chunk c holds slots c*chunk.. of every image.
         split = lambda x: jnp.swapaxes(x.reshape(b, k // chunk, chunk, *x.shape[2:]), 0, 1)  # noqa: E731
         sums = jax.tree.map(lambda x: x.sum(0), jax.lax.map(run, jax.tree.map(split, rows)))

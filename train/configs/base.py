@@ -65,13 +65,14 @@ def get_config() -> ml_collections.ConfigDict:
     # among its image's captions (train.step.dense_text_loss). 0: none, the paper's losses only.
     c.loss.dense_text_weight = 0.0
     # Memory of the interactive loop (train.step.simulate_and_loss; same loss and gradients either
-    # way). remat_decoder: recompute each decoder pass in the backward pass instead of storing its
-    # activations for all 11 iterations x masks (vit_b, 64 masks, 1024 px: the step's temp memory
-    # drops from ~150 GB to the activations of one pass; costs one more decoder forward pass).
+    # way; bench/train_scale.py measures them). remat_decoder: recompute each decoder pass in the
+    # backward pass instead of storing its activations for all 11 iterations x 64 masks (vit_b,
+    # float32, batch 1, encoder remat: compiled temp memory 151 -> 38 GB; one more decoder forward).
     c.loss.remat_decoder = True
-    # mask_chunk: run the simulation for this many masks of an image at a time (0: all at once);
-    # must divide data.masks_per_image. Bounds one pass's activations by the chunk, not the 64 masks.
-    c.loss.mask_chunk = 0
+    # mask_chunk: simulate at most this many masks of an image at a time (the largest divisor of
+    # data.masks_per_image not above it; 0: all at once), so one decoder pass's backward holds one
+    # chunk's activations (vit_b as above: 38 -> 16 GB with 8). Same FLOPs, smaller decoder batches.
+    c.loss.mask_chunk = 8
 
     # Text prompts (paper, section 7.5; off by default; sam_jax/train/text.py). "image" (the
     # paper's): the CLIP image embedding of a crop around a large mask is its prompt. "caption":
