@@ -31,8 +31,8 @@ import numpy as np
 
 from sam_jax import amg
 from sam_jax.config import SamConfig
-from sam_jax.model import Params, SamModel, decode
-from sam_jax.predictor import SamPredictor, check_image
+from sam_jax.model import Params, SamModel
+from sam_jax.predictor import SamPredictor, check_image, decode_prompts
 from sam_jax.prompts import make_prompts
 from sam_jax.transforms import CHUNK_PIXELS, upsample_logits
 
@@ -55,8 +55,9 @@ def decode_point_batch(
         points=jnp.zeros((p, 2, 2), jnp.float32).at[:, 0].set(points),
         labels=jnp.asarray(prompts.labels).at[:, 0].set(1),
     )
-    # No mask prompts: the (1, h, w, C) embedding is shared by the P prompts (`TwoWayTransformer`).
-    low_res, iou = decode(params, embedding, prompts, config=config, multimask_output=True)
+    # No mask prompts: the (1, h, w, C) embedding is shared by the prompts (`TwoWayTransformer`),
+    # decoded `DECODE_BATCH` at a time.
+    low_res, iou = decode_prompts(params, embedding, prompts, config=config, multimask_output=True)
     return low_res.reshape(-1, *low_res.shape[2:]), iou.reshape(-1)
 
 

@@ -96,14 +96,38 @@ def check_text(text: Any, name: str = "text") -> list[str] | str:
     return list(text)
 
 
+# Prompts decoded together: a larger batch of prompts is decoded DECODE_BATCH at a time (a
+# `lax.map`), so the decoder's per-prompt activations (~20 MB a prompt at vit_b: upscaled mask
+# embeddings, image tokens) take memory for one sub-batch. On 2 CPU cores 4 x 16 prompts take
+# the time of 64 at once, with 330 MB of scratch memory instead of 1.26 GB.
+DECODE_BATCH = 16
+
+
 def decode_prompts(
-    params: Params, embedding: jax.Array, prompts: Prompts, *, config: SamConfig, multimask_output: bool
+    params: Params,
+    embedding: jax.Array,
+    prompts: Prompts,
+    *,
+    config: SamConfig,
+    multimask_output: bool,
+    max_batch: int = DECODE_BATCH,
 ) -> tuple[jax.Array, jax.Array]:
     """One image's embedding (1, h, w, C), B prompts -> low-res logits (B, M, 4h, 4w), IoU (B, M)
-    (the decoding half of `sam_jax.model.predict_masks`)."""
+    (the decoding half of `sam_jax.model.predict_masks`), in sub-batches of the largest divisor of
+    B between max_batch / 2 and max_batch (all B at once when there is none)."""
     b = prompts.labels.shape[0]
-    emb = embedding if prompts.mask_input is None else jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
-    return decode(params, emb, prompts, config=config, multimask_output=multimask_output)
+
+    def run(p: Prompts) -> tuple[jax.Array, jax.Array]:
+        n = p.labels.shape[0]
+        emb = embedding if p.mask_input is None else jnp.broadcast_to(embedding, (n, *embedding.shape[1:]))
+        return decode(params, emb, p, config=config, multimask_output=multimask_output)
+
+    sub = max((d for d in range(max(1, max_batch // 2), max_batch + 1) if b % d == 0), default=b)
+    if sub >= b:
+        return run(prompts)
+    split = jax.tree.map(lambda x: x.reshape(b // sub, sub, *x.shape[1:]), prompts)
+    low, iou = jax.lax.map(run, split)
+    return low.reshape(b, *low.shape[2:]), iou.reshape(b, *iou.shape[2:])
 
 
 def upsample_chunk(
@@ -132,7 +156,7 @@ class SamPredictor:
         if text_encoder is not None and width is not None and text_encoder.embed_dim != width:
             self._check_text_support()  # raises: the widths differ
         self.transform = ResizeLongestSide(sam_model.image_size)
-        self._decode = jax.jit(
+        self._predict = jax.jit(  # the decoder step; `_upsample` postprocesses its masks
             functools.partial(decode_prompts, config=sam_model.config), static_argnames="multimask_output"
         )
         self._upsample = jax.jit(
@@ -301,7 +325,7 @@ class SamPredictor:
     def _run(self, index, point_coords, point_labels, box, mask_input, multimask_output, return_logits, text=None):
         orig, inp = self._orig_hw[index], self._input_hw[index]
         prompts, n, _ = self._prepare_prompts(point_coords, point_labels, box, mask_input, orig, text)
-        low, iou = self._decode(
+        low, iou = self._predict(
             self.model.params, self.features[index : index + 1], prompts, multimask_output=bool(multimask_output)
         )
         masks = self._postprocess(low, n, tuple(inp), tuple(orig), bool(return_logits))

@@ -152,7 +152,7 @@ def test_no_recompile_within_a_bucket(predictors):
         ours.predict(point_coords=np.full((n, 2), 10.0), point_labels=np.ones(n))
     for b in (3, 4):  # prompts per call: bucket 4
         ours.predict(point_coords=np.full((b, 1, 2), 10.0), point_labels=np.ones((b, 1)))
-    assert ours._decode._cache_size() == 2 and ours._upsample._cache_size() == 2
+    assert ours._predict._cache_size() == 2 and ours._upsample._cache_size() == 2
 
 
 BAD = [
