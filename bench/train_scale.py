@@ -82,14 +82,14 @@ def abstract_step(cfg, per_chip_batch: int, fsdp: int):
     from sam_jax.train import sharding as shd
     from sam_jax.train.optim import make_optimizer
     from sam_jax.train.step import TrainBatch, init_state, train_step
-    from sam_jax.train.trainer import _state_shardings, loss_mask_size, model_config
+    from sam_jax.train.trainer import state_shardings, loss_mask_size, model_config
 
     mc = model_config(cfg)
     mesh = shd.make_mesh(1, fsdp, devices=jax.devices()[:fsdp])
     boxed = abstract_params(mc, boxed=True)
     abstract = abstract_params(mc)
     tx, schedule = make_optimizer(abstract, mc, cfg.optim)
-    state_sh = _state_shardings(tx, abstract, shd.logical_shardings(boxed, mesh), mesh)
+    state_sh = state_shardings(tx, abstract, shd.logical_shardings(boxed, mesh), mesh)
     shapes = jax.eval_shape(functools.partial(init_state, tx=tx, seed=cfg.seed), abstract)
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     bsh = shd.batch_sharding(mesh)

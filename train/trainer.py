@@ -201,7 +201,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_
 # ----------------------------------------------------------------------------- trainer
 
 
-def _state_shardings(tx: optax.GradientTransformation, abstract: Params, param_sh: Any, mesh) -> TrainState:
+def state_shardings(tx: optax.GradientTransformation, abstract: Params, param_sh: Any, mesh) -> TrainState:
+    """The shardings of a `TrainState`: params (and their optimizer moments) as `param_sh`, the rest replicated."""
     from optax.transforms._masking import MaskedNode  # the frozen params' (empty) optimizer state
 
     rep = shd.replicated(mesh)
@@ -274,9 +275,9 @@ def make_checkpoint_manager(directory: Path, cfg: ml_collections.ConfigDict):
 
 def make_dataset(cfg: ml_collections.ConfigDict, mc: SamConfig, mask_size: int, text_prompts: Any = None):
     """This process's slice of the training data: (the SA-1B-layout source, the batched grain dataset)."""
-    from sam_jax.train.sa1b import SA1BSource
+    from sam_jax.train.sources import open_source
 
-    source = SA1BSource(cfg.data.train_dir, cache=cfg.data.cache_records)
+    source = open_source(cfg.data.train_dir, cfg.data.train_images or None, cache=cfg.data.cache_records)
     dataset = make_train_dataset(
         source,
         mc,
@@ -366,7 +367,7 @@ class Trainer:
         boxed = abstract_params(self.model_config, boxed=True)
         abstract = abstract_params(self.model_config)
         self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim)
-        self.state_sharding = _state_shardings(self.tx, abstract, shd.logical_shardings(boxed, self.mesh), self.mesh)
+        self.state_sharding = state_shardings(self.tx, abstract, shd.logical_shardings(boxed, self.mesh), self.mesh)
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self._step = jax.jit(
             functools.partial(

@@ -21,10 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     c.data = ml_collections.ConfigDict()
-    c.data.train_dir = ""  # SA-1B layout: NAME.jpg + NAME.json
+    c.data.train_dir = ""  # SA-1B layout (NAME.jpg + NAME.json), a COCO instances .json, or images/ + masks/
     c.data.eval_dir = ""
     c.data.masks_per_image = 64  # the paper samples at most 64 masks per GPU
     c.data.max_mask_fraction = 0.9  # masks covering more than 90% of the image are dropped
+    c.data.train_images = ""  # a COCO .json train_dir: its images' folder (default: the JSON's folder)
     c.data.cache_records = False  # keep decoded records in memory (small data sets: no decoding after epoch 1)
 
     c.optim = ml_collections.ConfigDict()

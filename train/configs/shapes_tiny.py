@@ -25,6 +25,7 @@ def get_config():
     c.optim.layer_decay = 1.0
     c.loss.num_point_iters = 2  # 8 in the paper
     c.loss.num_no_point_iters = 1
+    c.loss.remat_decoder = False  # a small model's decoder passes fit in memory: no recomputation
     c.checkpoint.every = 100
     c.checkpoint.keep = 2
     c.log_every = 20
