@@ -82,7 +82,7 @@ def abstract_step(cfg, per_chip_batch: int, fsdp: int):
     from sam_jax.train import sharding as shd
     from sam_jax.train.optim import make_optimizer
     from sam_jax.train.step import TrainBatch, init_state, train_step
-    from sam_jax.train.trainer import state_shardings, loss_mask_size, model_config
+    from sam_jax.train.trainer import loss_mask_size, model_config, state_shardings
 
     mc = model_config(cfg)
     mesh = shd.make_mesh(1, fsdp, devices=jax.devices()[:fsdp])
