@@ -184,45 +184,42 @@ def _check_runs(runs: np.ndarray, h: int, w: int, where: str) -> None:
 # --------------------------------------------------------------------------- grain
 
 
-class SA1BSource:
-    """A grain ``RandomAccessDataSource`` over the records of an SA-1B-layout folder.
+class RecordSource:
+    """The shared half of the user-data sources: read-time skips, the record cache, pickling.
 
-    ``source[i]`` is :func:`load_record` of the ``i``-th pair of :func:`list_records`, or
-    ``None`` when that record is corrupt: a warning names the file (once per file and
-    process) and ``num_skipped`` counts the skips (every skip; process-local, so with grain
-    worker processes each worker has its own count).
+    A subclass sets ``root`` and implements ``__len__`` and ``_load(index)``, which returns a
+    record or ``None`` after calling :meth:`_skip` for each part it leaves out.
 
-    ``cache=True`` keeps each decoded record in memory after its first read (read-only
-    arrays), so later epochs skip the JPEG and RLE decoding: for data sets that fit in
-    memory (`make demo`'s 400 images: ~160 MB), where the decoding would take the host
-    cores from the training step. Corrupt records are not cached (each read counts).
+    ``skipped`` counts what was left out, per reason: the reasons known when the source is
+    opened (malformed entries, images without masks, ...) from construction on, those found
+    when a record is read (a missing image file, an empty mask, ...) once per file or
+    annotation as they are met (process-local: with grain worker processes each worker counts
+    its own). ``num_skipped`` counts every read that returned ``None``, as in ``SA1BSource``.
     """
 
-    def __init__(self, root: str | Path, cache: bool = False):
-        self.root = Path(root)
-        self.records = list_records(self.root)
-        self.num_skipped = 0
-        self.skipped_files: set[str] = set()
-        self._lock = threading.Lock()
+    root: Path
+
+    def __init__(self, cache: bool = False):
         self.cache = cache
+        self.skipped: dict[str, int] = {}
+        self.num_skipped = 0
+        self._seen: set[tuple[str, str]] = set()
         self._cached: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self.records)
+        raise NotImplementedError
+
+    def _load(self, index: int) -> dict[str, Any] | None:
+        raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         if index in self._cached:
             return self._cached[index]
-        image_path, json_path = self.records[index]
-        try:
-            record = load_record(image_path, json_path)
-        except DataError as e:
+        record = self._load(index)
+        if record is None:
             with self._lock:
                 self.num_skipped += 1
-                first = str(image_path) not in self.skipped_files
-                self.skipped_files.add(str(image_path))
-            if first:
-                warnings.warn(f"skipping corrupt record {image_path.name}: {e}", RuntimeWarning, stacklevel=2)
             return None
         if self.cache:
             for v in record.values():
@@ -231,8 +228,24 @@ class SA1BSource:
             self._cached[index] = record
         return record
 
-    def __repr__(self) -> str:
-        return f"SA1BSource(root={str(self.root)!r}, records={len(self.records)})"
+    def _count(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` static skips (found when the source is opened)."""
+        if n:
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def _skip(self, reason: str, key: str, message: str) -> None:
+        """A read-time skip of ``key`` (a file or an annotation): counted and warned about once."""
+        with self._lock:
+            first = (reason, key) not in self._seen
+            if first:
+                self._seen.add((reason, key))
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if first:
+            warnings.warn(f"skipping {reason}: {message}", RuntimeWarning, stacklevel=4)
+
+    def _empty_error(self, what: str) -> DataError:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
+        return DataError(f"{self.root}: no usable {what}" + (f" (left out: {counts})" if counts else ""))
 
     # Picklable for grain's worker processes (a lock is not).
     def __getstate__(self) -> dict:
@@ -244,6 +257,39 @@ class SA1BSource:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class SA1BSource(RecordSource):
+    """A grain ``RandomAccessDataSource`` over the records of an SA-1B-layout folder.
+
+    ``source[i]`` is :func:`load_record` of the ``i``-th pair of :func:`list_records`, or
+    ``None`` when that record is corrupt: a warning names the file (once per file and
+    process), ``skipped["corrupt record"]`` counts the files and ``num_skipped`` every skip.
+
+    ``cache=True`` keeps each decoded record in memory after its first read (read-only
+    arrays), so later epochs skip the JPEG and RLE decoding: for data sets that fit in
+    memory (`make demo`'s 400 images: ~160 MB), where the decoding would take the host
+    cores from the training step. Corrupt records are not cached (each read counts).
+    """
+
+    def __init__(self, root: str | Path, cache: bool = False):
+        super().__init__(cache)
+        self.root = Path(root)
+        self.records = list_records(self.root)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, index: int) -> dict[str, Any] | None:
+        image_path, json_path = self.records[index]
+        try:
+            return load_record(image_path, json_path)
+        except DataError as e:
+            self._skip("corrupt record", str(image_path), f"{image_path.name}: {e}")
+            return None
+
+    def __repr__(self) -> str:
+        return f"SA1BSource(root={str(self.root)!r}, records={len(self.records)})"
 
 
 def make_map_dataset(

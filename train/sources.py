@@ -12,14 +12,11 @@ float32 XYWH, "path": str}``; ``source[i]`` is ``None`` for a record that cannot
 
 from __future__ import annotations
 
-import threading
-import warnings
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from sam_jax.train.sa1b import DataError, RecordSource
 
-from sam_jax.train.sa1b import DataError
+__all__ = ["RecordSource", "open_source"]
 
 EXPECTED = (
     "expected a COCO instances .json file, a folder with images/ and masks/ subfolders, "
@@ -71,78 +68,3 @@ def open_source(
         have, lack = ("images", "masks") if (path / "images").is_dir() else ("masks", "images")
         hint = f" (it has {have}/ but no {lack}/)"
     raise DataError(f"{path}: no data set recognised{hint}; {EXPECTED}")
-
-
-class RecordSource:
-    """The shared half of the user-data sources: read-time skips, the record cache, pickling.
-
-    A subclass sets ``root`` and implements ``__len__`` and ``_load(index)``, which returns a
-    record or ``None`` after calling :meth:`_skip` for each part it leaves out.
-
-    ``skipped`` counts what was left out, per reason: the reasons known when the source is
-    opened (malformed entries, images without masks, ...) from construction on, those found
-    when a record is read (a missing image file, an empty mask, ...) once per file or
-    annotation as they are met (process-local: with grain worker processes each worker counts
-    its own). ``num_skipped`` counts every read that returned ``None``, as in ``SA1BSource``.
-    """
-
-    root: Path
-
-    def __init__(self, cache: bool = False):
-        self.cache = cache
-        self.skipped: dict[str, int] = {}
-        self.num_skipped = 0
-        self._seen: set[tuple[str, str]] = set()
-        self._cached: dict[int, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def _load(self, index: int) -> dict[str, Any] | None:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        if index in self._cached:
-            return self._cached[index]
-        record = self._load(index)
-        if record is None:
-            with self._lock:
-                self.num_skipped += 1
-            return None
-        if self.cache:
-            for v in record.values():
-                if isinstance(v, np.ndarray):
-                    v.flags.writeable = False  # shared by every later read
-            self._cached[index] = record
-        return record
-
-    def _count(self, reason: str, n: int = 1) -> None:
-        """Count ``n`` static skips (found when the source is opened)."""
-        if n:
-            self.skipped[reason] = self.skipped.get(reason, 0) + n
-
-    def _skip(self, reason: str, key: str, message: str) -> None:
-        """A read-time skip of ``key`` (a file or an annotation): counted and warned about once."""
-        with self._lock:
-            first = (reason, key) not in self._seen
-            if first:
-                self._seen.add((reason, key))
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if first:
-            warnings.warn(f"skipping {reason}: {message}", RuntimeWarning, stacklevel=4)
-
-    def _empty_error(self, what: str) -> DataError:
-        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
-        return DataError(f"{self.root}: no usable {what}" + (f" (left out: {counts})" if counts else ""))
-
-    # Picklable for grain's worker processes (a lock is not).
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        state["_cached"] = {}  # each worker process fills its own
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
