@@ -207,16 +207,28 @@ def mask_to_rle(masks: np.ndarray) -> list[dict[str, Any]]:
     return out
 
 
-def transposed_mask_to_rle(mask_t: np.ndarray) -> dict[str, Any]:
+def transposed_mask_to_rle(mask_t: np.ndarray, as_list: bool = True) -> dict[str, Any]:
     """`mask_to_rle` of one mask given transposed: mask_t (W, H) bool is the (H, W) mask's
-    transpose, so its C order is the RLE's column-major order -> {"size": [H, W], "counts": [...]}."""
+    transpose, so its C order is the RLE's column-major order -> {"size": [H, W], "counts": [...]}.
+
+    With `as_list=False` the counts are an int32 numpy array (4 bytes a run instead of a Python
+    int's ~36: what the generator keeps until its records are made); `rle_to_mask`,
+    `area_from_rle` and `rle_counts_to_list` take either.
+    """
     w, h = mask_t.shape
     flat = np.ascontiguousarray(mask_t).reshape(-1)
     ends = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(ends, prepend=0, append=flat.size).tolist()
+    counts = np.diff(ends, prepend=0, append=flat.size)
     if flat.size and flat[0]:
-        counts.insert(0, 0)
-    return {"size": [h, w], "counts": counts}
+        counts = np.concatenate([[0], counts])
+    counts = counts.astype(np.int32)
+    return {"size": [h, w], "counts": counts.tolist() if as_list else counts}
+
+
+def rle_counts_to_list(rle: dict[str, Any]) -> dict[str, Any]:
+    """An uncompressed RLE with "counts" as a list of Python ints (the official form)."""
+    counts = rle["counts"]
+    return rle if isinstance(counts, list) else {"size": list(rle["size"]), "counts": counts.tolist()}
 
 
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
@@ -229,7 +241,7 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
 
 def area_from_rle(rle: dict[str, Any]) -> int:
     """The number of set pixels of an uncompressed RLE."""
-    return int(sum(rle["counts"][1::2]))
+    return int(np.sum(np.asarray(rle["counts"][1::2], dtype=np.int64)))
 
 
 def coco_encode_rle(uncompressed_rle: dict[str, Any]) -> dict[str, Any]:

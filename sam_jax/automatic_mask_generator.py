@@ -307,12 +307,13 @@ class SamAutomaticMaskGenerator:
             new_boxes.append(amg.mask_to_box_np(mask))
             scores.append(float(unchanged))
             if not unchanged:
-                rles[i] = amg.transposed_mask_to_rle(mask.T)
+                rles[i] = amg.transposed_mask_to_rle(mask.T, as_list=False)
                 boxes[i] = new_boxes[-1]
         keep = amg.nms_indices(np.stack(new_boxes).astype(np.float32), np.asarray(scores), nms_thresh)
         return _take({**data, "rles": rles, "boxes": boxes}, keep)
 
     def _records(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        data = {**data, "rles": [amg.rle_counts_to_list(rle) for rle in data["rles"]]}
         if self.output_mode == "coco_rle":
             segs = [amg.coco_encode_rle(rle) for rle in data["rles"]]
         elif self.output_mode == "binary_mask":
@@ -377,10 +378,10 @@ class _CropMasks:
         x0, y0, x1, y1 = self.crop_box
         for i in idx:
             if self._canvas is None:
-                self.rles.append(amg.transposed_mask_to_rle(masks_t[i]))
+                self.rles.append(amg.transposed_mask_to_rle(masks_t[i], as_list=False))
             else:
                 self._canvas[x0:x1, y0:y1] = masks_t[i]
-                self.rles.append(amg.transposed_mask_to_rle(self._canvas))
+                self.rles.append(amg.transposed_mask_to_rle(self._canvas, as_list=False))
         self.boxes.append(boxes[idx])
         self.iou_preds.append(iou[idx])
         self.stability.append(stability[idx])

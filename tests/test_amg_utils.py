@@ -204,6 +204,18 @@ def test_mask_to_rle_matches_official():
     assert amg.mask_to_rle(np.zeros((0, 4, 5), dtype=bool)) == []
 
 
+def test_transposed_mask_to_rle():
+    """The RLE of a mask given transposed (the generator's layout) == `mask_to_rle` of the mask, as a list or
+    as an int32 array that decodes, measures and converts the same."""
+    masks = _rle_test_masks()
+    for mask, ref in zip(masks, amg.mask_to_rle(masks)):
+        assert amg.transposed_mask_to_rle(np.ascontiguousarray(mask.T)) == ref
+        packed = amg.transposed_mask_to_rle(mask.T, as_list=False)
+        assert packed["counts"].dtype == np.int32 and amg.rle_counts_to_list(packed) == ref
+        np.testing.assert_array_equal(amg.rle_to_mask(packed), mask)
+        assert amg.area_from_rle(packed) == amg.area_from_rle(ref) == int(mask.sum())
+
+
 def test_rle_round_trip_and_area():
     masks = _rle_test_masks()
     for mask, rle in zip(masks, amg.mask_to_rle(masks)):
