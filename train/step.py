@@ -138,37 +138,40 @@ def interactive_loss(
     rows = {"keys": row_keys, "gt": batch.masks, "valid": batch.valid}
     if batch.text is not None:
         rows.update(text=batch.text, text_valid=batch.text_valid, text_masks=batch.text_masks)
-    run = functools.partial(_interactive_sums, params, emb, schedule=schedule, model_config=model_config, cfg=cfg)
-    chunk = int(cfg.get("mask_chunk", 0) or 0)
+    run = functools.partial(_interactive_means, params, emb, schedule=schedule, model_config=model_config, cfg=cfg)
+    chunk = int(cfg.mask_chunk or 0)
     if 0 < chunk < k:
         chunk = max(d for d in range(1, chunk + 1) if k % d == 0)  # the largest divisor of K not above it
+    if 0 < chunk < k:
         # (B, K, ...) -> (K / chunk, B, chunk, ...): chunk c holds slots c*chunk.. of every image.
         split = lambda x: jnp.swapaxes(x.reshape(b, k // chunk, chunk, *x.shape[2:]), 0, 1)  # noqa: E731
-        sums = jax.tree.map(lambda x: x.sum(0), jax.lax.map(run, jax.tree.map(split, rows)))
-    else:
-        sums = run(rows)
-    n = jnp.maximum(sums.pop("n"), 1.0)
-    text_n = sums.pop("text_n", None)
-    text_iou = sums.pop("text_iou", None)
-    out = {name: v / n for name, v in sums.items()}
+        parts = jax.lax.map(run, jax.tree.map(split, rows))  # each chunk's means over its valid rows
+        out = _pooled_means(parts, "n", [name for name in parts if name not in ("n", "text_n", "text_iou")])
+        if "text_iou" in parts:
+            out.update(_pooled_means(parts, "text_n", ["text_iou"]))
+    else:  # one chunk: the means as computed, without a round trip through sums
+        out = {name: v for name, v in run(rows).items() if name not in ("n", "text_n")}
     total = out["loss"]
     if batch.text is not None and cfg.dense_text_weight:
         dense = dense_text_loss(params, emb, batch.text, batch.text_masks, batch.text_valid & batch.valid, model_config)
         total = total + cfg.dense_text_weight * dense
         out["dense_text_loss"] = dense
-    if text_iou is not None:
-        # What the text alone selects: the IoU of the trained first output of the text-prompted
-        # rows (0 in a batch without one).
-        out["text_iou"] = text_iou / jnp.maximum(text_n, 1.0)
     return total, out
 
 
-def _interactive_sums(
+def _pooled_means(parts: dict[str, jax.Array], count: str, names: list[str]) -> dict[str, jax.Array]:
+    """Per-chunk means (C,) of `names`, each over `parts[count]` (C,) rows -> the means over all the rows."""
+    n = parts[count]
+    total = jnp.maximum(n.sum(), 1.0)
+    return {name: (parts[name] * n).sum() / total for name in names}
+
+
+def _interactive_means(
     params: Any, emb: jax.Array, rows: dict[str, jax.Array], *, schedule: jax.Array, model_config: SamConfig, cfg: Any
 ) -> dict[str, jax.Array]:
     """The interactive simulation of the mask rows `rows` (each (B, k, ...): k masks of each of
-    the B images of `emb`) -> the loss and metrics summed over the valid rows, with their count
-    `n` (and `text_iou` summed over the `text_n` text-prompted rows)."""
+    the B images of `emb`) -> the loss and metrics as means over the valid rows, with their count
+    `n` (and `text_iou`, the mean over the `text_n` text-prompted rows: 0 without one)."""
     gt, valid = rows["gt"], rows["valid"]
     b, k, m, _ = gt.shape
     row_keys = rows["keys"].reshape(b * k)
@@ -182,7 +185,7 @@ def _interactive_sums(
     n = sim.num_slots(cfg.num_point_iters, k_pts)
     s = model_config.image_size
     up = lambda x: upsample_logits(x, m)  # noqa: E731  low-res logits -> the loss grid
-    remat = bool(cfg.get("remat_decoder", False))
+    remat = bool(cfg.remat_decoder)
     # Each decoder pass recomputed in the backward pass, nothing of it stored (a scan body needs
     # no CSE barrier: prevent_cse=False there, as jax.checkpoint's docs advise).
     no_remat = lambda f: f  # noqa: E731
@@ -265,19 +268,18 @@ def _interactive_sums(
         final = jax.tree.map(lambda x: x[-1], metrics)
     else:
         total, final = loss0, metrics0
-    # Means over the valid rows -> sums (a mean over no row is 0, so the sum is too).
-    count = valid.astype(jnp.float32).sum()
     out = {
         "loss": total,
         "first_iou": metrics0["mask_iou"],
         "last_iou": final["mask_iou"],
         **{f"first_{name}": v for name, v in metrics0.items() if name != "mask_iou"},
+        "n": valid.astype(jnp.float32).sum(),
     }
-    out = {name: v * count for name, v in out.items()}
-    out["n"] = count
     if text is not None:
+        # What the text alone selects: the IoU of the trained first output of the text-prompted
+        # rows (0 in a batch without one).
         w = (text_mask[:, 0] & valid).astype(jnp.float32)
-        out["text_iou"] = (chosen_iou0 * w).sum()
+        out["text_iou"] = (chosen_iou0 * w).sum() / jnp.maximum(w.sum(), 1.0)
         out["text_n"] = w.sum()
     return out
 
