@@ -232,8 +232,9 @@ def _auto(args: argparse.Namespace) -> None:
                 "annotations": annotations,
             },
         )
-        masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in sorted(records, key=lambda r: -r["area"])]
-        overlay(image, masks, colors=mask_colors(len(masks))).save(out / f"{path.stem}_overlay.png")
+        ordered = sorted(records, key=lambda r: -r["area"])
+        masks = (mask_utils.decode(r["segmentation"]).view(bool) for r in ordered)  # one mask in memory at a time
+        overlay(image, masks, colors=mask_colors(len(ordered))).save(out / f"{path.stem}_overlay.png")
         if not show:
             print(f"{path}: {len(records)} masks -> {out / (path.stem + '.json')}")
 

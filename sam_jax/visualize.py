@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -21,7 +21,7 @@ def mask_colors(n: int, seed: int = 0) -> np.ndarray:
 
 def overlay(
     image: np.ndarray,
-    masks: Sequence[np.ndarray] | np.ndarray,
+    masks: Iterable[np.ndarray] | np.ndarray,
     colors: np.ndarray | None = None,
     points: np.ndarray | None = None,
     labels: np.ndarray | None = None,
@@ -29,9 +29,12 @@ def overlay(
     alpha: float = 0.55,
 ) -> Image.Image:
     """image (H, W, 3) uint8 with each mask (H, W) bool tinted in its colour; foreground
-    points green, background points red, the box yellow."""
+    points green, background points red, the box yellow. `masks` may be an iterator (one mask in
+    memory at a time), then with `colors` given."""
     out = image.astype(np.float32)
-    colors = mask_colors(len(masks)) if colors is None else colors
+    if colors is None:
+        masks = list(masks)
+        colors = mask_colors(len(masks))
     for mask, color in zip(masks, colors):
         out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
     img = Image.fromarray(out.astype(np.uint8))
