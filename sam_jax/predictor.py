@@ -1,5 +1,6 @@
 """`SamPredictor`: the official predictor's API (plus SAM 2's batched prompts and images, and
-text prompts) over the jitted functional core (`sam_jax.model.predict_masks`).
+text prompts) over jitted steps: `decode_prompts` (the decoder, in sub-batches) and `upsample_chunk` (masks at
+the original size, a chunk at a time).
 
     predictor = SamPredictor(sam)
     predictor.set_image(image)                       # HxWx3 uint8 RGB
