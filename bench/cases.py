@@ -443,7 +443,7 @@ def train_configs(model: str, data_dir: Path) -> dict[str, Any]:
 
 
 def _train_flops(trainer, batch: dict[str, np.ndarray]) -> float:
-    from sam_jax.train.step import train_step
+    from sam_jax.train.step import TrainBatch, train_step
 
     cfg = trainer.cfg
     fn = jax.jit(
@@ -451,7 +451,7 @@ def _train_flops(trainer, batch: dict[str, np.ndarray]) -> float:
             train_step, model_config=trainer.model_config, cfg=cfg.loss, tx=trainer.tx, schedule=trainer.schedule
         )
     )
-    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype), batch)
+    shapes = TrainBatch(**{k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()})
     return xla_flops(fn, trainer.state, shapes)
 
 
