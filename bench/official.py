@@ -19,33 +19,41 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor, modeling
 
 def build_official(config) -> modeling.Sam:
     """The official `Sam` built with a sam-jax config's hyperparameters (as `build_sam._build_sam`)."""
-    enc, dec = config.image_encoder, config.mask_decoder
-    e = config.embedding_size
-    sam = modeling.Sam(
-        image_encoder=modeling.ImageEncoderViT(
-            depth=enc.depth,
-            embed_dim=enc.embed_dim,
-            img_size=enc.img_size,
-            mlp_ratio=enc.mlp_ratio,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=enc.num_heads,
-            patch_size=enc.patch_size,
-            qkv_bias=enc.qkv_bias,
-            use_abs_pos=enc.use_abs_pos,
-            use_rel_pos=enc.use_rel_pos,
-            global_attn_indexes=list(enc.global_attn_indexes),
-            window_size=enc.window_size,
-            out_chans=config.prompt_embed_dim,
-        ),
-        prompt_encoder=modeling.PromptEncoder(
+    enc = config.image_encoder
+    image_encoder = modeling.ImageEncoderViT(
+        depth=enc.depth,
+        embed_dim=enc.embed_dim,
+        img_size=enc.img_size,
+        mlp_ratio=enc.mlp_ratio,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        num_heads=enc.num_heads,
+        patch_size=enc.patch_size,
+        qkv_bias=enc.qkv_bias,
+        use_abs_pos=enc.use_abs_pos,
+        use_rel_pos=enc.use_rel_pos,
+        global_attn_indexes=list(enc.global_attn_indexes),
+        window_size=enc.window_size,
+        out_chans=config.prompt_embed_dim,
+    )
+    return build_sam_around(modeling, image_encoder, config)
+
+
+def build_sam_around(package_modeling, image_encoder: torch.nn.Module, config) -> torch.nn.Module:
+    """`package_modeling.Sam` (segment_anything's or a family member's `modeling`) with this image
+    encoder and the prompt encoder and mask decoder of a sam-jax config, in eval mode."""
+    dec, e = config.mask_decoder, config.embedding_size
+    m = package_modeling
+    sam = m.Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=m.PromptEncoder(
             embed_dim=config.prompt_embed_dim,
             image_embedding_size=(e, e),
             input_image_size=(config.image_size, config.image_size),
             mask_in_chans=config.prompt_encoder.mask_in_chans,
         ),
-        mask_decoder=modeling.MaskDecoder(
+        mask_decoder=m.MaskDecoder(
             num_multimask_outputs=dec.num_multimask_outputs,
-            transformer=modeling.TwoWayTransformer(
+            transformer=m.TwoWayTransformer(
                 depth=dec.transformer_depth,
                 embedding_dim=config.prompt_embed_dim,
                 mlp_dim=dec.transformer_mlp_dim,
@@ -81,6 +89,8 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 t.copy_(noise)
             elif leaf == "bias" or "rel_pos" in leaf or leaf == "pos_embed":
                 t.copy_(0.1 * noise)
+            elif leaf == "attention_biases":  # TinyViT's per-offset biases: large enough that a misplaced one shows
+                t.copy_(noise)
             elif t.ndim == 1:  # norm weights
                 t.copy_(1.0 + 0.1 * noise)
             elif name in tables:  # nn.Embedding tables
@@ -128,6 +138,7 @@ __all__ = [
     "segment_anything",
     "modeling",
     "build_official",
+    "build_sam_around",
     "randomize_",
     "sharpen_",
     "state_dict_numpy",

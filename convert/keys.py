@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from sam_jax.config import SamConfig
+from sam_jax.config import SamConfig, TinyViTConfig
 
 # ---------------------------------------------------------------------------
 # Named layout transforms: official (PyTorch) layout -> Flax layout, and back.
@@ -65,7 +65,7 @@ INVERSE: dict[Callable, Callable] = {
 @dataclasses.dataclass(frozen=True)
 class Row:
     official: str  # official segment_anything state-dict key
-    hf: str  # Hugging Face transformers SamModel key
+    hf: str | None  # Hugging Face transformers SamModel key (None: the model has none, as TinyViT)
     flax: tuple[str, ...]  # path in the Flax params tree
     transform: Callable[[np.ndarray], np.ndarray]  # official layout -> Flax layout
 
@@ -208,14 +208,16 @@ def _mask_decoder(cfg: SamConfig) -> Iterator[Row]:
 
 
 def key_table(config: SamConfig) -> list[Row]:
-    """Every tensor of a SAM with this config, in the official module order."""
-    if config.image_encoder.high_res_channels:
+    """Every tensor of a SAM with this config, in the official module order (MobileSAM's TinyViT
+    encoder: `keys_tiny_vit`)."""
+    tiny_vit = isinstance(config.image_encoder, TinyViTConfig)
+    if not tiny_vit and config.image_encoder.high_res_channels:
         raise ValueError(
             f"the {config.name} model has high-res features (image_encoder.high_res_channels="
             f"{config.image_encoder.high_res_channels}), which the official SAM does not have: it cannot be "
             "converted to or from official checkpoints (save_params / load_model keep it whole)"
         )
-    if config.image_encoder.conv_stem:
+    if not tiny_vit and config.image_encoder.conv_stem:
         raise ValueError(
             f"the {config.name} model has a convolutional stem "
             f"(image_encoder.conv_stem={config.image_encoder.conv_stem}) "
@@ -229,4 +231,18 @@ def key_table(config: SamConfig) -> list[Row]:
             "which the official SAM does not have: it cannot be converted to or from official checkpoints "
             "(save_params / load_model keep it whole)"
         )
+    if tiny_vit:
+        from sam_jax.convert.keys_tiny_vit import tiny_vit_rows
+
+        return [*tiny_vit_rows(config), *_prompt_encoder(config), *_mask_decoder(config)]
     return [*_image_encoder(config), *_prompt_encoder(config), *_mask_decoder(config)]
+
+
+def ignored_buffers(config: SamConfig) -> list[str]:
+    """Official keys of buffers that inference never reads and sam-jax does not keep (TinyViT's
+    BatchNorm `num_batches_tracked`): accepted on load, written as 0 on export."""
+    if isinstance(config.image_encoder, TinyViTConfig):
+        from sam_jax.convert.keys_tiny_vit import tiny_vit_buffers
+
+        return tiny_vit_buffers(config)
+    return []

@@ -3,7 +3,7 @@
 - `to_flax(state_dict, config)`: official or Hugging Face keys -> Flax params. Every
   missing, unexpected or mis-shaped tensor is reported in one `CheckpointError`.
 - `to_official(params, config)`: Flax params -> official keys (for export).
-- `infer_model_type(state_dict)`: vit_b / vit_l / vit_h from the tensors' shapes.
+- `infer_model_type(state_dict)`: vit_b / vit_l / vit_h / vit_t from the tensors' shapes.
 Precision is never changed here: tensors keep the dtype they were stored with,
 except that the loader casts to the float32 params when a checkpoint is half precision.
 """
@@ -16,9 +16,9 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from sam_jax.config import CONFIGS, SamConfig, get_config
+from sam_jax.config import CONFIGS, SamConfig, TinyViTConfig, get_config
 from sam_jax.convert.errors import CheckpointError, check_keys, set_path
-from sam_jax.convert.keys import Row, key_table
+from sam_jax.convert.keys import Row, ignored_buffers, key_table
 
 KeyStyle = Literal["official", "hf"]
 # Hugging Face ties the positional-encoding matrix to a second name; some files hold both.
@@ -38,12 +38,50 @@ def key_style(state_dict: Mapping[str, Any]) -> KeyStyle:
 
 
 def _row_key(row: Row, style: KeyStyle) -> str:
+    if style == "hf" and row.hf is None:
+        raise CheckpointError(
+            f"a checkpoint with Hugging Face key names, but {row.official} has none: this model's checkpoints "
+            "use the official key names"
+        )
     return row.hf if style == "hf" else row.official
 
 
+# The first convolution of TinyViT's stem (MobileSAM), where the ViT has `patch_embed.proj`.
+TINY_VIT_STEM = "image_encoder.patch_embed.seq.0.c.weight"
+
+
+def _infer_tiny_vit(state_dict: Mapping[str, np.ndarray]) -> str:
+    """The registered TinyViT model (vit_t) whose stage widths and depths a state dict has."""
+
+    def width(key: str) -> int | None:
+        return int(np.shape(state_dict[key])[0]) if key in state_dict else None
+
+    found_depths, found_widths, i = [], [width("image_encoder.patch_embed.seq.2.c.weight")], 0
+    while any(k.startswith(f"image_encoder.layers.{i}.") for k in state_dict):
+        prefix = f"image_encoder.layers.{i}.blocks."
+        found_depths.append(len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)}))
+        found_widths.append(width(f"image_encoder.layers.{i}.downsample.conv1.c.weight"))
+        i += 1
+    found = (tuple(found_widths[: len(found_depths)]), tuple(found_depths))
+    known = {}
+    for name, make in CONFIGS.items():
+        enc = make().image_encoder
+        if isinstance(enc, TinyViTConfig):
+            known[name] = (enc.embed_dims, enc.depths)
+            if known[name] == found:
+                return name
+    raise CheckpointError(
+        f"cannot infer the model type: a TinyViT image encoder (MobileSAM) of widths {found[0]} and depths "
+        f"{found[1]} matches none of {', '.join(f'{n} {w} {d}' for n, (w, d) in known.items())}; pass the config "
+        "explicitly"
+    )
+
+
 def infer_model_type(state_dict: Mapping[str, np.ndarray]) -> str:
-    """The official variant (vit_b, vit_l or vit_h) whose shapes a state dict has."""
+    """The official variant (vit_b, vit_l, vit_h or MobileSAM's vit_t) whose shapes a state dict has."""
     style = key_style(state_dict)
+    if style == "official" and TINY_VIT_STEM in state_dict:
+        return _infer_tiny_vit(state_dict)
     patch = "vision_encoder.patch_embed.projection.weight" if style == "hf" else "image_encoder.patch_embed.proj.weight"
     block = "vision_encoder.layers." if style == "hf" else "image_encoder.blocks."
     if patch not in state_dict:
@@ -84,9 +122,11 @@ def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig, *, consume:
         raise AssertionError(f"key table out of sync with the model: {sorted(table_paths ^ set(expected))[:5]}")
 
     known = {_row_key(row, style) for row in table}
+    buffers = set(ignored_buffers(config))  # read by no model: accepted, present or not, if scalars
     missing = [_row_key(row, style) for row in table if _row_key(row, style) not in state_dict]
-    unexpected = [k for k in state_dict if k not in known]
-    misshaped, params = [], {}
+    unexpected = [k for k in state_dict if k not in known and k not in buffers]
+    misshaped = [f"{k} {tuple(np.shape(state_dict[k]))}" for k in buffers if k in state_dict and np.ndim(state_dict[k])]
+    params = {}
     for row in table:
         key = _row_key(row, style)
         if key not in state_dict:
@@ -102,13 +142,16 @@ def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig, *, consume:
 
 
 def to_official(params: Mapping[str, Any], config: SamConfig) -> dict[str, np.ndarray]:
-    """Flax params -> a state dict with the official key names and layouts."""
+    """Flax params -> a state dict with the official key names and layouts (with MobileSAM's BatchNorm
+    counters, `keys.ignored_buffers`, at 0)."""
     out = {}
     for row in key_table(config):
         node: Any = params
         for part in row.flax:
             node = node[part]
         out[row.official] = row.inverse(np.asarray(node))
+    for key in ignored_buffers(config):  # as a fresh BatchNorm2d holds them
+        out[key] = np.zeros((), np.int64)
     return out
 
 
@@ -128,6 +171,7 @@ def shape_check(model_type: str | SamConfig) -> Callable[[Mapping[str, tuple[int
             want = _official_shape(row, expected[row.flax])
             if key in shapes and tuple(shapes[key]) != want:
                 wrong.append(f"{key} {tuple(shapes[key])}, not {want}")
+        wrong += [f"{k} {tuple(shapes[k])}, not ()" for k in ignored_buffers(config) if shapes.get(k, ()) != ()]
         check_keys(f"checkpoint does not match the {config.name} model", [], [], wrong)
 
     return check

@@ -1,6 +1,7 @@
 """Model configurations: frozen dataclasses, one registry of named variants.
 
-The official hyperparameters come from `segment_anything/build_sam.py`. `tiny`
+The official hyperparameters come from `segment_anything/build_sam.py` (vit_b, vit_l, vit_h)
+and `mobile_sam/build_sam.py` (vit_t, MobileSAM's TinyViT encoder). `tiny`
 is a small model with the same structure (windowed + global attention, a
 non-trivial window padding) for the tests.
 
@@ -97,6 +98,78 @@ class ImageEncoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TinyViTConfig:
+    """`TinyViT` hyperparameters: MobileSAM's image encoder (`modeling.tiny_vit`; official
+    `mobile_sam/modeling/tiny_vit_sam.py`). Its output width is `SamConfig.prompt_embed_dim`.
+
+    Stage 0 is convolutional (MBConv blocks), stages 1.. windowed attention; each stage but the
+    last ends in a patch merging to the next stage's width with stride `merge_strides[i]`. The
+    official code takes stride 1 where the next width is 320, 448 or 576 (the last merging of
+    its models), 2 elsewhere; here the strides are data."""
+
+    img_size: int = 1024
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)  # stage 0 (convolutional) has none; its entry is unused
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)  # stage 0's is unused
+    merge_strides: tuple[int, ...] = (2, 2, 1)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+    # Outputs of the ImageNet classifier of TinyViT's pretraining: in MobileSAM's checkpoints,
+    # never used by SAM; kept so that checkpoints round-trip (0: no `head`).
+    num_classes: int = 1000
+    # Training only: stochastic depth on every block's residual branches, the rate rising
+    # linearly from 0 (first block) to `drop_path_rate` (last block), as officially.
+    drop_path_rate: float = 0.0
+    # Rematerialize each block (`nn.remat`): same params, same outputs.
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        n = len(self.embed_dims)
+        lengths = {"depths": self.depths, "num_heads": self.num_heads, "window_sizes": self.window_sizes}
+        wrong = [f"{k} has {len(v)}" for k, v in lengths.items() if len(v) != n]
+        if len(self.merge_strides) != n - 1:
+            wrong.append(f"merge_strides has {len(self.merge_strides)} (one per stage but the last)")
+        if n < 2 or wrong:
+            raise ValueError(f"TinyViTConfig: {n} stages in embed_dims (at least 2), but {', '.join(wrong)}")
+        for dim, heads in zip(self.embed_dims[1:], self.num_heads[1:]):
+            if heads < 1 or dim % heads:
+                raise ValueError(f"TinyViTConfig: width {dim} is not divisible into {heads} heads")
+        if self.img_size % self.stride:
+            raise ValueError(
+                f"TinyViTConfig: img_size {self.img_size} is not a multiple of the total stride {self.stride}"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per embedding cell: 4 (the stem) times the merging strides (16 for vit_t)."""
+        return 4 * int(np.prod(self.merge_strides))
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the embedding grid (64 for vit_t)."""
+        return self.img_size // self.stride
+
+    @property
+    def depth(self) -> int:
+        """Blocks in all stages."""
+        return sum(self.depths)
+
+    @property
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """The per-block drop path rates, all stages in order: linspace(0, drop_path_rate, depth)."""
+        return tuple(float(r) for r in np.linspace(0.0, self.drop_path_rate, self.depth))
+
+    @property
+    def high_res_channels(self) -> int:
+        """TinyViT gives the mask decoder no high-res features (`ImageEncoderConfig.high_res_channels`)."""
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig:
     mask_in_chans: int = 16
     # Std of the random spatial frequencies at init (`PositionEmbeddingRandom(scale=...)`;
@@ -144,7 +217,8 @@ class SamConfig:
     """The whole model. `dtype` is the compute dtype (params stay float32)."""
 
     name: str = "vit_b"
-    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
+    # The ViT of SAM, or MobileSAM's TinyViT.
+    image_encoder: ImageEncoderConfig | TinyViTConfig = ImageEncoderConfig()
     prompt_encoder: PromptEncoderConfig = PromptEncoderConfig()
     mask_decoder: MaskDecoderConfig = MaskDecoderConfig()
     prompt_embed_dim: int = 256
@@ -175,14 +249,19 @@ class SamConfig:
     def from_dict(cls, d: dict[str, Any]) -> SamConfig:
         d = dict(d)
         enc = dict(d.pop("image_encoder"))
-        enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
-        if "conv_stem" in enc:
-            enc["conv_stem"] = tuple(enc["conv_stem"])
+        if "embed_dims" in enc:  # a TinyViT (MobileSAM)
+            tuples = ("embed_dims", "depths", "num_heads", "window_sizes", "merge_strides")
+            image_encoder = TinyViTConfig(**{k: tuple(v) if k in tuples else v for k, v in enc.items()})
+        else:
+            enc["global_attn_indexes"] = tuple(enc["global_attn_indexes"])
+            if "conv_stem" in enc:
+                enc["conv_stem"] = tuple(enc["conv_stem"])
+            image_encoder = ImageEncoderConfig(**enc)
         dec = dict(d.pop("mask_decoder"))
         if "click_map_sigmas" in dec:
             dec["click_map_sigmas"] = tuple(dec["click_map_sigmas"])
         return cls(
-            image_encoder=ImageEncoderConfig(**enc),
+            image_encoder=image_encoder,
             prompt_encoder=PromptEncoderConfig(**d.pop("prompt_encoder")),
             mask_decoder=MaskDecoderConfig(**dec),
             pixel_mean=tuple(d.pop("pixel_mean")),
@@ -207,6 +286,11 @@ def vit_h() -> SamConfig:
         name="vit_h",
         image_encoder=ImageEncoderConfig(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
     )
+
+
+def vit_t() -> SamConfig:
+    """MobileSAM: the TinyViT-5M image encoder with SAM's prompt encoder and mask decoder."""
+    return SamConfig(name="vit_t", image_encoder=TinyViTConfig())
 
 
 def tiny() -> SamConfig:
