@@ -11,6 +11,7 @@ size) where the losses are computed on upsampled logits.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -53,6 +54,14 @@ def target_masks(masks: np.ndarray, hw: tuple[int, int], image_size: int, mask_s
     return to_low_res(resize_masks(masks, hw), image_size, mask_size)
 
 
+def model_input(image: np.ndarray, config: SamConfig) -> np.ndarray:
+    """image (H, W, 3) uint8 -> the encoder's input (S, S, 3) float32: resized (longest side S,
+    bilinear), normalized and zero-padded."""
+    nh, nw = get_preprocess_shape(*image.shape[:2], config.image_size)
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    return preprocess(resized[None], config)[0]
+
+
 def prepare_example(
     record: dict,
     config: SamConfig,
@@ -62,10 +71,12 @@ def prepare_example(
     rng: np.random.Generator,
     text_prompts: Callable[..., dict[str, np.ndarray]] | None = None,
     mask_size: int | None = None,
+    embed: Callable[[dict], Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """record (`image` (H, W, 3) uint8, `masks` (M, H, W) bool, `categories` [str] * M) ->
     images (S, S, 3) float32, masks (K, m, m) bool, valid (K,) bool, with m = `mask_size`
-    (default: the decoder's low-res size); with `text_prompts`
+    (default: the decoder's low-res size); with `embed` (a frozen encoder's outputs read from a
+    cache, `train.embedding_cache`), embeddings = embed(record) instead of images; with `text_prompts`
     (`sam_jax.train.text.CaptionPrompts` or `CropPrompts`) also the text prompt of each mask
     slot: text (K, Dt) float32 CLIP embeddings, text_valid (K,) bool and text_masks (K, m, m)
     bool, what each text asks for."""
@@ -75,7 +86,6 @@ def prepare_example(
     usable = np.flatnonzero((area > 0) & (area <= max_mask_fraction * h * w))
     chosen = rng.permutation(usable)[:masks_per_image]
     nh, nw = get_preprocess_shape(h, w, config.image_size)
-    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
     k, m = masks_per_image, mask_size or config.low_res_mask_size
     out_masks = np.zeros((k, m, m), bool)
     valid = np.zeros((k,), bool)
@@ -83,7 +93,8 @@ def prepare_example(
         low = target_masks(masks[chosen], (nh, nw), config.image_size, m)
         out_masks[: len(chosen)] = low
         valid[: len(chosen)] = low.reshape(len(chosen), -1).any(1)  # a mask lost on the grid is not trained
-    out = {"images": preprocess(resized[None], config)[0], "masks": out_masks, "valid": valid}
+    inputs = {"embeddings": embed(record)} if embed is not None else {"images": model_input(image, config)}
+    out = {**inputs, "masks": out_masks, "valid": valid}
     if text_prompts is not None:
         out.update(
             text_prompts(
@@ -113,6 +124,7 @@ def make_train_dataset(
     num_threads: int = 2,
     text_prompts: Callable[..., dict[str, np.ndarray]] | None = None,
     mask_size: int | None = None,
+    embed: Callable[[dict], Any] | None = None,
 ):
     """The training pipeline of one process over `source` (an SA-1B folder, or a record source of
     `train.sources`: SA-1B, COCO, mask folders): a grain ``IterDataset`` of batches ``images (b, S, S, 3)``,
@@ -120,7 +132,8 @@ def make_train_dataset(
 
     Process ``shard_index`` of ``shard_count`` reads every ``shard_count``-th record of the
     shuffled stream, ``b = batch_size`` at a time (with ``text_prompts``, also
-    ``text``, ``text_valid`` and ``text_masks``: see `prepare_example`), so step ``s`` of all processes together
+    ``text``, ``text_valid`` and ``text_masks``; with ``embed``, ``embeddings`` (leaves (b, ...)) instead of
+    ``images``: see `prepare_example`), so step ``s`` of all processes together
     covers records ``[s * B, (s + 1) * B)`` of the stream (``B = b * shard_count``): the same
     examples as one process reading ``B`` at a time. An example's id is its position in the
     stream and seeds its mask sampling, so nothing depends on how the batch is split.
@@ -146,6 +159,7 @@ def make_train_dataset(
             rng=rng,
             text_prompts=text_prompts,
             mask_size=mask_size,
+            embed=embed,
         )
         ex["ids"] = np.int32(example_id % np.iinfo(np.int32).max)
         return ex

@@ -3,7 +3,8 @@ for the ViT blocks, gradient clipping, weight decay on kernels only, frozen part
 
 Frozen always: the positional-encoding Gaussian matrix (a fixed buffer in the official
 model). Optionally frozen: the whole image encoder (`freeze_image_encoder`, fine-tuning
-the prompt encoder and decoder only).
+the prompt encoder and decoder only). With low-rank adapters (`train.lora`, params["lora"]),
+the modules holding adapters are frozen and the adapters train (at their module's layer decay).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_jax.config import SamConfig
+from sam_jax.train.lora import LORA, frozen_modules
 
 
 def learning_rate_schedule(
@@ -31,7 +33,10 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def layer_id(names: tuple[str, ...], depth: int) -> int:
-    """MAE-style layer index: patch embedding / pos_embed 0, block i -> i + 1, the rest depth + 1."""
+    """MAE-style layer index: patch embedding / pos_embed 0, block i -> i + 1, the rest depth + 1
+    (an adapter, params["lora"][module path], that of its module)."""
+    if names[0] == LORA:
+        names = names[1:]
     if names[0] != "image_encoder":
         return depth + 1
     if names[1] in ("patch_embed", "pos_embed"):
@@ -55,11 +60,13 @@ def scale_by_layer(depth: int, decay: float) -> optax.GradientTransformation:
 
 
 def trainable_labels(params: Any, freeze_image_encoder: bool) -> Any:
+    adapted = frozen_modules(params)  # a LoRA's base
+
     def label(path, _):
         names = _path_names(path)
         if names[-1] == "positional_encoding_gaussian_matrix":
             return "frozen"
-        if freeze_image_encoder and names[0] == "image_encoder":
+        if (freeze_image_encoder and names[0] == "image_encoder") or names[0] in adapted:
             return "frozen"
         return "train"
 
