@@ -167,7 +167,7 @@ def case_encoder(ctx: Context) -> list[Row]:
         x = encoder_input(ctx, b)
         xj, xt = jnp.asarray(x), torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         a, o, out = ctx.time_both(
-            lambda xj=xj: np.asarray(ctx.pair.ours.encode(xj)),
+            lambda xj=xj: np.asarray(ctx.pair.ours.encode(xj).embedding),
             lambda xt=xt: official_encode(ctx.pair.official, xt),
         )
         flop = encoder_flops(ctx.config, b)

@@ -157,10 +157,9 @@ def flop_split(cfg) -> dict[str, float]:
     mc = model_config(cfg)
     params = abstract_params(mc)
     s, k, m = mc.image_size, cfg.data.masks_per_image, loss_mask_size(cfg, mc)
-    h, c = mc.embedding_size, mc.prompt_embed_dim
     sds = jax.ShapeDtypeStruct
     images, key = sds((1, s, s, 3), jnp.float32), sds((2,), jnp.uint32)
-    emb = sds((1, h, h, c), jnp.float32)
+    emb = jax.eval_shape(functools.partial(encode, config=mc), params, images)  # ImageEmbeddings of shapes
 
     def enc(p, x, ct, kd):
         out, vjp = jax.vjp(lambda p: encode(p, x, config=mc, drop_path_rng=jax.random.wrap_key_data(kd)), p)

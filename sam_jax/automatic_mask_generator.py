@@ -31,6 +31,7 @@ import numpy as np
 
 from sam_jax import amg
 from sam_jax.config import SamConfig
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import Params, SamModel
 from sam_jax.predictor import SamPredictor, check_image, decode_prompts
 from sam_jax.prompts import make_prompts
@@ -42,12 +43,12 @@ OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 
 def decode_point_batch(
-    params: Params, embedding: jax.Array, points: jax.Array, *, config: SamConfig
+    params: Params, embedding: ImageEmbeddings, points: jax.Array, *, config: SamConfig
 ) -> tuple[jax.Array, jax.Array]:
     """P single-point prompts on one crop -> the 3P multimask outputs (point-major, as officially):
     low-res logits (3P, s, s) and predicted IoUs (3P,).
 
-    embedding (1, h, w, C); points (P, 2) in the resized crop's frame.
+    embedding: one crop's `ImageEmbeddings` (batch 1); points (P, 2) in the resized crop's frame.
     """
     p = points.shape[0]
     prompts = make_prompts(batch_size=p, mask_size=config.low_res_mask_size, num_points=2).without_masks()
@@ -55,7 +56,7 @@ def decode_point_batch(
         points=jnp.zeros((p, 2, 2), jnp.float32).at[:, 0].set(points),
         labels=jnp.asarray(prompts.labels).at[:, 0].set(1),
     )
-    # No mask prompts: the (1, h, w, C) embedding is shared by the prompts (`TwoWayTransformer`),
+    # No mask prompts: the crop's embeddings are shared by the prompts (`TwoWayTransformer`),
     # decoded `DECODE_BATCH` at a time.
     low_res, iou = decode_prompts(params, embedding, prompts, config=config, multimask_output=True)
     return low_res.reshape(-1, *low_res.shape[2:]), iou.reshape(-1)

@@ -1,7 +1,7 @@
 """The functional core: pure `init`, `encode` and `decode`, and `SamModel`, the object holding both.
 
     params = init_params(config, jax.random.key(0))
-    emb = encode(params, preprocess(images, config), config=config)  # (B, h, w, C)
+    emb = encode(params, preprocess(images, config), config=config)  # ImageEmbeddings: .embedding (B, h, w, C)
     masks, iou = decode(params, emb, prompts, config=config, multimask_output=True)
 
 `SamModel` binds a config and params and keeps the jitted versions; the
@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 
 from sam_jax.config import SamConfig
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.modeling.sam import Sam
 from sam_jax.prompts import Prompts, make_prompts
 from sam_jax.transforms import postprocess_masks
@@ -53,8 +54,9 @@ def abstract_params(config: SamConfig, *, boxed: bool = False) -> Params:
 
 def encode(
     params: Params, images: jax.Array, *, config: SamConfig, drop_path_rng: jax.Array | None = None
-) -> jax.Array:
-    """images (B, S, S, 3) normalized and padded (`transforms.preprocess`) -> (B, h, w, C) float32.
+) -> ImageEmbeddings:
+    """images (B, S, S, 3) normalized and padded (`transforms.preprocess`) -> `ImageEmbeddings`,
+    float32: the embedding (B, h, w, C) and, for a model that has them, high-res features.
 
     Training passes `drop_path_rng` (a PRNG key) to apply the encoder's stochastic
     depth (`config.image_encoder.drop_path_rate`); without it, or at rate 0, the
@@ -66,13 +68,18 @@ def encode(
 
 
 def decode(
-    params: Params, embeddings: jax.Array, prompts: Prompts, *, config: SamConfig, multimask_output: bool | None = True
+    params: Params,
+    embeddings: ImageEmbeddings,
+    prompts: Prompts,
+    *,
+    config: SamConfig,
+    multimask_output: bool | None = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """embeddings (B, h, w, C), prompts of batch B -> low-res mask logits (B, M, 4h, 4w), IoU (B, M).
+    """`ImageEmbeddings` of B images, prompts of batch B -> low-res mask logits (B, M, 4h, 4w), IoU (B, M).
 
     M is 3 with `multimask_output` (masks 1..3), else 1 (mask 0), as officially; None gives
     all 4 (mask 0 first: training picks per prompt). One image's
-    embeddings (1, h, w, C) serve all B prompts; with `prompts.without_masks()` the decoder
+    embeddings (batch 1) serve all B prompts; with `prompts.without_masks()` the decoder
     then runs the image side of its first layer once instead of B times.
     """
     return Sam(config).apply({"params": params}, embeddings, prompts, multimask_output, method=Sam.decode)
@@ -80,7 +87,7 @@ def decode(
 
 def predict_masks(
     params: Params,
-    embedding: jax.Array,
+    embedding: ImageEmbeddings,
     prompts: Prompts,
     *,
     config: SamConfig,
@@ -89,7 +96,7 @@ def predict_masks(
     multimask_output: bool,
     return_logits: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One image's embedding (1, h, w, C) with B prompts -> masks at the original size
+    """One image's `ImageEmbeddings` (batch 1) with B prompts -> masks at the original size
     (B, M, H, W) (bool, or logits with `return_logits`), IoU (B, M), low-res logits (B, M, 4h, 4w).
 
     The masks are upsampled and thresholded a few at a time (`postprocess_masks`): without
@@ -97,9 +104,9 @@ def predict_masks(
     take memory for one chunk of masks whatever B.
     """
     b = prompts.labels.shape[0]
-    # Without mask prompts the embedding stays (1, h, w, C): the decoder's first layer runs its
+    # Without mask prompts the embeddings stay batch 1: the decoder's first layer runs its
     # image side once for the B prompts (`TwoWayTransformer`); with them, one copy per prompt.
-    emb = embedding if prompts.mask_input is None else jnp.broadcast_to(embedding, (b, *embedding.shape[1:]))
+    emb = embedding if prompts.mask_input is None else embedding.broadcast_to(b)
     low_res, iou = decode(params, emb, prompts, config=config, multimask_output=multimask_output)
     threshold = None if return_logits else config.mask_threshold
     masks = postprocess_masks(low_res, input_size, original_size, config.image_size, threshold=threshold)
@@ -125,14 +132,14 @@ class SamModel:
         self._encode = jax.jit(functools.partial(encode, config=self.config))
         self._decode = jax.jit(functools.partial(decode, config=self.config), static_argnames="multimask_output")
 
-    def encode(self, images: jax.Array) -> jax.Array:
-        """images (B, S, S, 3) normalized and padded -> embeddings (B, h, w, C)."""
+    def encode(self, images: jax.Array) -> ImageEmbeddings:
+        """images (B, S, S, 3) normalized and padded -> `ImageEmbeddings` (embedding (B, h, w, C))."""
         return self._encode(self.params, images)
 
     def decode(
-        self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool = True
+        self, embeddings: ImageEmbeddings, prompts: Prompts, multimask_output: bool = True
     ) -> tuple[jax.Array, jax.Array]:
-        """embeddings (B, h, w, C), prompts of batch B -> mask logits (B, M, 4h, 4w), IoU (B, M)."""
+        """`ImageEmbeddings` of B images, prompts of batch B -> mask logits (B, M, 4h, 4w), IoU (B, M)."""
         return self._decode(self.params, embeddings, prompts, multimask_output=multimask_output)
 
     def with_dtype(self, dtype: str) -> SamModel:

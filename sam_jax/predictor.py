@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam_jax.config import SamConfig
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import Params, SamModel, decode
 from sam_jax.prompts import Prompts, bucket_size, make_prompts
 from sam_jax.transforms import CHUNK_PIXELS, ResizeLongestSide, postprocess_masks, preprocess
@@ -106,21 +107,21 @@ DECODE_BATCH = 16
 
 def decode_prompts(
     params: Params,
-    embedding: jax.Array,
+    embedding: ImageEmbeddings,
     prompts: Prompts,
     *,
     config: SamConfig,
     multimask_output: bool,
     max_batch: int = DECODE_BATCH,
 ) -> tuple[jax.Array, jax.Array]:
-    """One image's embedding (1, h, w, C), B prompts -> low-res logits (B, M, 4h, 4w), IoU (B, M)
+    """One image's `ImageEmbeddings` (batch 1), B prompts -> low-res logits (B, M, 4h, 4w), IoU (B, M)
     (the decoding half of `sam_jax.model.predict_masks`), in sub-batches of the largest divisor of
     B between max_batch / 2 and max_batch (all B at once when there is none)."""
     b = prompts.labels.shape[0]
 
     def run(p: Prompts) -> tuple[jax.Array, jax.Array]:
         n = p.labels.shape[0]
-        emb = embedding if p.mask_input is None else jnp.broadcast_to(embedding, (n, *embedding.shape[1:]))
+        emb = embedding if p.mask_input is None else embedding.broadcast_to(n)
         return decode(params, emb, p, config=config, multimask_output=multimask_output)
 
     sub = max((d for d in range(max(1, max_batch // 2), max_batch + 1) if b % d == 0), default=b)
@@ -168,7 +169,7 @@ class SamPredictor:
 
     # ------------------------------------------------------------------ images
 
-    def _encode(self, images: Sequence[np.ndarray]) -> tuple[jax.Array, list, list]:
+    def _encode(self, images: Sequence[np.ndarray]) -> tuple[ImageEmbeddings, list, list]:
         cfg = self.model.config
         resized = [self.transform.apply_image(im) for im in images]
         batch = jnp.concatenate([preprocess(jnp.asarray(r)[None], cfg) for r in resized])
@@ -208,12 +209,10 @@ class SamPredictor:
 
     def get_image_embedding(self) -> jax.Array:
         """The image embeddings, (B, C, h, w) as the official predictor returns them (B = 1 for
-        set_image). A model with high-res features keeps them in `features` (SAM 2's predictor
-        returns its image embedding alone too)."""
-        from sam_jax.modeling.image_encoder import split_high_res
-
+        set_image). All the encoder's outputs, high-res features included, are in `features`
+        (`ImageEmbeddings`; SAM 2's predictor returns its image embedding alone too)."""
         self._require_image()
-        return jnp.transpose(split_high_res(self.features, self.model.config)[0], (0, 3, 1, 2))
+        return jnp.transpose(self.features.embedding, (0, 3, 1, 2))
 
     def _require_image(self) -> None:
         if not self.is_image_set:
@@ -327,7 +326,7 @@ class SamPredictor:
         orig, inp = self._orig_hw[index], self._input_hw[index]
         prompts, n, _ = self._prepare_prompts(point_coords, point_labels, box, mask_input, orig, text)
         low, iou = self._predict(
-            self.model.params, self.features[index : index + 1], prompts, multimask_output=bool(multimask_output)
+            self.model.params, self.features.select(index), prompts, multimask_output=bool(multimask_output)
         )
         masks = self._postprocess(low, n, tuple(inp), tuple(orig), bool(return_logits))
         iou, low = np.array(np.asarray(iou)[:n]), np.array(np.asarray(low)[:n])

@@ -14,7 +14,8 @@ from sam_jax.model import SamModel, abstract_params, encode, init_params
 from sam_jax.modeling.common import LayerNorm, MLPBlock
 from sam_jax.modeling.image_encoder import Attention, Block
 
-_encode = jax.jit(encode, static_argnames="config")  # one compile per (config, rng or None)
+# The embedding array (no high-res features here); one compile per (config, rng or None).
+_encode = jax.jit(lambda *a, **kw: encode(*a, **kw).embedding, static_argnames="config")
 
 
 def with_encoder(config: SamConfig, **changes) -> SamConfig:
@@ -56,7 +57,7 @@ def test_deterministic_without_rng_or_rate(setup):
     dp = with_encoder(config, drop_path_rate=0.5)
     # A drop path rate without an rng (inference, SamModel) changes nothing, bit for bit.
     np.testing.assert_array_equal(_encode(params, images, config=dp), ref)
-    np.testing.assert_array_equal(SamModel(dp, params).encode(images), ref)
+    np.testing.assert_array_equal(SamModel(dp, params).encode(images).embedding, ref)
     # An rng at rate 0 changes nothing either.
     np.testing.assert_array_equal(_encode(params, images, config=config, drop_path_rng=jax.random.key(7)), ref)
 
@@ -129,7 +130,7 @@ def test_remat_same_params_outputs_and_gradients(setup):
     key = jax.random.key(5)
 
     def value_and_grad(cfg):
-        loss = lambda p: jnp.mean(encode(p, images, config=cfg, drop_path_rng=key) ** 2)  # noqa: E731
+        loss = lambda p: jnp.mean(encode(p, images, config=cfg, drop_path_rng=key).embedding ** 2)  # noqa: E731
         return jax.jit(jax.value_and_grad(loss))(params)
 
     dp = with_encoder(config, drop_path_rate=0.5)

@@ -12,6 +12,7 @@ import pytest
 
 from sam_jax.checkpoint import load_model, load_params, save_params
 from sam_jax.config import SamConfig, get_config, with_overrides
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import SamModel, init_params
 from sam_jax.modeling.prompt_encoder import token_mask
 from sam_jax.prompts import bucket_size, make_prompts
@@ -56,7 +57,7 @@ def test_one_compile_per_bucket(tiny_params, tiny_config):
     """Every point count and prompt mix within a bucket reuses one compiled decoder."""
     model = SamModel(tiny_config, tiny_params)
     e, c = tiny_config.embedding_size, tiny_config.prompt_embed_dim
-    emb = jnp.zeros((1, e, e, c))
+    emb = ImageEmbeddings(jnp.zeros((1, e, e, c)))
     kw = dict(batch_size=1, mask_size=tiny_config.low_res_mask_size)
     for n in (1, 2, 3):
         model.decode(emb, make_prompts(**kw, point_coords=np.ones((1, n, 2)), point_labels=np.ones((1, n))))
@@ -154,7 +155,7 @@ def test_conv_stem_replaces_the_patch_projection():
     assert out.shape == (2, 8, 8, 64)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-4, atol=1e-4)
     model = SamModel(cfg, init_params(cfg, jax.random.key(0)))
-    assert model.encode(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32)).shape[1:3] == (32, 32)
+    assert model.encode(np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32)).embedding.shape[1:3] == (32, 32)
     for bad in (
         dict(patch_size=8, conv_stem=(8, 8)),
         dict(patch_size=12, conv_stem=(8, 8, 8, 8)),
@@ -172,20 +173,19 @@ def test_conv_stem_replaces_the_patch_projection():
 
 
 def test_high_res_features_land_on_their_pixels():
-    """SAM 2-style high-res features (`tiny_p8`): packed per grid cell by the encoder, each
-    stem pixel's stride-2 feature reaches exactly its own logit, through `decode`."""
+    """SAM 2-style high-res features (`tiny_p8`): in the decoder's sub-pixel layout each stem
+    pixel's stride-2 feature reaches exactly its own logit, through `decode`; embeddings of a
+    model with or without them are refused by the other."""
     from sam_jax.config import ImageEncoderConfig
     from sam_jax.convert.keys import key_table
     from sam_jax.model import decode, encode
-    from sam_jax.modeling.image_encoder import pack_high_res, split_high_res
+    from sam_jax.modeling.mask_decoder import subpixel_high_res
 
     rng = np.random.default_rng(0)
     s1, s0 = rng.normal(size=(2, 6, 8, 3)).astype(np.float32), rng.normal(size=(2, 12, 16, 5)).astype(np.float32)
-    packed = pack_high_res(jnp.asarray(s1), jnp.asarray(s0))
-    assert packed.shape == (2, 3, 4, 4 * 3 + 16 * 5)
+    t1, t0 = map(np.asarray, subpixel_high_res(jnp.asarray(s1), jnp.asarray(s0)))
+    assert t1.shape == (2, 3, 4, 2, 2, 3) and t0.shape == (2, 3, 4, 2, 2, 2, 2, 5)
     # The layout: s1's pixel (2i + a, 2j + b) and s0's (4i + 2a + x, 4j + 2b + y) in cell (i, j).
-    t1 = np.asarray(packed[..., :12]).reshape(2, 3, 4, 2, 2, 3)
-    t0 = np.asarray(packed[..., 12:]).reshape(2, 3, 4, 2, 2, 2, 2, 5)
     np.testing.assert_array_equal(t1[1, 2, 3, 1, 0], s1[1, 5, 6])
     np.testing.assert_array_equal(t0[1, 2, 1, 1, 0, 1, 1], s0[1, 11, 5])
 
@@ -193,29 +193,29 @@ def test_high_res_features_land_on_their_pixels():
     c = config.prompt_embed_dim
     params = init_params(config, jax.random.key(0))
     emb = encode(params, jax.random.normal(jax.random.key(1), (1, 256, 256, 3)), config=config)
-    assert emb.shape == (1, 32, 32, 4 * c)
-    plain, (h1, h0) = split_high_res(emb, config)
+    h1, h0 = emb.high_res
     assert (
-        plain.shape == (1, 32, 32, c)
-        and h1.shape == (1, 32, 32, 2, 2, c // 4)
-        and h0.shape == (1, 32, 32, 2, 2, 2, 2, c // 8)
+        emb.embedding.shape == (1, 32, 32, c) and h1.shape == (1, 64, 64, c // 4) and h0.shape == (1, 128, 128, c // 8)
     )
-    with pytest.raises(ValueError, match=rf"have {4 * c} channels with high-res features.*computed by another model"):
-        split_high_res(plain, config)
-    assert split_high_res(plain, get_config("tiny"))[1] is None  # an official-layout embedding passes through
+    one = make_prompts(batch_size=1, mask_size=128, point_coords=np.zeros((1, 1, 2)), point_labels=np.ones((1, 1)))
+    with pytest.raises(ValueError, match="come with high-res features.*computed by another model"):
+        decode(params, ImageEmbeddings(emb.embedding), one, config=config)
+    tiny = get_config("tiny")
+    with pytest.raises(ValueError, match=r"this model's are \(B, 16, 16, 32\).*computed by another model"):
+        decode(init_params(tiny, jax.random.key(0)), emb, one, config=tiny)
     prompts = make_prompts(
         batch_size=1, mask_size=128, point_coords=np.array([[[100.0, 80.0]]]), point_labels=np.ones((1, 1))
     )
     base = np.asarray(decode(params, emb, prompts, config=config)[0])
-    # Nudge the stride-2 feature of logit pixel (row 4*5 + 2*1 + 0, col 4*7 + 2*0 + 1) = (22, 29).
-    bumped = emb.at[0, 5, 7, 2 * c + (((1 * 2 + 0) * 2 + 0) * 2 + 1) * (c // 8)].add(5.0)
+    # Nudge the stride-2 feature of logit pixel (22, 29).
+    bumped = emb.replace(high_res=(h1, h0.at[0, 22, 29, 0].add(5.0)))
     diff = np.abs(np.asarray(decode(params, bumped, prompts, config=config)[0]) - base).max(axis=1)[0]
     assert diff[22, 29] > 0 and np.count_nonzero(diff) == 1
     from sam_jax.predictor import SamPredictor
 
     predictor = SamPredictor(SamModel(config, params))
     predictor.set_image(np.zeros((192, 256, 3), np.uint8))
-    assert predictor.features.shape == (1, 32, 32, 4 * c)  # the decoder's input, high-res included
+    assert predictor.features.high_res[1].shape == (1, 128, 128, c // 8)  # the decoder's input, high-res included
     assert predictor.get_image_embedding().shape == (1, c, 32, 32)  # the official view
 
     with pytest.raises(ValueError, match="patch_size divisible by 4"):
@@ -491,7 +491,10 @@ def test_encoder_with_xla_attention_matches_chunked(tiny_config, tiny_params, ph
     )
     images = jax.random.normal(jax.random.key(3), (1, cfg.image_size, cfg.image_size, 3))
     np.testing.assert_allclose(
-        encode(tiny_params, images, config=cfg), encode(tiny_params, images, config=tiny_config), atol=2e-5, rtol=1e-4
+        encode(tiny_params, images, config=cfg).embedding,
+        encode(tiny_params, images, config=tiny_config).embedding,
+        atol=2e-5,
+        rtol=1e-4,
     )
 
 
@@ -512,7 +515,7 @@ def test_shared_embedding_without_masks_equals_one_copy_per_prompt(tiny_config, 
         point_coords=rng.uniform(0, tiny_config.image_size, (5, 2, 2)),
         point_labels=np.array([[1, 0]] * 5),
     )
-    copies = jnp.broadcast_to(emb, (5, *emb.shape[1:]))
+    copies = emb.broadcast_to(5)
     for multimask in (True, False):
         ref_masks, ref_iou = decode(
             tiny_params, copies, jax.tree.map(jnp.asarray, prompts), config=tiny_config, multimask_output=multimask
@@ -553,7 +556,8 @@ def test_grouped_images_equal_one_copy_per_row():
         mask_input=rng.normal(size=(6, low, low)),
     )
     prompts = jax.tree.map(jnp.asarray, prompts.replace(has_mask=np.array([True, False, True, True, False, False])))
-    ref_masks, ref_iou = decode(params, jnp.repeat(emb, 3, axis=0), prompts, config=config, multimask_output=None)
+    copies = jax.tree.map(lambda x: jnp.repeat(x, 3, axis=0), emb)
+    ref_masks, ref_iou = decode(params, copies, prompts, config=config, multimask_output=None)
     masks, iou = decode(params, emb, prompts, config=config, multimask_output=None)
     np.testing.assert_allclose(masks, ref_masks, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(iou, ref_iou, atol=2e-6)

@@ -11,6 +11,7 @@ import torch
 
 from bench.official import build_official, modeling, randomize_, state_dict_numpy
 from sam_jax.convert.keys import key_table
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import decode, encode
 from sam_jax.modeling.image_encoder import Block, get_rel_pos, window_partition, window_unpartition
 from sam_jax.prompts import make_prompts
@@ -115,7 +116,7 @@ def test_image_encoder(official_tiny, tiny_params, tiny_config):
     x = np.random.default_rng(4).normal(size=(2, s, s, 3)).astype(np.float32)
     with torch.no_grad():
         ref = official_tiny.image_encoder(t(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-    close(encode(tiny_params, jnp.asarray(x), config=tiny_config), ref)
+    close(encode(tiny_params, jnp.asarray(x), config=tiny_config).embedding, ref)
 
 
 # ----------------------------------------------------------------------------- prompts + decoder
@@ -193,7 +194,11 @@ def test_decoder(official_tiny, tiny_params, tiny_config, embedding_and_mask, ca
         )
     pr = _our_prompts(spec, mask, tiny_config)
     masks, iou = decode(
-        tiny_params, jnp.asarray(emb).transpose(0, 2, 3, 1), pr, config=tiny_config, multimask_output=multimask
+        tiny_params,
+        ImageEmbeddings(jnp.asarray(emb).transpose(0, 2, 3, 1)),
+        pr,
+        config=tiny_config,
+        multimask_output=multimask,
     )
     close(masks, ref_masks.numpy())
     close(iou, ref_iou.numpy())
@@ -203,7 +208,7 @@ def test_decoder(official_tiny, tiny_params, tiny_config, embedding_and_mask, ca
 def test_padding_does_not_change_results(tiny_params, tiny_config, embedding_and_mask, case):
     """Any padding length (bucket) gives the same masks: padded tokens are masked out."""
     emb, mask = embedding_and_mask
-    emb = jnp.asarray(emb).transpose(0, 2, 3, 1)
+    emb = ImageEmbeddings(jnp.asarray(emb).transpose(0, 2, 3, 1))
     outs = [
         decode(tiny_params, emb, _our_prompts(PROMPT_CASES[case], mask, tiny_config, n), config=tiny_config)
         for n in (4, 16)
@@ -244,7 +249,7 @@ def run_end_to_end(official, params, config, photo, case, multimask):
     emb = encode(params, x, config=config)
     low, iou = decode(params, emb, _our_prompts(spec, mask, config), config=config, multimask_output=multimask)
     up = postprocess_masks(low, image.shape[:2], orig, config.image_size)
-    close(emb, ref_emb.transpose(0, 2, 3, 1))
+    close(emb.embedding, ref_emb.transpose(0, 2, 3, 1))
     close(low, ref["low_res_logits"].numpy())
     close(iou, ref["iou_predictions"].numpy())
     close(up, ref_up)
@@ -296,7 +301,7 @@ def test_float64_is_exact(official_tiny, tiny_params, tiny_config, multimask):
         )
     with jax.enable_x64(True):
         params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tiny_params)
-        close(encode(params, jnp.asarray(x), config=cfg), ref_emb, 1e-9)
+        close(encode(params, jnp.asarray(x), config=cfg).embedding, ref_emb, 1e-9)
         masks, iou = MaskDecoder(cfg.mask_decoder, c, dtype=jnp.float64).apply(
             {"params": params["mask_decoder"]}, emb, pe.numpy()[None], sparse, dense, np.ones((1, 3), bool), multimask
         )

@@ -142,7 +142,7 @@ def test_embedding_and_state(predictors):
 def test_bgr_input(predictors, photo):
     ours = SamPredictor(predictors[0].model)
     ours.set_image(np.ascontiguousarray(photo[..., ::-1]), image_format="BGR")
-    _close(ours.features, predictors[0].features, 0)
+    _close(ours.features.embedding, predictors[0].features.embedding, 0)
 
 
 def test_no_recompile_within_a_bucket(predictors):

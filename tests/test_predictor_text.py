@@ -89,7 +89,7 @@ def _reference(predictor, text_emb, *, point_coords=None, point_labels=None, box
         boxes=boxes,
         text=text_emb,
     )
-    emb = jnp.broadcast_to(predictor.features, (b, *predictor.features.shape[1:]))
+    emb = predictor.features.broadcast_to(b)
     low, iou = predictor.model.decode(emb, jax.tree.map(jnp.asarray, prompts), multimask_output)  # jitted `decode`
     masks = postprocess_masks(low, inp, orig, cfg.image_size) > cfg.mask_threshold
     return np.asarray(masks), np.asarray(iou), np.asarray(low)

@@ -40,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from sam_jax.config import SamConfig
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import Params, encode, predict_masks
 from sam_jax.predictor import PROMPT_BATCH_BUCKETS
 from sam_jax.prompts import LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_PAD, Prompts, bucket_size, make_prompts
@@ -112,14 +113,14 @@ def pad_rows(x: np.ndarray, n: int) -> np.ndarray:
 # --------------------------------------------------------------------------- device: encode, decode + score
 
 
-def _encode_image(params: Params, image: jax.Array, *, config: SamConfig) -> jax.Array:
-    """image (1, h, w, 3) uint8, resized (longest side = image_size) -> embedding (1, e, e, C)."""
+def _encode_image(params: Params, image: jax.Array, *, config: SamConfig) -> ImageEmbeddings:
+    """image (1, h, w, 3) uint8, resized (longest side = image_size) -> its `ImageEmbeddings` (batch 1)."""
     return encode(params, preprocess(image, config), config=config)
 
 
 def _decode_and_score(
     params: Params,
-    embedding: jax.Array,
+    embedding: ImageEmbeddings,
     prompts: Prompts,
     gt: jax.Array,
     *,
@@ -128,8 +129,8 @@ def _decode_and_score(
     original_size: tuple[int, int],
     multimask_output: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """embedding (1, e, e, C), B prompts, gt (B, H, W) bool -> IoU with gt (B, M), predicted
-    IoU (B, M), and the oracle's (best IoU) mask (B, H, W) bool and low-res logits (B, m, m)."""
+    """One image's `ImageEmbeddings` (batch 1), B prompts, gt (B, H, W) bool -> IoU with gt (B, M),
+    predicted IoU (B, M), and the oracle's (best IoU) mask (B, H, W) bool and low-res logits (B, m, m)."""
     masks, iou_pred, low_res = predict_masks(
         params,
         embedding,
@@ -160,8 +161,8 @@ def jitted_model(config: SamConfig) -> tuple[Callable, Callable]:
 # --------------------------------------------------------------------------- one image
 
 
-def _scorer(params: Params, config: SamConfig, embedding: jax.Array, gt: jax.Array, sizes: dict) -> Callable:
-    """-> score(prompts, multimask_output): `_decode_and_score` of one image's embedding (1, e, e, C)
+def _scorer(params: Params, config: SamConfig, embedding: ImageEmbeddings, gt: jax.Array, sizes: dict) -> Callable:
+    """-> score(prompts, multimask_output): `_decode_and_score` of one image's `ImageEmbeddings`
     and padded masks gt (Bp, H, W) bool; `sizes` holds its input_size and original_size."""
     dec = jitted_model(config)[1]
 

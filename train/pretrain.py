@@ -36,7 +36,6 @@ from PIL import Image
 
 from sam_jax.config import SamConfig
 from sam_jax.model import encode, init_params
-from sam_jax.modeling.image_encoder import split_high_res
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import resize_masks
 from sam_jax.train.sa1b import DataError, list_records, load_record
@@ -119,7 +118,7 @@ def load_kinds(
 
 def token_logits(params: dict, images: jax.Array, config: SamConfig) -> jax.Array:
     """images (B, S, S, 3) -> per-token class logits (B, g, g, 1 + K) of the linear head."""
-    feats, _ = split_high_res(encode(params["sam"], images, config=config), config)
+    feats = encode(params["sam"], images, config=config).embedding
     return feats @ params["head"]["kernel"] + params["head"]["bias"]
 
 

@@ -46,8 +46,8 @@ import optax
 from flax import struct
 
 from sam_jax.config import SamConfig
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import Sam, decode, encode
-from sam_jax.modeling.image_encoder import split_high_res
 from sam_jax.prompts import Prompts
 from sam_jax.train import prompt_simulation as sim
 from sam_jax.train.losses import sam_loss
@@ -124,9 +124,9 @@ def simulate_and_loss(
 
 
 def interactive_loss(
-    params: Any, emb: jax.Array, batch: TrainBatch, rng: jax.Array, *, model_config: SamConfig, cfg: Any
+    params: Any, emb: ImageEmbeddings, batch: TrainBatch, rng: jax.Array, *, model_config: SamConfig, cfg: Any
 ):
-    """`simulate_and_loss` given the batch's image embeddings `emb` (B, h, w, C): the decoder's
+    """`simulate_and_loss` given the batch's `ImageEmbeddings` `emb` (B images): the decoder's
     part of the step, whose gradient reaches `params` and `emb` (batch.images unused)."""
     b, k = batch.valid.shape
     k_sched, k_rows, _ = jax.random.split(rng, 3)  # the third key is the encoder's drop path
@@ -167,7 +167,13 @@ def _pooled_means(parts: dict[str, jax.Array], count: str, names: list[str]) -> 
 
 
 def _interactive_means(
-    params: Any, emb: jax.Array, rows: dict[str, jax.Array], *, schedule: jax.Array, model_config: SamConfig, cfg: Any
+    params: Any,
+    emb: ImageEmbeddings,
+    rows: dict[str, jax.Array],
+    *,
+    schedule: jax.Array,
+    model_config: SamConfig,
+    cfg: Any,
 ) -> dict[str, jax.Array]:
     """The interactive simulation of the mask rows `rows` (each (B, k, ...): k masks of each of
     the B images of `emb`) -> the loss and metrics as means over the valid rows, with their count
@@ -175,7 +181,7 @@ def _interactive_means(
     gt, valid = rows["gt"], rows["valid"]
     b, k, m, _ = gt.shape
     row_keys = rows["keys"].reshape(b * k)
-    # emb (B, h, w, C) serves its image's k mask rows (row i*k + j: image i), without a copy.
+    # emb (B images) serves its image's k mask rows (row i*k + j: image i), without a copy.
     gt = gt.reshape(b * k, m, m).astype(bool)
     valid = valid.reshape(b * k)
     targets = gt.astype(jnp.float32)
@@ -285,7 +291,12 @@ def _interactive_means(
 
 
 def dense_text_loss(
-    params: Any, emb: jax.Array, text: jax.Array, text_masks: jax.Array, text_valid: jax.Array, model_config: SamConfig
+    params: Any,
+    emb: ImageEmbeddings,
+    text: jax.Array,
+    text_masks: jax.Array,
+    text_valid: jax.Array,
+    model_config: SamConfig,
 ) -> jax.Array:
     """Which caption each image token shows, from the image embedding alone: a token's logit
     for a caption is its embedding's dot product with the caption's text token (over sqrt(C)),
@@ -295,9 +306,9 @@ def dense_text_loss(
     of a shape in every pixel of it, which the decoder, which never mixes image tokens, needs
     to select by caption (docs/text-training.md).
 
-    emb (B, h, w, *) the encoder's output; text (B, K, Dt) CLIP embeddings, text_masks
+    emb the encoder's output (its embedding (B, h, w, C)); text (B, K, Dt) CLIP embeddings, text_masks
     (B, K, m, m) what each asks for, text_valid (B, K) -> a scalar (0 without two captions)."""
-    feats, _ = split_high_res(emb, model_config)
+    feats = emb.embedding
     b, h, w, c = feats.shape
     k, m = text_masks.shape[1], text_masks.shape[2]
     cover = text_masks.astype(jnp.float32).reshape(b, k, h, m // h, w, m // w).mean((3, 5))  # (B, K, h, w)

@@ -1,7 +1,7 @@
 """The ViT image encoder (official `modeling/image_encoder.py`), channels-last.
 
-images (B, S, S, 3) normalized and padded, S = img_size -> embeddings (B, S/16, S/16, C),
-C = prompt_embed_dim (256). Blocks use windowed attention (window 14, the 64x64
+images (B, S, S, 3) normalized and padded, S = img_size -> `ImageEmbeddings` with the embedding
+(B, S/16, S/16, C), C = prompt_embed_dim (256). Blocks use windowed attention (window 14, the 64x64
 grid zero-padded to 70x70 after `norm1`, padded tokens not masked) except the
 `global_attn_indexes`, which attend over the whole grid. Every attention adds
 decomposed relative positions.
@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from sam_jax.config import ImageEncoderConfig, SamConfig
+from sam_jax.config import ImageEncoderConfig
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.modeling.common import LayerNorm, MLPBlock, accum_dtype, conv, dense, gelu
 from sam_jax.transforms import linear_resize_matrix
 
@@ -304,44 +305,10 @@ class ConvStem(nn.Module):
         return conv(self.embed_dim, 1, dtype=self.dtype, axes=(None, None, "conv_in", "embed"), name="proj")(x)
 
 
-def pack_high_res(s1: jax.Array, s0: jax.Array) -> jax.Array:
-    """The high-res features in the mask decoder's sub-pixel layout, one row per grid cell:
-    s1 (B, 2h, 2w, C/4) and s0 (B, 4h, 4w, C/8) -> (B, h, w, 3C), channels [s1's 2x2 block of
-    the cell, s0's 4x4 block]. Inverse: `split_high_res`."""
-    b, h2, w2, c4 = s1.shape
-    h, w = h2 // 2, w2 // 2
-    c8 = s0.shape[-1]
-    s1 = s1.reshape(b, h, 2, w, 2, c4).transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, a, b, C/4): pixel (2i + a, 2j + b)
-    # (B, h, w, a, b, x, y, C/8): pixel (4i + 2a + x, 4j + 2b + y), as the decoder's upscaling.
-    s0 = s0.reshape(b, h, 2, 2, w, 2, 2, c8).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-    return jnp.concatenate([s1.reshape(b, h, w, 4 * c4), s0.reshape(b, h, w, 16 * c8)], axis=-1)
-
-
-def split_high_res(embeddings: jax.Array, config: SamConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """embeddings (B, h, w, C) of a model without high-res features -> themselves and None;
-    (B, h, w, 4C) of one with them (`ImageEncoderConfig.high_res_channels` > 0, packed by
-    `pack_high_res`) -> (B, h, w, C) and (s1 (B, h, w, 2, 2, C/4), s0 (B, h, w, 2, 2, 2, 2, C/8)).
-    C = config.prompt_embed_dim."""
-    c, high_res = config.prompt_embed_dim, config.image_encoder.high_res_channels > 0
-    width = 4 * c if high_res else c
-    if embeddings.shape[-1] != width:
-        kind = "with high-res features (4 x prompt_embed_dim)" if high_res else "(prompt_embed_dim)"
-        raise ValueError(
-            f"image embeddings of shape {tuple(embeddings.shape)}: this model's have {width} channels {kind}; "
-            "were they computed by another model?"
-        )
-    if not high_res:
-        return embeddings, None
-    b, h, w, _ = embeddings.shape
-    s1 = embeddings[..., c : 2 * c].reshape(b, h, w, 2, 2, c // 4)
-    s0 = embeddings[..., 2 * c :].reshape(b, h, w, 2, 2, 2, 2, c // 8)
-    return embeddings[..., :c], (s1, s0)
-
-
 class HighResFeatures(nn.Module):
     """A pixel stem for the mask decoder's high-res features (SAM 2's `conv_s0`, `conv_s1` on
-    its backbone's first stages): images (B, S, S, 3) -> (B, S/p, S/p, 3 * out_chans) packed by
-    `pack_high_res`, p = patch_size. f0 = GELU(k x k conv, stride p/4, k = max(3, p/2 - 1)) at
+    its backbone's first stages): images (B, S, S, 3) -> (s1 (B, 2S/p, 2S/p, out_chans/4),
+    s0 (B, 4S/p, 4S/p, out_chans/8)), p = patch_size. f0 = GELU(k x k conv, stride p/4, k = max(3, p/2 - 1)) at
     the mask logits' resolution, f1 = GELU(3x3 conv of f0, stride 2); s0, s1 their 1x1
     projections to the upscaling's widths out_chans/8 and out_chans/4."""
 
@@ -351,27 +318,26 @@ class HighResFeatures(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         s = self.patch_size // 4
         k = max(3, 2 * s - 1)  # 3x3 at stride 2 (8-px patches), 7x7 at stride 4 (16-px)
         f0 = gelu(conv(self.channels, k, stride=s, padding=k // 2, dtype=self.dtype, name="conv_0")(images))
         f1 = gelu(conv(2 * self.channels, 3, stride=2, padding=1, dtype=self.dtype, name="conv_1")(f0))
         s0 = conv(self.out_chans // 8, 1, dtype=self.dtype, name="conv_s0")(f0)
         s1 = conv(self.out_chans // 4, 1, dtype=self.dtype, name="conv_s1")(f1)
-        return pack_high_res(s1, s0)
+        return s1, s0
 
 
 class ImageEncoderViT(nn.Module):
-    """images (B, S, S, 3) -> image embeddings (B, S/16, S/16, out_chans); with
-    `config.high_res_channels`, (B, S/16, S/16, 4 * out_chans): the embeddings, then the packed
-    high-res features (`HighResFeatures`)."""
+    """images (B, S, S, 3) -> `ImageEmbeddings`: the embedding (B, S/16, S/16, out_chans), and with
+    `config.high_res_channels` the high-res features (`HighResFeatures`)."""
 
     config: ImageEncoderConfig
     out_chans: int = 256
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> ImageEmbeddings:
         """`deterministic=False` turns on drop path (`config.drop_path_rate`; needs a "drop_path" rng)."""
         cfg = self.config
         g = cfg.grid_size
@@ -409,8 +375,8 @@ class ImageEncoderViT(nn.Module):
         x = conv(self.out_chans, 3, padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
         x = LayerNorm(1e-6, name="neck_3")(x)
         if not cfg.high_res_channels:
-            return x
+            return ImageEmbeddings(x)
         high_res = HighResFeatures(
             cfg.high_res_channels, self.out_chans, cfg.patch_size, dtype=self.dtype, name="high_res"
         )(images)
-        return jnp.concatenate([x, high_res.astype(x.dtype)], axis=-1)
+        return ImageEmbeddings(x, high_res)

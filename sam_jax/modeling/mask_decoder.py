@@ -44,9 +44,9 @@ class MaskDecoder(nn.Module):
         image_embeddings (G, h, w, C) of G images for B prompt rows in G groups of B / G
         consecutive rows (G = 1: one image for every row); image_pe (1, h, w, C); sparse
         (B, N, C) with token_mask (B, N); dense (B or 1, h, w, C); high_res: None, or SAM 2's
-        high-res features (s1 (G, h, w, 2, 2, C/4), s0 (G, h, w, 2, 2, 2, 2, C/8),
-        `image_encoder.split_high_res`), added after each transposed conv of the upscaling,
-        before its activation, without a copy per row. Returns masks (B, M, 4h, 4w) logits and
+        high-res features (s1 (G, 2h, 2w, C/4), s0 (G, 4h, 4w, C/8), `ImageEmbeddings.high_res`),
+        added after each transposed conv of the upscaling, before its activation, without a
+        copy per row. Returns masks (B, M, 4h, 4w) logits and
         IoU predictions (B, M): M = num_multimask_outputs masks 1.. if multimask_output,
         the single mask 0 if False, every output (mask 0 first) if None (training).
 
@@ -101,6 +101,7 @@ class MaskDecoder(nn.Module):
         x = src.reshape(b, h, w, c)
         x = conv_transpose_2x2(c // 4, dtype=self.dtype, name="output_upscaling_0")(x)  # (B, h, w, 2, 2, c/4)
         if high_res is not None:
+            high_res = subpixel_high_res(*high_res)
             x = add_per_image(x, high_res[0])
         x = gelu(LayerNorm(1e-6, name="output_upscaling_1")(x))
         x = conv_transpose_2x2(c // 8, dtype=self.dtype, name="output_upscaling_3")(x)  # (B, h, w, 2, 2, 2, 2, c/8)
@@ -153,6 +154,17 @@ class MaskDecoder(nn.Module):
         iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
         iou_pred = iou_pred.astype(accum_dtype(self.dtype))
         return masks, iou_pred[:, sl]
+
+
+def subpixel_high_res(s1: jax.Array, s0: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """High-res features in the upscaling's sub-pixel layout, one row per grid cell: s1 (G, 2h, 2w, C1)
+    -> (G, h, w, a, b, C1), pixel (2i + a, 2j + b); s0 (G, 4h, 4w, C0) -> (G, h, w, a, b, x, y, C0),
+    pixel (4i + 2a + x, 4j + 2b + y), as `conv_transpose_2x2` places its outputs."""
+    g, h2, w2, c1 = s1.shape
+    h, w = h2 // 2, w2 // 2
+    s1 = s1.reshape(g, h, 2, w, 2, c1).transpose(0, 1, 3, 2, 4, 5)
+    s0 = s0.reshape(g, h, 2, 2, w, 2, 2, s0.shape[-1]).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return s1, s0
 
 
 def add_per_image(x: jax.Array, y: jax.Array) -> jax.Array:

@@ -1,8 +1,8 @@
 """`Sam`: image encoder + prompt encoder + mask decoder (official `modeling/sam.py`).
 
 The Flax module has two entry points, used through `Sam.apply(..., method=...)`:
-  encode(images (B, S, S, 3) normalized and padded) -> embeddings (B, h, w, C)
-  decode(embeddings (B, h, w, C), prompts with batch B) -> masks (B, M, 4h, 4w), iou (B, M)
+  encode(images (B, S, S, 3) normalized and padded) -> `ImageEmbeddings` (embedding (B, h, w, C))
+  decode(`ImageEmbeddings` of B images, prompts with batch B) -> masks (B, M, 4h, 4w), iou (B, M)
 Pre- and post-processing (normalize, pad, upsample) are plain functions in
 `sam_jax.transforms`; the jitted functional core is `sam_jax.model`.
 """
@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sam_jax.config import SamConfig
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.modeling.common import accum_dtype
-from sam_jax.modeling.image_encoder import ImageEncoderViT, split_high_res
+from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.mask_decoder import MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
 from sam_jax.prompts import Prompts
@@ -40,24 +41,27 @@ class Sam(nn.Module):
         )
         self.mask_decoder = MaskDecoder(cfg.mask_decoder, transformer_dim=cfg.prompt_embed_dim, dtype=dtype)
 
-    def encode(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
-        """images (B, S, S, 3), normalized and padded -> embeddings (B, h, w, C) float32.
+    def encode(self, images: jax.Array, deterministic: bool = True) -> ImageEmbeddings:
+        """images (B, S, S, 3), normalized and padded -> `ImageEmbeddings`, float32 (the embedding
+        (B, h, w, C)). An image encoder returns `ImageEmbeddings`, or its embedding alone.
 
         `deterministic=False` applies the encoder's drop path (training; needs a "drop_path" rng).
         """
-        return self.image_encoder(images, deterministic).astype(accum_dtype(self.image_encoder.dtype))
+        out = self.image_encoder(images, deterministic)
+        out = out if isinstance(out, ImageEmbeddings) else ImageEmbeddings(out)
+        return out.astype(accum_dtype(self.image_encoder.dtype))
 
     def decode(
-        self, embeddings: jax.Array, prompts: Prompts, multimask_output: bool | None = True
+        self, embeddings: ImageEmbeddings, prompts: Prompts, multimask_output: bool | None = True
     ) -> tuple[jax.Array, jax.Array]:
-        """embeddings (G, h, w, C) of G images and a prompt batch of size B -> masks (B, M, 4h, 4w),
+        """`ImageEmbeddings` of G images and a prompt batch of size B -> masks (B, M, 4h, 4w),
         iou (B, M). The B rows are G groups of B / G consecutive rows, group g prompting image g
         (G = 1: one image for every row)."""
         sparse, dense, mask = self.prompt_encoder(
             prompts.points, prompts.labels, prompts.mask_input, prompts.has_mask, prompts.text, prompts.text_mask
         )
         image_pe = self.prompt_encoder.get_dense_pe()[None]
-        embeddings, high_res = split_high_res(embeddings, self.config)
+        check_embeddings(embeddings, self.config)
         text_rows = None
         if self.config.prompt_encoder.text_embed_dim is not None:  # a text model: text rows have their own mask tokens
             # The token mask (B, N + M) lists the N point tokens, then the M text tokens (M = 0: no text).
@@ -67,10 +71,30 @@ class Sam(nn.Module):
             maps = self.prompt_encoder.click_maps(
                 prompts.points, prompts.labels, self.config.mask_decoder.click_map_sigmas
             )
-        return self.mask_decoder(embeddings, image_pe, sparse, dense, mask, multimask_output, high_res, text_rows, maps)
+        return self.mask_decoder(
+            embeddings.embedding, image_pe, sparse, dense, mask, multimask_output, embeddings.high_res, text_rows, maps
+        )
 
     def __call__(
         self, images: jax.Array, prompts: Prompts, multimask_output: bool = True
     ) -> tuple[jax.Array, jax.Array]:
         """Encode then decode one prompt per image (used to initialize every parameter)."""
         return self.decode(self.encode(images), prompts, multimask_output)
+
+
+def check_embeddings(embeddings: ImageEmbeddings, config: SamConfig) -> None:
+    """Raise a ValueError naming the mismatch when `embeddings` were not made by a model of `config`."""
+    if not isinstance(embeddings, ImageEmbeddings):
+        raise TypeError(f"the decoder takes ImageEmbeddings (from encode), got {type(embeddings).__name__}")
+    c, e = config.prompt_embed_dim, config.embedding_size
+    if tuple(embeddings.embedding.shape[1:]) != (e, e, c):
+        raise ValueError(
+            f"image embeddings of shape {tuple(embeddings.embedding.shape)}: this model's are (B, {e}, {e}, {c}); "
+            "were they computed by another model?"
+        )
+    high_res = config.image_encoder.high_res_channels > 0
+    if (embeddings.high_res is not None) != high_res:
+        want = "with" if high_res else "without"
+        raise ValueError(
+            f"this model's image embeddings come {want} high-res features; were they computed by another model?"
+        )
