@@ -209,7 +209,7 @@ def _mask_decoder(cfg: SamConfig) -> Iterator[Row]:
 
 def key_table(config: SamConfig) -> list[Row]:
     """Every tensor of a SAM with this config, in the official module order (MobileSAM's TinyViT
-    encoder: `keys_tiny_vit`)."""
+    encoder: `keys_tiny_vit`; HQ-SAM's decoder additions: `keys_hq`)."""
     tiny_vit = isinstance(config.image_encoder, TinyViTConfig)
     if not tiny_vit and config.image_encoder.high_res_channels:
         raise ValueError(
@@ -231,11 +231,13 @@ def key_table(config: SamConfig) -> list[Row]:
             "which the official SAM does not have: it cannot be converted to or from official checkpoints "
             "(save_params / load_model keep it whole)"
         )
+    from sam_jax.convert.keys_hq import hq_rows  # HQ-SAM's decoder additions (none for SAM)
+
     if tiny_vit:
         from sam_jax.convert.keys_tiny_vit import tiny_vit_rows
 
-        return [*tiny_vit_rows(config), *_prompt_encoder(config), *_mask_decoder(config)]
-    return [*_image_encoder(config), *_prompt_encoder(config), *_mask_decoder(config)]
+        return [*tiny_vit_rows(config), *_prompt_encoder(config), *_mask_decoder(config), *hq_rows(config)]
+    return [*_image_encoder(config), *_prompt_encoder(config), *_mask_decoder(config), *hq_rows(config)]
 
 
 def ignored_buffers(config: SamConfig) -> list[str]:

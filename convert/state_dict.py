@@ -3,7 +3,8 @@
 - `to_flax(state_dict, config)`: official or Hugging Face keys -> Flax params. Every
   missing, unexpected or mis-shaped tensor is reported in one `CheckpointError`.
 - `to_official(params, config)`: Flax params -> official keys (for export).
-- `infer_model_type(state_dict)`: vit_b / vit_l / vit_h / vit_t from the tensors' shapes.
+- `infer_model_type(state_dict)`: vit_b / vit_l / vit_h / vit_t from the tensors' shapes, with the
+  suffix _hq for an HQ-SAM checkpoint (one with the HQ token).
 Precision is never changed here: tensors keep the dtype they were stored with,
 except that the loader casts to the float32 params when a checkpoint is half precision.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from sam_jax.config import CONFIGS, SamConfig, TinyViTConfig, get_config
 from sam_jax.convert.errors import CheckpointError, check_keys, set_path
 from sam_jax.convert.keys import Row, ignored_buffers, key_table
+from sam_jax.convert.keys_hq import HQ_TOKEN_KEY
 
 KeyStyle = Literal["official", "hf"]
 # Hugging Face ties the positional-encoding matrix to a second name; some files hold both.
@@ -78,7 +80,38 @@ def _infer_tiny_vit(state_dict: Mapping[str, np.ndarray]) -> str:
 
 
 def infer_model_type(state_dict: Mapping[str, np.ndarray]) -> str:
-    """The official variant (vit_b, vit_l, vit_h or MobileSAM's vit_t) whose shapes a state dict has."""
+    """The official variant (vit_b, vit_l, vit_h, MobileSAM's vit_t, HQ-SAM's vit_b_hq, vit_l_hq,
+    vit_h_hq) whose shapes a state dict has."""
+    name = _infer_sam_type(state_dict)
+    if HQ_TOKEN_KEY not in state_dict:
+        return name
+    if f"{name}_hq" not in CONFIGS:
+        raise CheckpointError(
+            f"an HQ-SAM checkpoint ({HQ_TOKEN_KEY}) on a {name} image encoder: HQ-SAM is supported on the ViT "
+            "encoders (vit_b_hq, vit_l_hq, vit_h_hq), not Light HQ-SAM's TinyViT"
+        )
+    return f"{name}_hq"
+
+
+def check_hq_variant(keys, config: SamConfig) -> None:
+    """Raise a CheckpointError naming the mix-up when a SAM checkpoint (no HQ token) is loaded as an
+    HQ-SAM model or an HQ-SAM checkpoint as a SAM model (`keys`: the checkpoint's tensor names)."""
+    has_hq = HQ_TOKEN_KEY in keys
+    if has_hq == config.mask_decoder.hq_token:
+        return
+    if config.mask_decoder.hq_token:
+        raise CheckpointError(
+            f"a SAM checkpoint without HQ-SAM's HQ token ({HQ_TOKEN_KEY}) given as the HQ-SAM model {config.name}: "
+            f"load it as {config.name.removesuffix('_hq')}, or give an HQ-SAM checkpoint (sam_hq_vit_*.pth)"
+        )
+    raise CheckpointError(
+        f"an HQ-SAM checkpoint (it has {HQ_TOKEN_KEY}) given as the SAM model {config.name}: load it as "
+        f"{config.name}_hq (or --model-type auto)"
+    )
+
+
+def _infer_sam_type(state_dict: Mapping[str, np.ndarray]) -> str:
+    """The official SAM or MobileSAM variant whose image encoder a state dict has."""
     style = key_style(state_dict)
     if style == "official" and TINY_VIT_STEM in state_dict:
         return _infer_tiny_vit(state_dict)
@@ -115,6 +148,7 @@ def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig, *, consume:
         state_dict = dict(state_dict) if not consume else state_dict
         alias = state_dict.pop(HF_PE_ALIAS)
         state_dict.setdefault(HF_PE_KEY, alias)
+    check_hq_variant(state_dict, config)
     table = key_table(config)
     expected = _expected_shapes(config)
     table_paths = {row.flax for row in table}
@@ -164,6 +198,7 @@ def shape_check(model_type: str | SamConfig) -> Callable[[Mapping[str, tuple[int
         views = {k: np.broadcast_to(np.empty((), np.uint8), s) for k, s in shapes.items()}  # no memory
         style = key_style(views)
         config = resolve_config(views, model_type)
+        check_hq_variant(views, config)
         expected = _expected_shapes(config)
         wrong = []
         for row in key_table(config):

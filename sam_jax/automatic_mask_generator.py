@@ -46,7 +46,8 @@ def decode_point_batch(
     params: Params, embedding: ImageEmbeddings, points: jax.Array, *, config: SamConfig
 ) -> tuple[jax.Array, jax.Array]:
     """P single-point prompts on one crop -> the 3P multimask outputs (point-major, as officially):
-    low-res logits (3P, s, s) and predicted IoUs (3P,).
+    low-res logits (3P, s, s) and predicted IoUs (3P,); HQ-SAM's P outputs, as `segment_anything_hq`'s
+    generator (each the best SAM mask plus the HQ mask).
 
     embedding: one crop's `ImageEmbeddings` (batch 1); points (P, 2) in the resized crop's frame.
     """

@@ -201,10 +201,19 @@ class MaskDecoderConfig:
     # 4-channel upscaled features of a small decoder cannot draw (docs/demo-recipe.md). ():
     # none, the official SAM.
     click_map_sigmas: tuple[float, ...] = ()
+    # HQ-SAM (Ke et al. 2023, `segment_anything_hq`'s `MaskDecoderHQ`): an HQ output token after the
+    # mask tokens, whose mask is drawn from the upscaled features refined by two convolutions plus
+    # the fusion of the embedding and the ViT's first global-attention block's output (the encoder
+    # then returns `ImageEmbeddings.interm`). The decoder returns one mask: the SAM mask (mask 0, or
+    # the best of masks 1.. by predicted IoU with multimask output) plus the HQ mask, or the HQ mask
+    # alone (`hq_token_only`). False: the official SAM.
+    hq_token: bool = False
 
     def __post_init__(self) -> None:
         if any(not s > 0 for s in self.click_map_sigmas):
             raise ValueError(f"click_map_sigmas must be positive widths in pixels, got {self.click_map_sigmas!r}")
+        if self.hq_token and self.click_map_sigmas:
+            raise ValueError("a decoder with the HQ token (hq_token=True) takes no click maps (click_map_sigmas)")
 
     @property
     def num_click_maps(self) -> int:
@@ -226,6 +235,10 @@ class SamConfig:
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     mask_threshold: float = 0.0
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.mask_decoder.hq_token and not isinstance(self.image_encoder, ImageEncoderConfig):
+            raise ValueError(f"{self.name}: the HQ-SAM decoder (hq_token) takes the ViT encoder's early features")
 
     @property
     def image_size(self) -> int:
@@ -293,6 +306,26 @@ def vit_t() -> SamConfig:
     return SamConfig(name="vit_t", image_encoder=TinyViTConfig())
 
 
+def _hq(config: SamConfig) -> SamConfig:
+    """HQ-SAM on `config`'s encoder: its mask decoder with the HQ token (`MaskDecoderConfig.hq_token`)."""
+    return dataclasses.replace(
+        config, name=f"{config.name}_hq", mask_decoder=dataclasses.replace(config.mask_decoder, hq_token=True)
+    )
+
+
+def vit_b_hq() -> SamConfig:
+    """HQ-SAM ViT-B (`segment_anything_hq`'s vit_b; its `sam_hq_vit_b.pth`)."""
+    return _hq(vit_b())
+
+
+def vit_l_hq() -> SamConfig:
+    return _hq(vit_l())
+
+
+def vit_h_hq() -> SamConfig:
+    return _hq(vit_h())
+
+
 def tiny() -> SamConfig:
     """A small SAM for tests: 256 px input, 16x16 grid, windows of 6 (padded to 18)."""
     return SamConfig(
@@ -340,6 +373,9 @@ CONFIGS = {
     "vit_b": vit_b,
     "vit_l": vit_l,
     "vit_h": vit_h,
+    "vit_b_hq": vit_b_hq,
+    "vit_l_hq": vit_l_hq,
+    "vit_h_hq": vit_h_hq,
     "tiny": tiny,
 }
 

@@ -74,6 +74,7 @@ def decode(
     *,
     config: SamConfig,
     multimask_output: bool | None = True,
+    hq_token_only: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """`ImageEmbeddings` of B images, prompts of batch B -> low-res mask logits (B, M, 4h, 4w), IoU (B, M).
 
@@ -81,8 +82,14 @@ def decode(
     all 4 (mask 0 first: training picks per prompt). One image's
     embeddings (batch 1) serve all B prompts; with `prompts.without_masks()` the decoder
     then runs the image side of its first layer once instead of B times.
+
+    HQ-SAM (`config.mask_decoder.hq_token`) gives M = 1: the SAM mask (mask 0, or with
+    `multimask_output` the best of 1..3 by predicted IoU) plus its HQ mask, or with `hq_token_only`
+    the HQ mask alone, as `segment_anything_hq`.
     """
-    return Sam(config).apply({"params": params}, embeddings, prompts, multimask_output, method=Sam.decode)
+    return Sam(config).apply(
+        {"params": params}, embeddings, prompts, multimask_output, hq_token_only, method=Sam.decode
+    )
 
 
 def predict_masks(
@@ -95,6 +102,7 @@ def predict_masks(
     original_size: tuple[int, int],
     multimask_output: bool,
     return_logits: bool,
+    hq_token_only: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One image's `ImageEmbeddings` (batch 1) with B prompts -> masks at the original size
     (B, M, H, W) (bool, or logits with `return_logits`), IoU (B, M), low-res logits (B, M, 4h, 4w).
@@ -107,7 +115,9 @@ def predict_masks(
     # Without mask prompts the embeddings stay batch 1: the decoder's first layer runs its
     # image side once for the B prompts (`TwoWayTransformer`); with them, one copy per prompt.
     emb = embedding if prompts.mask_input is None else embedding.broadcast_to(b)
-    low_res, iou = decode(params, emb, prompts, config=config, multimask_output=multimask_output)
+    low_res, iou = decode(
+        params, emb, prompts, config=config, multimask_output=multimask_output, hq_token_only=hq_token_only
+    )
     threshold = None if return_logits else config.mask_threshold
     masks = postprocess_masks(low_res, input_size, original_size, config.image_size, threshold=threshold)
     return masks, iou, low_res
@@ -130,17 +140,22 @@ class SamModel:
         # every jitted call would otherwise copy again: ~77 ms per call for vit_b).
         self.params = jax.device_put(self.params)
         self._encode = jax.jit(functools.partial(encode, config=self.config))
-        self._decode = jax.jit(functools.partial(decode, config=self.config), static_argnames="multimask_output")
+        self._decode = jax.jit(
+            functools.partial(decode, config=self.config), static_argnames=("multimask_output", "hq_token_only")
+        )
 
     def encode(self, images: jax.Array) -> ImageEmbeddings:
         """images (B, S, S, 3) normalized and padded -> `ImageEmbeddings` (embedding (B, h, w, C))."""
         return self._encode(self.params, images)
 
     def decode(
-        self, embeddings: ImageEmbeddings, prompts: Prompts, multimask_output: bool = True
+        self, embeddings: ImageEmbeddings, prompts: Prompts, multimask_output: bool = True, hq_token_only: bool = False
     ) -> tuple[jax.Array, jax.Array]:
-        """`ImageEmbeddings` of B images, prompts of batch B -> mask logits (B, M, 4h, 4w), IoU (B, M)."""
-        return self._decode(self.params, embeddings, prompts, multimask_output=multimask_output)
+        """`ImageEmbeddings` of B images, prompts of batch B -> mask logits (B, M, 4h, 4w), IoU (B, M)
+        (`hq_token_only`: HQ-SAM's HQ mask alone)."""
+        return self._decode(
+            self.params, embeddings, prompts, multimask_output=multimask_output, hq_token_only=hq_token_only
+        )
 
     def with_dtype(self, dtype: str) -> SamModel:
         return SamModel(dataclasses.replace(self.config, dtype=str(jnp.dtype(dtype))), self.params)

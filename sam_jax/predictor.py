@@ -113,6 +113,7 @@ def decode_prompts(
     config: SamConfig,
     multimask_output: bool,
     max_batch: int = DECODE_BATCH,
+    hq_token_only: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """One image's `ImageEmbeddings` (batch 1), B prompts -> low-res logits (B, M, 4h, 4w), IoU (B, M)
     (the decoding half of `sam_jax.model.predict_masks`), in sub-batches of the largest divisor of
@@ -122,7 +123,7 @@ def decode_prompts(
     def run(p: Prompts) -> tuple[jax.Array, jax.Array]:
         n = p.labels.shape[0]
         emb = embedding if p.mask_input is None else embedding.broadcast_to(n)
-        return decode(params, emb, p, config=config, multimask_output=multimask_output)
+        return decode(params, emb, p, config=config, multimask_output=multimask_output, hq_token_only=hq_token_only)
 
     sub = max((d for d in range(max(1, max_batch // 2), max_batch + 1) if b % d == 0), default=b)
     if sub >= b:
@@ -159,7 +160,8 @@ class SamPredictor:
             self._check_text_support()  # raises: the widths differ
         self.transform = ResizeLongestSide(sam_model.image_size)
         self._predict = jax.jit(  # the decoder step; `_upsample` postprocesses its masks
-            functools.partial(decode_prompts, config=sam_model.config), static_argnames="multimask_output"
+            functools.partial(decode_prompts, config=sam_model.config),
+            static_argnames=("multimask_output", "hq_token_only"),
         )
         self._upsample = jax.jit(
             functools.partial(upsample_chunk, image_size=sam_model.image_size),
@@ -322,11 +324,28 @@ class SamPredictor:
             prompts = prompts.without_masks()
         return prompts, n, batched
 
-    def _run(self, index, point_coords, point_labels, box, mask_input, multimask_output, return_logits, text=None):
+    def _run(
+        self,
+        index,
+        point_coords,
+        point_labels,
+        box,
+        mask_input,
+        multimask_output,
+        return_logits,
+        text=None,
+        hq_token_only=False,
+    ):
         orig, inp = self._orig_hw[index], self._input_hw[index]
+        if hq_token_only and not self.model.config.mask_decoder.hq_token:
+            raise ValueError(f"hq_token_only=True needs an HQ-SAM model (vit_b_hq, ...), not {self.model.config.name}")
         prompts, n, _ = self._prepare_prompts(point_coords, point_labels, box, mask_input, orig, text)
         low, iou = self._predict(
-            self.model.params, self.features.select(index), prompts, multimask_output=bool(multimask_output)
+            self.model.params,
+            self.features.select(index),
+            prompts,
+            multimask_output=bool(multimask_output),
+            hq_token_only=bool(hq_token_only),
         )
         masks = self._postprocess(low, n, tuple(inp), tuple(orig), bool(return_logits))
         iou, low = np.array(np.asarray(iou)[:n]), np.array(np.asarray(low)[:n])
@@ -375,16 +394,23 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         text: str | Sequence[str] | None = None,
+        hq_token_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for prompts on the image given to `set_image` (see the module docstring for shapes).
 
         text: a string (added to every prompt; alone, one prompt) or a list of B strings (one
         per prompt); needs a checkpoint with a text projection and the predictor's `text_encoder`.
+
+        An HQ-SAM model returns one mask per prompt (C = 1), as `segment_anything_hq`: the SAM mask
+        (with `multimask_output` the best of its three by predicted IoU) plus the HQ mask, or the
+        HQ mask alone with `hq_token_only`.
         """
         self._require_image()
         if self._is_batch:
             raise RuntimeError("An image batch is set: use predict_batch(...) (or set_image(...) for one image).")
-        return self._run(0, point_coords, point_labels, box, mask_input, multimask_output, return_logits, text)
+        return self._run(
+            0, point_coords, point_labels, box, mask_input, multimask_output, return_logits, text, hq_token_only
+        )
 
     def predict_batch(
         self,
@@ -395,6 +421,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         text_batch: Sequence[str | Sequence[str] | None] | None = None,
+        hq_token_only: bool = False,
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """`predict` for each image of `set_image_batch`: one entry per image in each list argument
         (each entry as `predict` takes it, possibly with B prompts; a `text_batch` entry as
@@ -422,7 +449,7 @@ class SamPredictor:
                 raise ValueError(f"{name} has {len(value)} entries for {num} images")
             args.append(value)
         outs = [
-            self._run(i, pc, pl, bx, mi, multimask_output, return_logits, tx)
+            self._run(i, pc, pl, bx, mi, multimask_output, return_logits, tx, hq_token_only)
             for i, (pc, pl, bx, mi, tx) in enumerate(zip(*args))
         ]
         return [o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs]

@@ -329,12 +329,14 @@ class HighResFeatures(nn.Module):
 
 
 class ImageEncoderViT(nn.Module):
-    """images (B, S, S, 3) -> `ImageEmbeddings`: the embedding (B, S/16, S/16, out_chans), and with
-    `config.high_res_channels` the high-res features (`HighResFeatures`)."""
+    """images (B, S, S, 3) -> `ImageEmbeddings`: the embedding (B, S/16, S/16, out_chans), with
+    `config.high_res_channels` the high-res features (`HighResFeatures`), and with `interm` the
+    output of the first global-attention block (B, S/16, S/16, embed_dim) (HQ-SAM's early features)."""
 
     config: ImageEncoderConfig
     out_chans: int = 256
     dtype: Any = jnp.float32
+    interm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> ImageEmbeddings:
@@ -356,6 +358,9 @@ class ImageEncoderViT(nn.Module):
             pos_embed = self.param("pos_embed", init, (1, g, g, cfg.embed_dim), jnp.float32)
             x = x + pos_embed.astype(self.dtype)
         block_cls = RematBlock if cfg.remat else Block
+        if self.interm and not cfg.global_attn_indexes:
+            raise ValueError("early ViT features (HQ-SAM) are the output of a global-attention block: there is none")
+        interm = None
         for i, rate in enumerate(cfg.drop_path_rates):
             x = block_cls(
                 cfg.num_heads,
@@ -370,13 +375,15 @@ class ImageEncoderViT(nn.Module):
                 dtype=self.dtype,
                 name=f"blocks_{i}",
             )(x, deterministic)
+            if self.interm and i == min(cfg.global_attn_indexes):
+                interm = x
         x = conv(self.out_chans, 1, use_bias=False, dtype=self.dtype, name="neck_0")(x)
         x = LayerNorm(1e-6, name="neck_1")(x)
         x = conv(self.out_chans, 3, padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
         x = LayerNorm(1e-6, name="neck_3")(x)
         if not cfg.high_res_channels:
-            return ImageEmbeddings(x)
+            return ImageEmbeddings(x, interm=interm)
         high_res = HighResFeatures(
             cfg.high_res_channels, self.out_chans, cfg.patch_size, dtype=self.dtype, name="high_res"
         )(images)
-        return ImageEmbeddings(x, high_res)
+        return ImageEmbeddings(x, high_res, interm)

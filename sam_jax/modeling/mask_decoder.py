@@ -6,6 +6,8 @@ is upscaled 4x and each mask token's hypernetwork MLP gives the weights of one
 output mask. Masks (B, M, 4h, 4w) and IoU predictions (B, M), M = 1 + multimask.
 A decoder with `click_map_sigmas` (not the official SAM) also adds to each mask a
 token-weighted sum of maps drawn around the row's clicks (`PromptEncoder.click_maps`).
+HQ-SAM's decoder (`MaskDecoderConfig.hq_token`) adds an HQ token and returns one mask
+(`sam_jax.modeling.hq`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sam_jax.config import MaskDecoderConfig
+from sam_jax.modeling import hq
 from sam_jax.modeling.common import MLP, LayerNorm, accum_dtype, conv_transpose_2x2, dense, embedding, gelu
 from sam_jax.modeling.transformer import TwoWayTransformer
 
@@ -38,6 +41,8 @@ class MaskDecoder(nn.Module):
         high_res: Any = None,
         text_rows: jax.Array | None = None,
         click_maps: jax.Array | None = None,
+        interm: jax.Array | None = None,
+        hq_token_only: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         """Predict masks.
 
@@ -59,26 +64,44 @@ class MaskDecoder(nn.Module):
         click_maps (B, 4h, 4w, K), given exactly when `config.click_map_sigmas` is set
         (`PromptEncoder.click_maps`): each mask token's `output_click_weights_i` (a zero-initialised
         linear layer) weighs the K maps, and the weighted sum is added to its mask logits.
+
+        interm (G, h, w, D), given exactly when `config.hq_token` is set (HQ-SAM): the early ViT
+        features (`ImageEmbeddings.interm`). The decoder then returns one mask, M = 1: the SAM
+        mask (mask 0; with `multimask_output` the one of masks 1.. with the highest predicted IoU,
+        and that IoU) plus the HQ mask, or the HQ mask alone with `hq_token_only`.
         """
         cfg = self.config
         c = self.transformer_dim
         num_mask_tokens = cfg.num_multimask_outputs + 1
         iou_token = embedding(1, c, name="iou_token").embedding
         mask_tokens = embedding(num_mask_tokens, c, name="mask_tokens").embedding
+        if (interm is None) == cfg.hq_token:
+            raise ValueError(
+                f"this decoder {'takes' if cfg.hq_token else 'takes no'} early ViT features (hq_token={cfg.hq_token}); "
+                f"got {'none' if interm is None else tuple(interm.shape)}"
+            )
+        if hq_token_only and not cfg.hq_token:
+            raise ValueError("hq_token_only needs an HQ-SAM model (a decoder with the HQ token)")
+        if cfg.hq_token and multimask_output is None:
+            raise ValueError("the HQ-SAM decoder returns one mask: multimask_output must be True or False")
+        # HQ-SAM's HQ token follows the mask tokens (`hf_token`).
+        extra = [embedding(1, c, name="hf_token").embedding] if cfg.hq_token else []
+        num_out = 1 + num_mask_tokens + len(extra)
         b, g = sparse_prompt_embeddings.shape[0], image_embeddings.shape[0]
         if b % g:
             raise ValueError(
                 f"{b} prompt rows cannot be split evenly over {g} images "
                 f"(image embeddings {tuple(image_embeddings.shape)})"
             )
-        output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens])[None], (b, 1 + num_mask_tokens, c))
+        output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens, *extra])[None], (b, num_out, c))
         if text_rows is not None:
             text_mask_tokens = embedding(num_mask_tokens, c, name="text_mask_tokens").embedding
-            text_tokens = jnp.concatenate([iou_token, text_mask_tokens])[None]
+            text_tokens = jnp.concatenate([iou_token, text_mask_tokens, *extra])[None]
             output_tokens = jnp.where(text_rows.reshape(b, 1, 1), text_tokens, output_tokens)
         tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(output_tokens.dtype)], axis=1)
-        mask = jnp.concatenate([jnp.ones((b, 1 + num_mask_tokens), bool), token_mask], axis=1)
+        mask = jnp.concatenate([jnp.ones((b, num_out), bool), token_mask], axis=1)
 
+        features_hq = hq.hq_features(image_embeddings, interm, self.dtype) if cfg.hq_token else None
         if g not in (1, b):  # the transformer takes one image for all rows or one per row
             image_embeddings = jnp.repeat(image_embeddings, b // g, axis=0)
         src = (image_embeddings + dense_prompt_embeddings).astype(self.dtype)
@@ -116,7 +139,17 @@ class MaskDecoder(nn.Module):
             ],
             axis=1,
         )  # (B, num_mask_tokens, c/8)
+        hidden = (cfg.iou_head_hidden_dim,) * (cfg.iou_head_depth - 1)
+        iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
+        iou_pred = iou_pred.astype(accum_dtype(self.dtype))
         sl = slice(None) if multimask_output is None else slice(1, None) if multimask_output else slice(0, 1)
+        if cfg.hq_token:
+            upscaled_hq = add_per_image(hq.mask_features(x, self.dtype), features_hq)
+            masks_hq = hq.hq_mask(hs[:, 1 + num_mask_tokens, :], upscaled_hq, self.dtype)
+            hyper_in, iou_pred = hq.select_sam_mask(hyper_in, iou_pred, multimask_output)
+            if hq_token_only:
+                return masks_hq, iou_pred
+            sl = slice(None)
         # Only the returned masks are computed. Row 4i + 2a + a', column 4j + 2b + b'.
         masks = jnp.einsum("nmc,nhwabxyc->nmhaxwby", hyper_in[:, sl], x, preferred_element_type=accum_dtype(self.dtype))
         masks = masks.reshape(b, masks.shape[1], 4 * h, 4 * w)
@@ -150,9 +183,8 @@ class MaskDecoder(nn.Module):
                 click_maps.astype(self.dtype),
                 preferred_element_type=masks.dtype,
             )
-        hidden = (cfg.iou_head_hidden_dim,) * (cfg.iou_head_depth - 1)
-        iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
-        iou_pred = iou_pred.astype(accum_dtype(self.dtype))
+        if cfg.hq_token:
+            return masks + masks_hq, iou_pred
         return masks, iou_pred[:, sl]
 
 

@@ -3,6 +3,8 @@
 The Flax module has two entry points, used through `Sam.apply(..., method=...)`:
   encode(images (B, S, S, 3) normalized and padded) -> `ImageEmbeddings` (embedding (B, h, w, C))
   decode(`ImageEmbeddings` of B images, prompts with batch B) -> masks (B, M, 4h, 4w), iou (B, M)
+HQ-SAM (`MaskDecoderConfig.hq_token`): the ViT encoder also returns its early features
+(`ImageEmbeddings.interm`) and the decoder fuses them (`modeling.hq`).
 Pre- and post-processing (normalize, pad, upsample) are plain functions in
 `sam_jax.transforms`; the jitted functional core is `sam_jax.model`.
 """
@@ -29,7 +31,8 @@ class Sam(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         e = cfg.embedding_size
-        self.image_encoder = ImageEncoderViT(cfg.image_encoder, out_chans=cfg.prompt_embed_dim, dtype=dtype)
+        hq = {"interm": True} if cfg.mask_decoder.hq_token else {}  # HQ-SAM's early ViT features
+        self.image_encoder = ImageEncoderViT(cfg.image_encoder, out_chans=cfg.prompt_embed_dim, dtype=dtype, **hq)
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_embed_dim,
             image_embedding_size=(e, e),
@@ -52,11 +55,16 @@ class Sam(nn.Module):
         return out.astype(accum_dtype(self.image_encoder.dtype))
 
     def decode(
-        self, embeddings: ImageEmbeddings, prompts: Prompts, multimask_output: bool | None = True
+        self,
+        embeddings: ImageEmbeddings,
+        prompts: Prompts,
+        multimask_output: bool | None = True,
+        hq_token_only: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         """`ImageEmbeddings` of G images and a prompt batch of size B -> masks (B, M, 4h, 4w),
         iou (B, M). The B rows are G groups of B / G consecutive rows, group g prompting image g
-        (G = 1: one image for every row)."""
+        (G = 1: one image for every row). HQ-SAM returns M = 1 mask, the HQ mask alone with
+        `hq_token_only` (`MaskDecoder`)."""
         sparse, dense, mask = self.prompt_encoder(
             prompts.points, prompts.labels, prompts.mask_input, prompts.has_mask, prompts.text, prompts.text_mask
         )
@@ -72,7 +80,17 @@ class Sam(nn.Module):
                 prompts.points, prompts.labels, self.config.mask_decoder.click_map_sigmas
             )
         return self.mask_decoder(
-            embeddings.embedding, image_pe, sparse, dense, mask, multimask_output, embeddings.high_res, text_rows, maps
+            embeddings.embedding,
+            image_pe,
+            sparse,
+            dense,
+            mask,
+            multimask_output,
+            embeddings.high_res,
+            text_rows,
+            maps,
+            interm=embeddings.interm,
+            hq_token_only=hq_token_only,
         )
 
     def __call__(
@@ -97,4 +115,16 @@ def check_embeddings(embeddings: ImageEmbeddings, config: SamConfig) -> None:
         want = "with" if high_res else "without"
         raise ValueError(
             f"this model's image embeddings come {want} high-res features; were they computed by another model?"
+        )
+    hq = config.mask_decoder.hq_token
+    if (embeddings.interm is not None) != hq:
+        want = "with" if hq else "without"
+        raise ValueError(
+            f"this model's image embeddings come {want} early ViT features (HQ-SAM's interm); were they computed "
+            "by another model?"
+        )
+    if hq and tuple(embeddings.interm.shape[:3]) != tuple(embeddings.embedding.shape[:3]):
+        raise ValueError(
+            f"early ViT features of shape {tuple(embeddings.interm.shape)} for image embeddings of shape "
+            f"{tuple(embeddings.embedding.shape)}: they must have the same batch and grid"
         )
