@@ -320,6 +320,29 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"trained to step {trainer.step} ({loss}); model -> {trainer.workdir / 'model'}")
 
 
+def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sam_jax.host_memory import retain_on_cpu
+    from sam_jax.train.finetune import check_arguments, finetune, format_report
+
+    check_arguments(args.mode, args.steps)  # before anything loads
+    enable_compilation_cache(args.cache_dir)
+    retain_on_cpu()
+    report = finetune(
+        args.checkpoint,
+        args.train,
+        args.workdir,
+        train_images=args.train_images,
+        val=args.val,
+        val_images=args.val_images,
+        mode=args.mode,
+        steps=args.steps,
+        overrides=overrides,
+        quiet=args.quiet,
+    )
+    if args.quiet:  # otherwise printed with the progress
+        print(format_report(report["before"], report["after"]))
+
+
 def _engine(args: argparse.Namespace, overrides: list[str]) -> None:
     from sam_jax.train.engine import format_table, run_engine
 
@@ -523,6 +546,30 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_train, takes_overrides=True)
 
 
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint on your own masks (COCO instances, images/ + masks/, SA-1B); a before/after "
+        "report; extra --config.KEY=VALUE override the recipe (train/configs/finetune.py); a rerun resumes",
+    )
+    p.add_argument("--checkpoint", required=True, help="official .pth, .safetensors or sam-jax checkpoint directory")
+    p.add_argument("--train", required=True, help="a COCO instances .json, a folder with images/ and masks/, or SA-1B")
+    p.add_argument("--train-images", default=None, help="the images of a COCO --train (default: the JSON's folder)")
+    p.add_argument("--val", default=None, help="held-out data, as --train (default: a fixed-seed split of --train)")
+    p.add_argument("--val-images", default=None, help="the images of a COCO --val (default: the JSON's folder)")
+    p.add_argument("--workdir", required=True, help="embeddings, checkpoints, model/ and report.json go here")
+    p.add_argument(
+        "--mode",
+        default="decoder",
+        choices=["decoder", "lora", "full"],
+        help="decoder: frozen encoder, cached embeddings (default); lora: adapters on the encoder; full: everything",
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.set_defaults(func=_finetune, takes_overrides=True)
+
+
 def _add_engine(sub) -> None:
     p = sub.add_parser(
         "engine", help="data engine rounds: pseudo-label, filter, train on labeled + pseudo, evaluate (resumes)"
@@ -569,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_shapes(sub)
     _add_pretrain_kinds(sub)
     _add_train(sub)
+    _add_finetune(sub)
     _add_engine(sub)
     _add_eval(sub)
     return parser

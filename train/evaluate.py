@@ -30,7 +30,9 @@ placement (distance transforms, connected components) runs on the host.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import itertools
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,10 +266,8 @@ def _evaluate_image(
 # --------------------------------------------------------------------------- public
 
 
-def eval_records(
-    data_dir: str | Path, num_clicks: int, max_images: int | None, max_masks_per_image: int | None
-) -> list:
-    """Validate `evaluate`'s arguments; -> the (image, json) records to read."""
+def check_counts(num_clicks: int, max_images: int | None, max_masks_per_image: int | None) -> None:
+    """Refuse counts of `evaluate` that are not integers >= 1 (the maxima may be None)."""
     for name, value, allow_none in (
         ("num_clicks", num_clicks, False),
         ("max_images", max_images, True),
@@ -277,6 +277,13 @@ def eval_records(
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+def eval_records(
+    data_dir: str | Path, num_clicks: int, max_images: int | None, max_masks_per_image: int | None
+) -> list:
+    """Validate `evaluate`'s arguments; -> the (image, json) records to read."""
+    check_counts(num_clicks, max_images, max_masks_per_image)
     if not Path(data_dir).is_dir():
         raise ValueError(f"data_dir must be a folder of SA-1B records (NAME.jpg + NAME.json), got {str(data_dir)!r}")
     records = list_records(data_dir)
@@ -285,16 +292,29 @@ def eval_records(
     return records[:max_images]
 
 
+def read_records(data: Any, num_clicks: int, max_images: int | None, max_masks_per_image: int | None) -> Iterator:
+    """The records `evaluate` scores: those of an SA-1B-layout folder (sorted by name), or of a record
+    source (`train.sources`: `source[i]` a record or None, the unreadable ones skipped); the first `max_images`."""
+    if isinstance(data, (str, os.PathLike)):
+        for image_path, json_path in eval_records(data, num_clicks, max_images, max_masks_per_image):
+            yield load_record(image_path, json_path)
+        return
+    check_counts(num_clicks, max_images, max_masks_per_image)
+    records = (data[i] for i in range(len(data)))
+    yield from itertools.islice((r for r in records if r is not None), max_images)
+
+
 def evaluate(
     params: Params,
     config: SamConfig,
-    data_dir: str | Path,
+    data_dir: Any,
     *,
     num_clicks: int = 5,
     max_images: int | None = None,
     max_masks_per_image: int | None = None,
 ) -> dict[str, Any]:
-    """mIoU of the interactive point protocol and of box prompts over an SA-1B-layout folder.
+    """mIoU of the interactive point protocol and of box prompts over an SA-1B-layout folder or a
+    record source (`read_records`).
 
     Reads the first `max_images` records (sorted by name) and the first `max_masks_per_image`
     usable masks of each. Returns {"num_images", "num_masks", "num_clicks",
@@ -302,15 +322,14 @@ def evaluate(
     ("miou_1click" is the oracle's), "miou_box", "per_click": [mIoU after click k]}.
     Images without usable masks are skipped (not counted).
     """
-    records = eval_records(data_dir, num_clicks, max_images, max_masks_per_image)
     per_image = []
-    for image_path, json_path in records:
-        record = load_record(image_path, json_path)
+    for record in read_records(data_dir, num_clicks, max_images, max_masks_per_image):
         gt = usable_masks(record["masks"], max_masks_per_image)
         if len(gt):
             per_image.append(_evaluate_image(params, config, record["image"], gt, num_clicks))
     if not per_image:
-        raise ValueError(f"data_dir {str(data_dir)!r} has no usable masks (non-empty, <= 90% of the image)")
+        where = str(getattr(data_dir, "root", data_dir))  # a folder, or a record source's root
+        raise ValueError(f"data_dir {where!r} has no usable masks (non-empty, <= 90% of the image)")
     ious = {k: np.concatenate([r[k] for r in per_image]) for k in per_image[0]}
     per_click = [float(v) for v in ious["clicks"].mean(axis=0, dtype=np.float64)]
     return {

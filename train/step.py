@@ -3,7 +3,8 @@
     state, metrics = train_step(state, batch, model_config=..., cfg=..., tx=...)
 
 batch:
-  images (B, S, S, 3) float32, normalized and zero-padded (`transforms.preprocess`)
+  images (B, S, S, 3) float32, normalized and zero-padded (`transforms.preprocess`); or, with a
+         frozen encoder, embeddings: the encoder's cached outputs (`train.embedding_cache`)
   masks  (B, K, m, m) bool ground-truth masks on the loss grid: the decoder's low-res grid
          (m = 4 x embedding side), or a finer one (`loss.mask_size`, e.g. the input size), where
          the logits are upsampled bilinearly (as at inference) before the losses and the
@@ -50,6 +51,7 @@ from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import Sam, decode, encode
 from sam_jax.prompts import Prompts
 from sam_jax.train import prompt_simulation as sim
+from sam_jax.train.lora import merge_adapters
 from sam_jax.train.losses import sam_loss
 from sam_jax.transforms import linear_resize_matrix
 
@@ -64,13 +66,15 @@ def upsample_logits(logits: jax.Array, size: int) -> jax.Array:
     return jnp.einsum("yi,...ij,xj->...yx", r, logits.astype(jnp.float32), r)
 
 
-@struct.dataclass
+@struct.dataclass(kw_only=True)
 class TrainBatch:
     """One training batch: B images with K mask slots each (global shapes; each process holds its rows).
 
     The data pipeline yields these fields as a dict of numpy arrays; `TrainBatch(**example)` wraps them."""
 
-    images: jax.Array  # (B, S, S, 3) float32, normalised and zero-padded (`transforms.preprocess`)
+    images: jax.Array | None = None  # (B, S, S, 3) float32, normalised and zero-padded (`transforms.preprocess`)
+    # Instead of images (a frozen encoder): its cached outputs, `ImageEmbeddings` with leaves (B, ...).
+    embeddings: ImageEmbeddings | None = None
     masks: jax.Array  # (B, K, m, m) bool targets on the loss grid
     valid: jax.Array  # (B, K) bool: the slot holds a mask (else padding)
     ids: jax.Array  # (B,) int32: each example's index in the data stream (its prompts' random keys)
@@ -116,8 +120,11 @@ def simulate_and_loss(
     low-res mask prompt) are kept; `mask_chunk` runs the simulation for at most that many masks of
     each image at a time (the largest divisor of K not above it; a `lax.map` over the chunks), so
     the backward pass of one decoder pass holds the activations of one chunk of masks. Neither
-    changes the loss or the gradients."""
-    emb = encode(params, batch.images, config=model_config, drop_path_rng=jax.random.split(rng, 3)[2])
+    changes the loss or the gradients. A batch of cached `embeddings` skips the encoder."""
+    if batch.embeddings is not None:  # a frozen encoder's outputs, computed once
+        emb = jax.lax.stop_gradient(batch.embeddings)
+    else:
+        emb = encode(params, batch.images, config=model_config, drop_path_rng=jax.random.split(rng, 3)[2])
     if not train_image_encoder:
         emb = jax.lax.stop_gradient(emb)
     return interactive_loss(params, emb, batch, rng, model_config=model_config, cfg=cfg)
@@ -334,13 +341,17 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     train_image_encoder: bool = True,
+    lora_scale: float = 1.0,
 ):
     """One optimizer step -> (new state, metrics). Non-finite steps are skipped (state kept,
     `finite` = 0 in the metrics); the caller decides whether to stop. `train_image_encoder=False`
     goes with an optimizer that freezes the encoder (`optim.freeze_image_encoder`): its
-    gradient, which the optimizer would discard, is then not computed at all."""
+    gradient, which the optimizer would discard, is then not computed at all. Params with
+    low-rank adapters (`train.lora`) run merged (W + lora_scale * a @ b), their base frozen."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(simulate_and_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda params, *args, **kw: simulate_and_loss(merge_adapters(params, lora_scale), *args, **kw), has_aux=True
+    )
     (loss, metrics), grads = grad_fn(
         state.params, batch, rng, model_config=model_config, cfg=cfg, train_image_encoder=train_image_encoder
     )

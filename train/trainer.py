@@ -55,6 +55,7 @@ from sam_jax.config import SamConfig, get_config, with_overrides
 from sam_jax.model import Params, abstract_params, init_params
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
+from sam_jax.train.lora import LORA, LoraSpec, lora_spec, merge_adapters
 from sam_jax.train.optim import make_optimizer
 from sam_jax.train.step import TrainBatch, TrainState, init_state, train_step
 
@@ -273,11 +274,21 @@ def make_checkpoint_manager(directory: Path, cfg: ml_collections.ConfigDict):
     )
 
 
-def make_dataset(cfg: ml_collections.ConfigDict, mc: SamConfig, mask_size: int, text_prompts: Any = None):
-    """This process's slice of the training data: (the SA-1B-layout source, the batched grain dataset)."""
+def make_dataset(
+    cfg: ml_collections.ConfigDict,
+    mc: SamConfig,
+    mask_size: int,
+    text_prompts: Any = None,
+    source: Any = None,
+    embed: Any = None,
+):
+    """This process's slice of the training data: (the record source, the batched grain dataset).
+    `source` (default: `open_source` of data.train_dir) is any random-access record source; with
+    `embed` (record -> the frozen encoder's cached output) the batches hold `embeddings`, not images."""
     from sam_jax.train.sources import open_source
 
-    source = open_source(cfg.data.train_dir, cfg.data.train_images or None, cache=cfg.data.cache_records)
+    if source is None:
+        source = open_source(cfg.data.train_dir, cfg.data.train_images or None, cache=cfg.data.cache_records)
     dataset = make_train_dataset(
         source,
         mc,
@@ -289,15 +300,25 @@ def make_dataset(cfg: ml_collections.ConfigDict, mc: SamConfig, mask_size: int, 
         shard_count=jax.process_count(),
         text_prompts=text_prompts,
         mask_size=mask_size,
+        embed=embed,
     )
     return source, dataset
 
 
 def create_train_state(
-    cfg: ml_collections.ConfigDict, mc: SamConfig, tx: optax.GradientTransformation, shardings: TrainState
+    cfg: ml_collections.ConfigDict,
+    mc: SamConfig,
+    tx: optax.GradientTransformation,
+    shardings: TrainState,
+    lora: LoraSpec | None = None,
 ) -> TrainState:
-    """The step-0 state (params from `cfg.init`, fresh optimizer state, the seed's RNG), placed with `shardings`."""
-    params = initial_params(cfg, mc, shardings.params)
+    """The step-0 state (params from `cfg.init`, with fresh `lora` adapters if given; fresh optimizer
+    state, the seed's RNG), placed with `shardings`."""
+    if lora is None:
+        params = initial_params(cfg, mc, shardings.params)
+    else:
+        base = {k: v for k, v in shardings.params.items() if k != LORA}
+        params = lora.add(initial_params(cfg, mc, base), jax.random.key(cfg.seed + 1))
     return jax.jit(functools.partial(init_state, tx=tx, seed=cfg.seed), out_shardings=shardings)(params)
 
 
@@ -349,7 +370,21 @@ class _StopSignals:
 
 
 class Trainer:
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mesh=None, quiet: bool = False):
+    """`source` (a record source) replaces data.train_dir; `embed` (record -> its cached encoder output,
+    `train.embedding_cache`) feeds a frozen encoder's embeddings instead of images; `eval_data` (a record
+    source) replaces data.eval_dir as the held-out set."""
+
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        workdir: str | os.PathLike,
+        *,
+        mesh=None,
+        quiet: bool = False,
+        source: Any = None,
+        embed: Any = None,
+        eval_data: Any = None,
+    ):
         check_config(cfg)
         self.cfg = cfg
         self.quiet = quiet
@@ -364,10 +399,13 @@ class Trainer:
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-        boxed = abstract_params(self.model_config, boxed=True)
-        abstract = abstract_params(self.model_config)
+        self.lora = lora_spec(cfg)  # low-rank adapters on a frozen base (None: none)
+        abstract = self._abstract_params()
+        param_sh = shd.logical_shardings(abstract_params(self.model_config, boxed=True), self.mesh)
+        if self.lora is not None:  # the adapters are small: replicated
+            param_sh = {**param_sh, LORA: jax.tree.map(lambda _: shd.replicated(self.mesh), abstract[LORA])}
         self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim)
-        self.state_sharding = state_shardings(self.tx, abstract, shd.logical_shardings(boxed, self.mesh), self.mesh)
+        self.state_sharding = state_shardings(self.tx, abstract, param_sh, self.mesh)
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self._step = jax.jit(
             functools.partial(
@@ -377,6 +415,7 @@ class Trainer:
                 tx=self.tx,
                 schedule=self.schedule,
                 train_image_encoder=not cfg.optim.freeze_image_encoder,
+                lora_scale=self.lora.scale if self.lora is not None else 1.0,
             ),
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
@@ -390,18 +429,34 @@ class Trainer:
             from sam_jax.train.text import text_prompts
 
             self.text_prompts = text_prompts(cfg, TextEncoder.from_folder(cfg.text.clip))
-        self.source, self.dataset = make_dataset(cfg, self.model_config, self.mask_size, self.text_prompts)
+        self.source, self.dataset = make_dataset(
+            cfg, self.model_config, self.mask_size, self.text_prompts, source=source, embed=embed
+        )
+        self.eval_data = eval_data if eval_data is not None else (cfg.data.eval_dir or None)
         self.data_iter = iter(self.dataset)
 
         self.manager = make_checkpoint_manager(self.workdir / CHECKPOINT_DIR, cfg)
         self.resumed_from = self._restore_latest_intact()
         if self.resumed_from is None:
-            self.state = create_train_state(cfg, self.model_config, self.tx, self.state_sharding)
+            self.state = create_train_state(cfg, self.model_config, self.tx, self.state_sharding, self.lora)
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _abstract_params(self) -> Params:
+        """The trained params' shapes: the model's, with the adapters' under "lora" when it has them."""
+        abstract = abstract_params(self.model_config)
+        return abstract if self.lora is None else self.lora.abstract(abstract)
+
+    def model_params(self) -> Params:
+        """The current params of the model as numpy arrays (adapters merged: a plain SAM tree), whole
+        in every process (every process calls it)."""
+        params = shd.fetch(self.state.params, self.mesh)
+        if self.lora is not None:
+            params = jax.device_get(merge_adapters(params, self.lora.scale))
+        return jax.tree.map(np.asarray, params)
+
     def _abstract_state(self) -> TrainState:
-        params = abstract_params(self.model_config)
+        params = self._abstract_params()
         shapes = jax.eval_shape(functools.partial(init_state, tx=self.tx, seed=self.cfg.seed), params)
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_sharding
@@ -518,7 +573,7 @@ class Trainer:
         from sam_jax.checkpoint import save_params
 
         out, tmp = self.workdir / MODEL_DIR, self.workdir / f".{MODEL_DIR}.tmp"
-        params = jax.tree.map(np.asarray, shd.fetch(self.state.params, self.mesh))
+        params = self.model_params()
         config = dataclasses.replace(self.model_config, dtype="float32")
         if jax.process_index() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -540,9 +595,8 @@ class Trainer:
 
     def _next_batch(self) -> TrainBatch:
         local = next(self.data_iter)
-        return TrainBatch(
-            **{k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
-        )
+        put = lambda v: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))  # noqa: E731
+        return TrainBatch(**{k: jax.tree.map(put, v) for k, v in local.items()})
 
     def _print(self, text: str) -> None:
         if not self.quiet and jax.process_index() == 0:
@@ -640,21 +694,19 @@ class Trainer:
         self.save(force=True)
         self._write_manifests()
         self.export()
-        if cfg.data.eval_dir:
+        if self.eval_data is not None:
             last.update(self.evaluate())
         return last
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out mIoU (`sam_jax.train.evaluate`, 1 and 3 clicks, box) on data.eval_dir, at most
-        `eval_images` images; logged and appended to metrics.jsonl. {} without an eval_dir."""
-        if not self.cfg.data.eval_dir:
+        """Held-out mIoU (`sam_jax.train.evaluate`, 1 and 3 clicks, box) on the held-out data (`eval_data`
+        or data.eval_dir), at most `eval_images` images; logged and appended to metrics.jsonl. {} without one."""
+        if self.eval_data is None:
             return {}
         from sam_jax.train.evaluate import evaluate
 
-        params = shd.fetch(self.state.params, self.mesh)
-        r = evaluate(
-            params, self.model_config, self.cfg.data.eval_dir, num_clicks=3, max_images=self.cfg.eval_images or None
-        )
+        params = self.model_params()
+        r = evaluate(params, self.model_config, self.eval_data, num_clicks=3, max_images=self.cfg.eval_images or None)
         out = {f"eval_{k}": r[k] for k in ("miou_1click", "miou_1click_predicted", "miou_3click", "miou_box")}
         if getattr(self.text_prompts, "captions", None):  # caption mode: what each caption alone selects
             from sam_jax.train.text import evaluate_text
