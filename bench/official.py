@@ -16,10 +16,17 @@ import segment_anything
 import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor, modeling
 
+from sam_jax.config import TinyViTConfig
+
 
 def build_official(config) -> modeling.Sam:
-    """The official `Sam` built with a sam-jax config's hyperparameters (as `build_sam._build_sam`)."""
+    """The official `Sam` built with a sam-jax config's hyperparameters (as `build_sam._build_sam`);
+    for a TinyViT config, MobileSAM's (`bench.official_mobile_sam`)."""
     enc = config.image_encoder
+    if isinstance(enc, TinyViTConfig):
+        from bench.official_mobile_sam import build_official_mobile_sam
+
+        return build_official_mobile_sam(config)
     image_encoder = modeling.ImageEncoderViT(
         depth=enc.depth,
         embed_dim=enc.embed_dim,
@@ -100,6 +107,8 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 if name.startswith("mask_decoder.output_upscaling"):
                     fan_in = t.shape[0]  # ConvTranspose2d is (in, out, kH, kW)
                 t.copy_(0.5 * noise / np.sqrt(fan_in))
+    if not module.training:
+        module.eval()  # refreshes what eval mode caches from the weights (TinyViT's gathered attention biases)
     return module
 
 

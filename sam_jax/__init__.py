@@ -9,7 +9,14 @@
 `.safetensors`, a converted or trained sam-jax directory) with the model type it holds.
 """
 
-from sam_jax.build_sam import build_sam, build_sam_vit_b, build_sam_vit_h, build_sam_vit_l, sam_model_registry
+from sam_jax.build_sam import (
+    build_sam,
+    build_sam_vit_b,
+    build_sam_vit_h,
+    build_sam_vit_l,
+    build_sam_vit_t,
+    sam_model_registry,
+)
 from sam_jax.config import SamConfig, get_config
 from sam_jax.model import SamModel, decode, encode, init_params, predict_masks
 from sam_jax.prompts import Prompts, make_prompts
@@ -32,6 +39,7 @@ __all__ = [
     "build_sam_vit_b",
     "build_sam_vit_h",
     "build_sam_vit_l",
+    "build_sam_vit_t",
     "decode",
     "encode",
     "get_config",

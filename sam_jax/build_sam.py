@@ -3,7 +3,8 @@
     from sam_jax import sam_model_registry
     sam = sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")
 
-`vit_b_hq`, `vit_l_hq` and `vit_h_hq` are HQ-SAM (`segment_anything_hq`'s sam_hq_vit_*.pth load as is).
+`vit_t` is MobileSAM (`mobile_sam`'s registry name; its `mobile_sam.pt` loads as is); `vit_b_hq`,
+`vit_l_hq` and `vit_h_hq` are HQ-SAM (`segment_anything_hq`'s sam_hq_vit_*.pth load as is).
 `checkpoint` may be an official `.pth`, a Hugging Face or exported `.safetensors`,
 or a sam-jax checkpoint directory of that model type; `None` gives random weights (as officially).
 A model trained here (any variant) loads with `sam_jax.load_model(path)`.
@@ -36,6 +37,7 @@ def _build(
 build_sam_vit_h = functools.partial(_build, "vit_h")
 build_sam_vit_l = functools.partial(_build, "vit_l")
 build_sam_vit_b = functools.partial(_build, "vit_b")
+build_sam_vit_t = functools.partial(_build, "vit_t")  # MobileSAM (TinyViT encoder), as `mobile_sam`'s registry
 # HQ-SAM (`segment_anything_hq`'s vit_h/vit_l/vit_b; its sam_hq_vit_*.pth load as is)
 build_sam_hq_vit_h = functools.partial(_build, "vit_h_hq")
 build_sam_hq_vit_l = functools.partial(_build, "vit_l_hq")
@@ -57,6 +59,7 @@ sam_model_registry = _Registry(
         "vit_h": build_sam_vit_h,
         "vit_l": build_sam_vit_l,
         "vit_b": build_sam_vit_b,
+        "vit_t": build_sam_vit_t,
         "vit_h_hq": build_sam_hq_vit_h,
         "vit_l_hq": build_sam_hq_vit_l,
         "vit_b_hq": build_sam_hq_vit_b,

@@ -373,6 +373,7 @@ CONFIGS = {
     "vit_b": vit_b,
     "vit_l": vit_l,
     "vit_h": vit_h,
+    "vit_t": vit_t,
     "vit_b_hq": vit_b_hq,
     "vit_l_hq": vit_l_hq,
     "vit_h_hq": vit_h_hq,

@@ -75,10 +75,9 @@ def test_official_names_are_exported():
 
     assert SamPredictor is Predictor and SamAutomaticMaskGenerator is Generator
     assert load_model is checkpoint_load_model
-    assert (
-        set(sam_model_registry) == {"default", "vit_h", "vit_l", "vit_b"} and build_sam is sam_model_registry["vit_h"]
-    )
-    assert {"build_sam_vit_b", "build_sam_vit_l", "build_sam_vit_h"} <= set(dir(sam_jax))
+    assert {"default", "vit_h", "vit_l", "vit_b", "vit_t"} <= set(sam_model_registry)
+    assert build_sam is sam_model_registry["vit_h"]
+    assert {"build_sam_vit_b", "build_sam_vit_l", "build_sam_vit_h", "build_sam_vit_t"} <= set(dir(sam_jax))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         sam_jax.nope  # noqa: B018
 

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sam_jax.config import SamConfig
+from sam_jax.config import SamConfig, TinyViTConfig
 from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.modeling.common import accum_dtype
 from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.mask_decoder import MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
+from sam_jax.modeling.tiny_vit import TinyViT
 from sam_jax.prompts import Prompts
 
 
@@ -31,8 +32,9 @@ class Sam(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         e = cfg.embedding_size
+        encoder_cls = TinyViT if isinstance(cfg.image_encoder, TinyViTConfig) else ImageEncoderViT  # MobileSAM: TinyViT
         hq = {"interm": True} if cfg.mask_decoder.hq_token else {}  # HQ-SAM's early ViT features
-        self.image_encoder = ImageEncoderViT(cfg.image_encoder, out_chans=cfg.prompt_embed_dim, dtype=dtype, **hq)
+        self.image_encoder = encoder_cls(cfg.image_encoder, out_chans=cfg.prompt_embed_dim, dtype=dtype, **hq)
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_embed_dim,
             image_embedding_size=(e, e),
