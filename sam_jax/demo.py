@@ -9,7 +9,10 @@ project in one run: it writes a synthetic SA-1B-layout data set of shapes
 (`sam-jax make-shapes`), trains the `shapes_p8` recipe on it (`sam-jax train`; a rerun
 resumes from the checkpoints in DIR/train/shapes_p8), reports the 1-click and 5-click mIoU on held-out
 images (`sam-jax eval`), and writes overlays of point-prompted and automatic masks of
-held-out images. With a checkpoint it segments a photo with one point prompt.
+held-out images. It ends with a short `sam-jax finetune` of the trained model in decoder mode on a
+shifted domain (larger shapes painted one flat colour per kind, written as a COCO file) and prints
+its before/after table (`--finetune-steps 0` leaves it out). With a checkpoint it segments a photo
+with one point prompt.
 
 `--text` trains text prompts in caption mode instead ("a circle", "a rectangle", "a
 triangle", embedded by a small random-weight CLIP written to DIR/clip, so that no CLIP weights need
@@ -206,6 +209,7 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         f"for {auto['gt_per_image']:.1f} shapes; shapes found (IoU >= 0.5) {auto['gt_recall']:.2f}, "
         f"masks that match a shape {auto['precision']:.2f}"
     )
+    finetuned = finetune_stage(out, workdir / "model", args.finetune_steps) if not args.text else None
     elapsed = time.perf_counter() - t0
     trained = (
         f"trained {trainer.step} steps in {train_seconds:.0f} s"
@@ -228,9 +232,45 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         "heldout": {k: v for k, v in results.items() if k != "per_click"},
         "heldout_auto": auto,
         **({"heldout_text": text_results} if text_results is not None else {}),
+        **({"finetune": finetuned} if finetuned is not None else {}),
         "images": shown,
         "seconds": round(elapsed, 1),
     }
+
+
+# The fine-tuning stage's shifted domain: the demo's kinds of shapes, larger and fewer, each kind one flat colour
+# (the training images' shapes are textured), on 60 images written as COCO (12 of them held out).
+FINETUNE_SHAPES = dict(size_range=(0.2, 0.5), max_shapes=4, colour_by_category=True)
+FINETUNE_IMAGES = 60
+# Decoder mode on a trained model, with the demo recipe's loss for short runs (train/configs/shapes_p8.py).
+FINETUNE_OVERRIDES = [
+    "batch_size=4",
+    "data.masks_per_image=4",
+    "optim.lr=1e-3",
+    "loss.dice_weight=5.0",
+    "loss.focal_alpha=0.75",
+    "val_fraction=0.2",
+    "eval_images=12",
+]
+
+
+def finetune_stage(out: Path, model_dir: Path, steps: int) -> dict | None:
+    """`sam-jax finetune` of the model in `model_dir`, decoder mode, on a shifted shapes domain
+    written as COCO under out/data -> its report (None with steps 0). Prints the before/after table."""
+    if steps <= 0:
+        return None
+    from sam_jax.train.coco import write_coco
+    from sam_jax.train.finetune import finetune
+    from sam_jax.train.shapes import make_shapes
+
+    data = out / "data" / "shifted"
+    coco = data / "instances.json"
+    if not coco.is_file():
+        make_shapes(data / "images", FINETUNE_IMAGES, seed=2, **FINETUNE_SHAPES)
+        write_coco(data / "images", coco)
+    print(f"fine-tuning the trained model on a shifted domain ({coco}), decoder mode, {steps} steps")
+    report = finetune(model_dir, coco, out / "finetune", mode="decoder", steps=steps, overrides=FINETUNE_OVERRIDES)
+    return {k: report[k] for k in ("before", "after", "steps", "seconds")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kinds-images", type=int, default=3000, help="with --text: more images for the kinds pretraining")
     ap.add_argument("--pretrain-steps", type=int, default=6000, help="with --text: steps of the kinds pretraining")
     ap.add_argument("--eval-images", type=int, default=100, help="held-out images (100: ~400 masks, ~20 s to evaluate)")
+    ap.add_argument("--finetune-steps", type=int, default=150, help="steps of the closing fine-tune (0: none)")
     ap.add_argument("--out", default="demo_out")
     ap.add_argument(
         "--text",

@@ -339,15 +339,21 @@ def test_demo_writes_mask_and_overlay(tiny_params, tiny_config, tmp_path):
 
 def test_demo_trains_evaluates_and_segments(tmp_path):
     """`make demo` without a checkpoint, shortened: shapes data, 2 training steps, held-out
-    evaluation, point-prompt and automatic overlays, result.json."""
+    evaluation, point-prompt and automatic overlays, a 2-step decoder fine-tune on the shifted
+    domain with its report, result.json."""
     from PIL import Image
 
     from sam_jax.demo import main
 
     out = tmp_path / "demo"
-    main(["--out", str(out), "--steps", "2", "--train-images", "8", "--eval-images", "2", "--cache-dir", ""])
+    args = ["--out", str(out), "--steps", "2", "--train-images", "8", "--eval-images", "2", "--cache-dir", ""]
+    main([*args, "--finetune-steps", "2"])
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 2 and result["model"] == "tiny_p8"
+    finetuned = result["finetune"]
+    assert finetuned["steps"] == 2 and set(finetuned["before"]) == set(finetuned["after"]) >= {"1-click", "box"}
+    report = json.loads((out / "finetune" / "report.json").read_text())
+    assert report["mode"] == "decoder" and report["data"]["images"] > 0
     assert result["heldout"]["num_images"] == 2 and 0.0 <= result["heldout"]["miou_1click"] <= 1.0
     auto = result["heldout_auto"]
     assert auto["num_images"] == 2 and auto["gt_per_image"] > 0 and auto["masks_per_image"] >= 0
