@@ -273,16 +273,17 @@ def _amg_flops(ctx: Context, gen, image: np.ndarray) -> float:
     on each point batch and the upsampling of each of its 3 masks per point (all of them: the
     predicted-IoU filter, before the upsampling, only lowers the count)."""
     from sam_jax.automatic_mask_generator import decode_point_batch
+    from sam_jax.model import encode
     from sam_jax.transforms import get_preprocess_shape
 
     cfg, params = ctx.config, ctx.pair.ours.params
-    s, e = cfg.image_size, cfg.embedding_size
+    s = cfg.image_size
     h, w = image.shape[:2]
     p = gen.points_per_batch
     decoder = xla_flops(
         jax.jit(functools.partial(decode_point_batch, config=cfg)),
         params,
-        jax.ShapeDtypeStruct((1, e, e, cfg.prompt_embed_dim), jnp.float32),
+        jax.eval_shape(functools.partial(encode, config=cfg), params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)),
         jax.ShapeDtypeStruct((p, 2), jnp.float32),
     )
     batches = math.ceil(len(gen.point_grids[0]) / p)
