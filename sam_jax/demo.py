@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kinds-images", type=int, default=3000, help="with --text: more images for the kinds pretraining")
     ap.add_argument("--pretrain-steps", type=int, default=6000, help="with --text: steps of the kinds pretraining")
     ap.add_argument("--eval-images", type=int, default=100, help="held-out images (100: ~400 masks, ~20 s to evaluate)")
-    ap.add_argument("--finetune-steps", type=int, default=150, help="steps of the closing fine-tune (0: none)")
+    ap.add_argument("--finetune-steps", type=int, default=100, help="steps of the closing fine-tune (0: none)")
     ap.add_argument("--out", default="demo_out")
     ap.add_argument(
         "--text",
