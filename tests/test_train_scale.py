@@ -36,6 +36,7 @@ def test_decoder_remat_and_mask_chunks_keep_loss_and_gradients():
     """The decoder's part of the step (`interactive_loss`, given the embeddings: the options touch
     nothing else), with and without the options: same loss, metrics and gradients (params and
     embeddings)."""
+    from sam_jax.embeddings import ImageEmbeddings
     from sam_jax.model import init_params
     from sam_jax.train.step import interactive_loss
     from sam_jax.train.trainer import model_config
@@ -46,7 +47,8 @@ def test_decoder_remat_and_mask_chunks_keep_loss_and_gradients():
         cfg = train_scale.recipe("tiny", remat_decoder=remat, mask_chunk=chunk, point_iters=2, no_point_iters=1)
         mc = model_config(cfg)
         params = init_params(mc, jax.random.key(0))
-        emb = jax.random.normal(jax.random.key(3), (2, mc.embedding_size, mc.embedding_size, mc.prompt_embed_dim))
+        e = mc.embedding_size
+        emb = ImageEmbeddings(jax.random.normal(jax.random.key(3), (2, e, e, mc.prompt_embed_dim)))
         f = functools.partial(interactive_loss, model_config=mc, cfg=cfg.loss)
         grad = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
         (loss, metrics), grads = jax.jit(grad)(params, emb, batch, jax.random.key(2))
