@@ -283,6 +283,7 @@ def test_dense_text_loss():
     import jax.numpy as jnp
 
     from sam_jax.config import tiny
+    from sam_jax.embeddings import ImageEmbeddings
     from sam_jax.model import Sam, init_params
     from sam_jax.train.step import TrainBatch, dense_text_loss, simulate_and_loss
 
@@ -301,7 +302,7 @@ def test_dense_text_loss():
         Sam(config).apply({"params": params}, text, method=lambda m, x: m.prompt_encoder.embed_text(x))
     )[0]
     d = tokens[0] - tokens[1]  # along A's text token minus B's
-    loss = lambda f, v=valid: float(dense_text_loss(params, jnp.asarray(f), text, masks, v, config))  # noqa: E731
+    loss = lambda f, v=valid: float(dense_text_loss(params, ImageEmbeddings(jnp.asarray(f)), text, masks, v, config))  # noqa: E731
 
     zeros = np.zeros((1, 4, 4, 32), np.float32)
     np.testing.assert_allclose(loss(zeros), np.log(2), rtol=1e-6)
