@@ -14,8 +14,11 @@ $(VENV)/.demo-installed: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[demo]"
 	touch $@
 
-$(VENV)/.test-installed: pyproject.toml | $(VENV)/bin/python
+# SAM 2 (`sam2`, the reference of the sam2.1_hiera_* models) is published as source only, and its
+# build needs torch: it is built against the torch the test extras pinned, without its CUDA extension.
+$(VENV)/.test-installed: pyproject.toml Makefile | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[test,demo]"
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation "sam2==1.1.0" "hydra-core>=1.3.2" "iopath>=0.1.10"
 	touch $@
 
 # 2 CPU devices (data parallel over the 2 cores). glibc's hugetlb tunable keeps XLA:CPU's
