@@ -13,6 +13,7 @@ from functools import partial
 import torch
 
 from bench.official import build_sam_around
+from sam_jax.config import TinyViTConfig
 
 with warnings.catch_warnings():  # its TinyViT's timm imports and model registry names (shared with mobile_sam)
     warnings.simplefilter("ignore")
@@ -21,12 +22,33 @@ with warnings.catch_warnings():  # its TinyViT's timm imports and model registry
 
 
 def build_official_hq(config) -> modeling.Sam:
-    """HQ-SAM's `Sam` with a sam-jax config's hyperparameters (as `segment_anything_hq.build_sam._build_sam`),
-    in eval mode. Its image encoder returns (embedding, the global-attention blocks' outputs)."""
+    """HQ-SAM's `Sam` with a sam-jax config's hyperparameters (as `segment_anything_hq.build_sam._build_sam`;
+    Light HQ-SAM for a TinyViT config, as its `build_sam_vit_t`), in eval mode. Its image encoder returns
+    (embedding, early features: the ViT's global-attention blocks' outputs, or TinyViT's stage-1 output)."""
     enc, dec = config.image_encoder, config.mask_decoder
     if not dec.hq_token:
         raise ValueError(f"{config.name} is not an HQ-SAM config (mask_decoder.hq_token is False)")
-    image_encoder = modeling.ImageEncoderViT(
+    if isinstance(enc, TinyViTConfig):  # Light HQ-SAM (as `segment_anything_hq.build_sam.build_sam_vit_t`)
+        from bench.official_mobile_sam import official_tiny_vit
+
+        image_encoder = official_tiny_vit(modeling, config)
+    else:
+        image_encoder = _official_vit(config)
+    sam = build_sam_around(modeling, image_encoder, config)  # with SAM's decoder, replaced by the HQ one
+    sam.mask_decoder = modeling.MaskDecoderHQ(
+        transformer=sam.mask_decoder.transformer,
+        transformer_dim=config.prompt_embed_dim,
+        num_multimask_outputs=dec.num_multimask_outputs,
+        iou_head_depth=dec.iou_head_depth,
+        iou_head_hidden_dim=dec.iou_head_hidden_dim,
+        vit_dim=enc.interm_dim,
+    )
+    return sam.eval()
+
+
+def _official_vit(config) -> modeling.ImageEncoderViT:
+    enc = config.image_encoder
+    return modeling.ImageEncoderViT(
         depth=enc.depth,
         embed_dim=enc.embed_dim,
         img_size=enc.img_size,
@@ -41,16 +63,6 @@ def build_official_hq(config) -> modeling.Sam:
         window_size=enc.window_size,
         out_chans=config.prompt_embed_dim,
     )
-    sam = build_sam_around(modeling, image_encoder, config)  # with SAM's decoder, replaced by the HQ one
-    sam.mask_decoder = modeling.MaskDecoderHQ(
-        transformer=sam.mask_decoder.transformer,
-        transformer_dim=config.prompt_embed_dim,
-        num_multimask_outputs=dec.num_multimask_outputs,
-        iou_head_depth=dec.iou_head_depth,
-        iou_head_hidden_dim=dec.iou_head_hidden_dim,
-        vit_dim=enc.embed_dim,
-    )
-    return sam.eval()
 
 
 def official_predictor(model: modeling.Sam) -> SamPredictor:

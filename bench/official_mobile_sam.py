@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from bench.official import build_sam_around
 
 with warnings.catch_warnings():  # timm's deprecated import paths and its model registry's renames
@@ -22,8 +24,9 @@ def official_merge_strides(embed_dims) -> tuple[int, ...]:
     return tuple(1 if d in (320, 448, 576) else 2 for d in embed_dims[1:])
 
 
-def build_official_mobile_sam(config) -> modeling.Sam:
-    """MobileSAM's `Sam` with a sam-jax config's hyperparameters (as `mobile_sam.build_sam_vit_t`).
+def official_tiny_vit(package_modeling, config) -> torch.nn.Module:
+    """`package_modeling.TinyViT` (mobile_sam's, or segment_anything_hq's that also returns stage 1's
+    output) with a sam-jax config's encoder hyperparameters (as `mobile_sam.build_sam_vit_t`).
 
     The official TinyViT fixes what sam-jax's config makes data: the merging strides (by width),
     each stage's grid (stage i at 1/2^i of the stem's, the last stage at the one before it), the
@@ -39,7 +42,7 @@ def build_official_mobile_sam(config) -> modeling.Sam:
             "the official TinyViT has 4 stages, a 64 x 64 output grid and 256 output channels; got "
             f"{len(enc.embed_dims)} stages, grid {enc.grid_size}, {config.prompt_embed_dim} channels"
         )
-    image_encoder = modeling.TinyViT(
+    return package_modeling.TinyViT(
         img_size=enc.img_size,
         in_chans=3,
         num_classes=enc.num_classes,
@@ -55,7 +58,12 @@ def build_official_mobile_sam(config) -> modeling.Sam:
         local_conv_size=enc.local_conv_size,
         layer_lr_decay=0.8,
     )
-    return build_sam_around(modeling, image_encoder, config)
+
+
+def build_official_mobile_sam(config) -> modeling.Sam:
+    """MobileSAM's `Sam` with a sam-jax config's hyperparameters (as `mobile_sam.build_sam_vit_t`;
+    the encoder as `official_tiny_vit` allows)."""
+    return build_sam_around(modeling, official_tiny_vit(modeling, config), config)
 
 
 def official_predictor(model: modeling.Sam) -> SamPredictor:
@@ -70,6 +78,7 @@ __all__ = [
     "mobile_sam",
     "modeling",
     "official_merge_strides",
+    "official_tiny_vit",
     "build_official_mobile_sam",
     "official_predictor",
     "official_mask_generator",

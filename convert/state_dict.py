@@ -3,8 +3,8 @@
 - `to_flax(state_dict, config)`: official or Hugging Face keys -> Flax params. Every
   missing, unexpected or mis-shaped tensor is reported in one `CheckpointError`.
 - `to_official(params, config)`: Flax params -> official keys (for export).
-- `infer_model_type(state_dict)`: vit_b / vit_l / vit_h / vit_t from the tensors' shapes, with the
-  suffix _hq for an HQ-SAM checkpoint (one with the HQ token).
+- `infer_model_type(state_dict)`: vit_b / vit_l / vit_h / vit_t from the tensors' shapes, or the
+  HQ-SAM model on that encoder (vit_*_hq, vit_tiny_hq) for a checkpoint with the HQ token.
 Precision is never changed here: tensors keep the dtype they were stored with,
 except that the loader casts to the float32 params when a checkpoint is half precision.
 """
@@ -53,7 +53,7 @@ TINY_VIT_STEM = "image_encoder.patch_embed.seq.0.c.weight"
 
 
 def _infer_tiny_vit(state_dict: Mapping[str, np.ndarray]) -> str:
-    """The registered TinyViT model (vit_t) whose stage widths and depths a state dict has."""
+    """The registered TinyViT SAM model (vit_t) whose stage widths and depths a state dict has."""
 
     def width(key: str) -> int | None:
         return int(np.shape(state_dict[key])[0]) if key in state_dict else None
@@ -67,8 +67,9 @@ def _infer_tiny_vit(state_dict: Mapping[str, np.ndarray]) -> str:
     found = (tuple(found_widths[: len(found_depths)]), tuple(found_depths))
     known = {}
     for name, make in CONFIGS.items():
-        enc = make().image_encoder
-        if isinstance(enc, TinyViTConfig):
+        config = make()
+        enc = config.image_encoder
+        if isinstance(enc, TinyViTConfig) and not config.mask_decoder.hq_token:  # HQ: `infer_model_type`
             known[name] = (enc.embed_dims, enc.depths)
             if known[name] == found:
                 return name
@@ -79,18 +80,29 @@ def _infer_tiny_vit(state_dict: Mapping[str, np.ndarray]) -> str:
     )
 
 
+def registered_variant(config: SamConfig, hq_token: bool) -> str | None:
+    """The registered model with `config`'s image encoder and, with `hq_token`, HQ-SAM's decoder
+    (vit_t <-> vit_tiny_hq, vit_b <-> vit_b_hq, ...); None if there is none."""
+    for name, make in CONFIGS.items():
+        other = make()
+        if other.mask_decoder.hq_token == hq_token and other.image_encoder == config.image_encoder:
+            return name
+    return None
+
+
 def infer_model_type(state_dict: Mapping[str, np.ndarray]) -> str:
     """The official variant (vit_b, vit_l, vit_h, MobileSAM's vit_t, HQ-SAM's vit_b_hq, vit_l_hq,
-    vit_h_hq) whose shapes a state dict has."""
+    vit_h_hq, Light HQ-SAM's vit_tiny_hq) whose shapes a state dict has."""
     name = _infer_sam_type(state_dict)
     if HQ_TOKEN_KEY not in state_dict:
         return name
-    if f"{name}_hq" not in CONFIGS:
+    hq = registered_variant(get_config(name), hq_token=True)
+    if hq is None:
         raise CheckpointError(
-            f"an HQ-SAM checkpoint ({HQ_TOKEN_KEY}) on a {name} image encoder: HQ-SAM is supported on the ViT "
-            "encoders (vit_b_hq, vit_l_hq, vit_h_hq), not Light HQ-SAM's TinyViT"
+            f"an HQ-SAM checkpoint ({HQ_TOKEN_KEY}) on a {name} image encoder, for which no HQ-SAM model is "
+            "registered; pass the config explicitly"
         )
-    return f"{name}_hq"
+    return hq
 
 
 def check_hq_variant(keys, config: SamConfig) -> None:
@@ -100,13 +112,15 @@ def check_hq_variant(keys, config: SamConfig) -> None:
     if has_hq == config.mask_decoder.hq_token:
         return
     if config.mask_decoder.hq_token:
+        other = registered_variant(config, hq_token=False) or config.name.removesuffix("_hq")
         raise CheckpointError(
             f"a SAM checkpoint without HQ-SAM's HQ token ({HQ_TOKEN_KEY}) given as the HQ-SAM model {config.name}: "
-            f"load it as {config.name.removesuffix('_hq')}, or give an HQ-SAM checkpoint (sam_hq_vit_*.pth)"
+            f"load it as {other}, or give an HQ-SAM checkpoint (sam_hq_vit_*.pth)"
         )
+    other = registered_variant(config, hq_token=True) or f"{config.name}_hq"
     raise CheckpointError(
         f"an HQ-SAM checkpoint (it has {HQ_TOKEN_KEY}) given as the SAM model {config.name}: load it as "
-        f"{config.name}_hq (or --model-type auto)"
+        f"{other} (or --model-type auto)"
     )
 
 

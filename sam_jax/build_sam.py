@@ -4,7 +4,8 @@
     sam = sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")
 
 `vit_t` is MobileSAM (`mobile_sam`'s registry name; its `mobile_sam.pt` loads as is); `vit_b_hq`,
-`vit_l_hq` and `vit_h_hq` are HQ-SAM (`segment_anything_hq`'s sam_hq_vit_*.pth load as is).
+`vit_l_hq` and `vit_h_hq` are HQ-SAM and `vit_tiny_hq` Light HQ-SAM (`segment_anything_hq`'s vit_b,
+vit_l, vit_h and vit_tiny; its sam_hq_vit_*.pth load as is).
 `checkpoint` may be an official `.pth`, a Hugging Face or exported `.safetensors`,
 or a sam-jax checkpoint directory of that model type; `None` gives random weights (as officially).
 A model trained here (any variant) loads with `sam_jax.load_model(path)`.
@@ -42,6 +43,7 @@ build_sam_vit_t = functools.partial(_build, "vit_t")  # MobileSAM (TinyViT encod
 build_sam_hq_vit_h = functools.partial(_build, "vit_h_hq")
 build_sam_hq_vit_l = functools.partial(_build, "vit_l_hq")
 build_sam_hq_vit_b = functools.partial(_build, "vit_b_hq")
+build_sam_hq_vit_tiny = functools.partial(_build, "vit_tiny_hq")  # Light HQ-SAM (TinyViT; sam_hq_vit_tiny.pth)
 build_sam = build_sam_vit_h
 
 
@@ -63,5 +65,6 @@ sam_model_registry = _Registry(
         "vit_h_hq": build_sam_hq_vit_h,
         "vit_l_hq": build_sam_hq_vit_l,
         "vit_b_hq": build_sam_hq_vit_b,
+        "vit_tiny_hq": build_sam_hq_vit_tiny,
     }
 )

@@ -1,7 +1,8 @@
 """Model configurations: frozen dataclasses, one registry of named variants.
 
 The official hyperparameters come from `segment_anything/build_sam.py` (vit_b, vit_l, vit_h)
-and `mobile_sam/build_sam.py` (vit_t, MobileSAM's TinyViT encoder). `tiny`
+and `mobile_sam/build_sam.py` (vit_t, MobileSAM's TinyViT encoder), with HQ-SAM's decoder
+from `segment_anything_hq/build_sam.py` (vit_*_hq; vit_tiny_hq on the TinyViT). `tiny`
 is a small model with the same structure (windowed + global attention, a
 non-trivial window padding) for the tests.
 
@@ -96,6 +97,12 @@ class ImageEncoderConfig:
         """Side of the patch grid (64 for the official 1024 / 16)."""
         return self.img_size // self.patch_size
 
+    @property
+    def interm_dim(self) -> int:
+        """Width of HQ-SAM's early features (`ImageEmbeddings.interm`): the first global-attention
+        block's output, `embed_dim` wide."""
+        return self.embed_dim
+
 
 @dataclasses.dataclass(frozen=True)
 class TinyViTConfig:
@@ -168,6 +175,18 @@ class TinyViTConfig:
         """TinyViT gives the mask decoder no high-res features (`ImageEncoderConfig.high_res_channels`)."""
         return 0
 
+    @property
+    def interm_dim(self) -> int:
+        """Width of Light HQ-SAM's early features (`ImageEmbeddings.interm`): the output of stage 1
+        (`layers_1`, after its patch merging), `embed_dims[2]` wide (160 for vit_tiny_hq)."""
+        return self.embed_dims[min(2, len(self.embed_dims) - 1)]
+
+    @property
+    def interm_on_grid(self) -> bool:
+        """Whether stage 1's output lies on the embedding grid (no stride-2 merging after it), as Light
+        HQ-SAM's fusion of the two needs."""
+        return int(np.prod(self.merge_strides[2:])) == 1
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig:
@@ -203,8 +222,9 @@ class MaskDecoderConfig:
     click_map_sigmas: tuple[float, ...] = ()
     # HQ-SAM (Ke et al. 2023, `segment_anything_hq`'s `MaskDecoderHQ`): an HQ output token after the
     # mask tokens, whose mask is drawn from the upscaled features refined by two convolutions plus
-    # the fusion of the embedding and the ViT's first global-attention block's output (the encoder
-    # then returns `ImageEmbeddings.interm`). The decoder returns one mask: the SAM mask (mask 0, or
+    # the fusion of the embedding and the encoder's early features (the encoder then returns
+    # `ImageEmbeddings.interm`, `interm_dim` wide: the ViT's first global-attention block's output,
+    # TinyViT's stage-1 output). The decoder returns one mask: the SAM mask (mask 0, or
     # the best of masks 1.. by predicted IoU with multimask output) plus the HQ mask, or the HQ mask
     # alone (`hq_token_only`). False: the official SAM.
     hq_token: bool = False
@@ -237,8 +257,14 @@ class SamConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.mask_decoder.hq_token and not isinstance(self.image_encoder, ImageEncoderConfig):
-            raise ValueError(f"{self.name}: the HQ-SAM decoder (hq_token) takes the ViT encoder's early features")
+        enc = self.image_encoder
+        if self.mask_decoder.hq_token and not isinstance(enc, (ImageEncoderConfig, TinyViTConfig)):
+            raise ValueError(f"{self.name}: the HQ-SAM decoder (hq_token) takes a ViT's or a TinyViT's early features")
+        if self.mask_decoder.hq_token and isinstance(enc, TinyViTConfig) and not enc.interm_on_grid:
+            raise ValueError(
+                f"{self.name}: the HQ-SAM decoder (hq_token) fuses TinyViT's stage-1 output with the embedding, "
+                f"but merge_strides {enc.merge_strides} downsample after stage 1"
+            )
 
     @property
     def image_size(self) -> int:
@@ -326,6 +352,12 @@ def vit_h_hq() -> SamConfig:
     return _hq(vit_h())
 
 
+def vit_tiny_hq() -> SamConfig:
+    """Light HQ-SAM (`segment_anything_hq`'s vit_tiny, its `sam_hq_vit_tiny.pth`): MobileSAM's TinyViT
+    with the HQ decoder, which fuses TinyViT's stage-1 output (160 wide)."""
+    return dataclasses.replace(_hq(vit_t()), name="vit_tiny_hq")
+
+
 def tiny() -> SamConfig:
     """A small SAM for tests: 256 px input, 16x16 grid, windows of 6 (padded to 18)."""
     return SamConfig(
@@ -377,6 +409,7 @@ CONFIGS = {
     "vit_b_hq": vit_b_hq,
     "vit_l_hq": vit_l_hq,
     "vit_h_hq": vit_h_hq,
+    "vit_tiny_hq": vit_tiny_hq,
     "tiny": tiny,
 }
 

@@ -7,8 +7,9 @@
                                    decoder's upscaling (SAM 2's `use_high_res_features_in_sam`;
                                    `ImageEncoderConfig.high_res_channels`)
   interm     None, or (B, h, w, D) float32: the output of the ViT's first global-attention block
-                                   (D = the encoder's width), the early features HQ-SAM's decoder
-                                   fuses with the embedding (`MaskDecoderConfig.hq_token`)
+                                   (or of TinyViT's stage 1; D = `image_encoder.interm_dim`), the
+                                   early features HQ-SAM's decoder fuses with the embedding
+                                   (`MaskDecoderConfig.hq_token`)
 
 Being a pytree, it passes through `jax.jit`, `jax.tree.map` (slicing, stacking, caching on
 disk) and shardings like an array; its leaves all have the batch axis first.

@@ -3,8 +3,10 @@
 HQ-SAM keeps SAM's weights and adds an HQ output token (`hf_token`, after the mask tokens) with
 its hypernetwork MLP (`hf_mlp`), and HQ features at the mask logits' resolution:
   hq_features = embedding_encoder(image embedding) + compress_vit_feat(early ViT features)
-    (two 2x2 transposed convolutions each, LayerNorm2d and GELU between them; the early features
-    are the output of the ViT's first global-attention block, `ImageEmbeddings.interm`)
+    (two 2x2 transposed convolutions each, LayerNorm2d and GELU between them; the early features,
+    `ImageEmbeddings.interm`, are the output of the ViT's first global-attention block, or of
+    TinyViT's stage 1 for Light HQ-SAM: `compress_vit_feat` takes their width, the official
+    `vit_dim`, `config.image_encoder.interm_dim`)
   upscaled_hq = embedding_maskfeature(upscaled SAM features) + hq_features
     (two 3x3 convolutions, LayerNorm2d and GELU between them)
 The HQ mask is `hf_mlp(HQ token) . upscaled_hq`. The decoder (`MaskDecoder` with
@@ -40,7 +42,7 @@ def _upscale_4x(x: jax.Array, hidden: int, out: int, name: str, dtype: Any) -> j
 
 
 def hq_features(image_embeddings: jax.Array, interm: jax.Array, dtype: Any) -> jax.Array:
-    """image_embeddings (G, h, w, C), interm (G, h, w, D) (the early ViT features) -> the HQ
+    """image_embeddings (G, h, w, C), interm (G, h, w, D) (the encoder's early features) -> the HQ
     features (G, 4h, 4w, C/8), one per image."""
     c = image_embeddings.shape[-1]
     emb = _upscale_4x(image_embeddings.astype(dtype), c // 4, c // 8, "embedding_encoder", dtype)

@@ -3,7 +3,7 @@
 The Flax module has two entry points, used through `Sam.apply(..., method=...)`:
   encode(images (B, S, S, 3) normalized and padded) -> `ImageEmbeddings` (embedding (B, h, w, C))
   decode(`ImageEmbeddings` of B images, prompts with batch B) -> masks (B, M, 4h, 4w), iou (B, M)
-HQ-SAM (`MaskDecoderConfig.hq_token`): the ViT encoder also returns its early features
+HQ-SAM (`MaskDecoderConfig.hq_token`): the encoder (ViT or TinyViT) also returns its early features
 (`ImageEmbeddings.interm`) and the decoder fuses them (`modeling.hq`).
 Pre- and post-processing (normalize, pad, upsample) are plain functions in
 `sam_jax.transforms`; the jitted functional core is `sam_jax.model`.
@@ -125,8 +125,9 @@ def check_embeddings(embeddings: ImageEmbeddings, config: SamConfig) -> None:
             f"this model's image embeddings come {want} early ViT features (HQ-SAM's interm); were they computed "
             "by another model?"
         )
-    if hq and tuple(embeddings.interm.shape[:3]) != tuple(embeddings.embedding.shape[:3]):
+    if hq and tuple(embeddings.interm.shape) != (*embeddings.embedding.shape[:3], config.image_encoder.interm_dim):
         raise ValueError(
             f"early ViT features of shape {tuple(embeddings.interm.shape)} for image embeddings of shape "
-            f"{tuple(embeddings.embedding.shape)}: they must have the same batch and grid"
+            f"{tuple(embeddings.embedding.shape)}: they must have the same batch and grid, and this model's "
+            f"{config.image_encoder.interm_dim} channels"
         )

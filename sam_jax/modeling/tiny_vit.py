@@ -18,6 +18,10 @@ to a multiple of the window *before* the attention's LayerNorm (padded tokens ar
 masked), and each head adds a learned bias per (|dy|, |dx|) offset. LayerNorms inside the
 blocks use eps 1e-5, the neck's 1e-6; every GELU is exact.
 
+Light HQ-SAM (`interm=True`) also takes stage 1's output, `layers_1` after its patch merging
+((B, 64, 64, 160) for vit_tiny_hq, as `segment_anything_hq`'s TinyViT returns it in
+`interm_embeddings`), as the early features its decoder fuses (`ImageEmbeddings.interm`).
+
 The ImageNet classifier of TinyViT's pretraining (`norm_head`, `head`) is in MobileSAM's
 checkpoints but never used; its params are created at init so checkpoints round-trip.
 """
@@ -32,6 +36,7 @@ import numpy as np
 from flax import linen as nn
 
 from sam_jax.config import TinyViTConfig
+from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.modeling.common import LayerNorm, accum_dtype, conv, default_kernel_init, dense, gelu
 from sam_jax.modeling.image_encoder import drop_path, window_partition, window_unpartition
 
@@ -306,7 +311,9 @@ class BasicLayer(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """images (B, S, S, 3) -> image embeddings (B, S/16, S/16, out_chans) (see the module docstring).
+    """images (B, S, S, 3) -> image embeddings (B, S/16, S/16, out_chans) (see the module docstring);
+    with `interm`, `ImageEmbeddings` that also hold stage 1's output (B, S/16, S/16,
+    `config.interm_dim`) (Light HQ-SAM's early features).
 
     Stage i is `layers_i` with `blocks_j` and, except the last, a `downsample` to stage i + 1's
     width with stride `config.merge_strides[i]`. Stage 0 is convolutional (MBConv), the others
@@ -315,11 +322,13 @@ class TinyViT(nn.Module):
     config: TinyViTConfig
     out_chans: int = 256
     dtype: Any = jnp.float32
+    interm: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array | ImageEmbeddings:
         """`deterministic=False` turns on drop path (`config.drop_path_rate`; needs a "drop_path" rng)."""
         cfg = self.config
+        interm = None
         x = PatchEmbed(cfg.embed_dims[0], dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
         rates, start = cfg.drop_path_rates, 0
         last = len(cfg.embed_dims) - 1
@@ -332,6 +341,8 @@ class TinyViT(nn.Module):
             else:
                 layer = BasicLayer(cfg, i, stage_rates, out_dim, stride, dtype=self.dtype, name=f"layers_{i}")
             x = layer(x, deterministic)
+            if self.interm and i == 1:
+                interm = x
         if self.is_initializing():  # the unused ImageNet classifier (see the module docstring)
             pooled = LayerNorm(LN_EPS, name="norm_head")(jnp.zeros((1, cfg.embed_dims[-1]), jnp.float32))
             if cfg.num_classes:
@@ -339,4 +350,5 @@ class TinyViT(nn.Module):
         x = conv(self.out_chans, 1, use_bias=False, dtype=self.dtype, name="neck_0")(x)
         x = LayerNorm(NECK_EPS, name="neck_1")(x)
         x = conv(self.out_chans, 3, padding=1, use_bias=False, dtype=self.dtype, name="neck_2")(x)
-        return LayerNorm(NECK_EPS, name="neck_3")(x)
+        x = LayerNorm(NECK_EPS, name="neck_3")(x)
+        return ImageEmbeddings(x, interm=interm) if self.interm else x
