@@ -27,7 +27,14 @@ def build_official(config) -> modeling.Sam:
         from bench.official_mobile_sam import build_official_mobile_sam
 
         return build_official_mobile_sam(config)
-    image_encoder = modeling.ImageEncoderViT(
+    return build_sam_around(modeling, official_vit(modeling, config), config)
+
+
+def official_vit(package_modeling, config) -> torch.nn.Module:
+    """`package_modeling.ImageEncoderViT` (segment_anything's, or HQ-SAM's, which also returns the early
+    features) with a sam-jax ViT config's hyperparameters, as `build_sam._build_sam` makes it."""
+    enc = config.image_encoder
+    return package_modeling.ImageEncoderViT(
         depth=enc.depth,
         embed_dim=enc.embed_dim,
         img_size=enc.img_size,
@@ -42,7 +49,6 @@ def build_official(config) -> modeling.Sam:
         window_size=enc.window_size,
         out_chans=config.prompt_embed_dim,
     )
-    return build_sam_around(modeling, image_encoder, config)
 
 
 def build_sam_around(package_modeling, image_encoder: torch.nn.Module, config) -> torch.nn.Module:

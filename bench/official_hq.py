@@ -8,11 +8,8 @@ the functions that run the official side, and a missing package fails the tests,
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
-import torch
-
-from bench.official import build_sam_around
+from bench.official import build_sam_around, official_vit
 from sam_jax.config import TinyViTConfig
 
 with warnings.catch_warnings():  # its TinyViT's timm imports and model registry names (shared with mobile_sam)
@@ -33,7 +30,7 @@ def build_official_hq(config) -> modeling.Sam:
 
         image_encoder = official_tiny_vit(modeling, config)
     else:
-        image_encoder = _official_vit(config)
+        image_encoder = official_vit(modeling, config)
     sam = build_sam_around(modeling, image_encoder, config)  # with SAM's decoder, replaced by the HQ one
     sam.mask_decoder = modeling.MaskDecoderHQ(
         transformer=sam.mask_decoder.transformer,
@@ -44,25 +41,6 @@ def build_official_hq(config) -> modeling.Sam:
         vit_dim=enc.interm_dim,
     )
     return sam.eval()
-
-
-def _official_vit(config) -> modeling.ImageEncoderViT:
-    enc = config.image_encoder
-    return modeling.ImageEncoderViT(
-        depth=enc.depth,
-        embed_dim=enc.embed_dim,
-        img_size=enc.img_size,
-        mlp_ratio=enc.mlp_ratio,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=enc.num_heads,
-        patch_size=enc.patch_size,
-        qkv_bias=enc.qkv_bias,
-        use_abs_pos=enc.use_abs_pos,
-        use_rel_pos=enc.use_rel_pos,
-        global_attn_indexes=list(enc.global_attn_indexes),
-        window_size=enc.window_size,
-        out_chans=config.prompt_embed_dim,
-    )
 
 
 def official_predictor(model: modeling.Sam) -> SamPredictor:
