@@ -29,6 +29,7 @@ from bench import models
 from bench.child import RESULT
 from bench.harness import PAUSE_S, Row, median, rate_extra, time_call, time_pair, timed_row, xla_flops
 from bench.models import Pair
+from sam_jax.config import ImageEncoderConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,7 +140,10 @@ def official_encode(model, x) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        return model.image_encoder(x).permute(0, 2, 3, 1).numpy()
+        out = model.image_encoder(x)
+    if isinstance(out, tuple):  # HQ-SAM's encoders return the early features too
+        out = out[0]
+    return out.permute(0, 2, 3, 1).numpy()
 
 
 def encoder_flops(config, batch: int) -> float:
@@ -152,8 +156,9 @@ def encoder_flops(config, batch: int) -> float:
     from sam_jax.model import abstract_params, encode
 
     enc = config.image_encoder
-    enc = dataclasses.replace(enc, attention="chunked", attention_query_block=enc.grid_size**2)
-    config = dataclasses.replace(config, image_encoder=enc)
+    if isinstance(enc, ImageEncoderConfig):
+        enc = dataclasses.replace(enc, attention="chunked", attention_query_block=enc.grid_size**2)
+        config = dataclasses.replace(config, image_encoder=enc)
     s = config.image_size
     images = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
     return xla_flops(jax.jit(functools.partial(encode, config=config)), abstract_params(config), images)

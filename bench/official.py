@@ -21,8 +21,13 @@ from sam_jax.config import TinyViTConfig
 
 def build_official(config) -> modeling.Sam:
     """The official `Sam` built with a sam-jax config's hyperparameters (as `build_sam._build_sam`);
-    for a TinyViT config, MobileSAM's (`bench.official_mobile_sam`)."""
+    for an HQ-SAM config HQ-SAM's (`bench.official_hq`), for a TinyViT config MobileSAM's
+    (`bench.official_mobile_sam`)."""
     enc = config.image_encoder
+    if config.mask_decoder.hq_token:
+        from bench.official_hq import build_official_hq
+
+        return build_official_hq(config)
     if isinstance(enc, TinyViTConfig):
         from bench.official_mobile_sam import build_official_mobile_sam
 
