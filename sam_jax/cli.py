@@ -499,7 +499,11 @@ def _add_pretrain_kinds(sub) -> None:
     p.add_argument(
         "data", nargs="+", help="training folder(s) of NAME.jpg + NAME.json whose annotations carry a 'category'"
     )
-    p.add_argument("out", help="the checkpoint to write (new); train from it with --config.init=encoder:OUT")
+    p.add_argument(
+        "out",
+        help="the checkpoint to write (new); train from it with --config.init=encoder:OUT. Checkpoints go to "
+        "OUT.work: rerunning the same command resumes there",
+    )
     p.add_argument("--categories", default=None, help="comma-separated categories (default: every category in DATA)")
     p.add_argument(
         "--recipe",
@@ -510,12 +514,12 @@ def _add_pretrain_kinds(sub) -> None:
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
-        "--lr", type=float, default=2e-3, help="AdamW's peak learning rate (default 2e-3), cosine decay to 0"
+        "--lr", type=float, default=2e-3, help="AdamW's peak learning rate (default 2e-3), then a stepwise cosine decay"
     )
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout", default=None, help="a held-out folder: per-mask accuracy at each log")
-    p.add_argument("--log-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=500, help="log, checkpoint and evaluate every N steps")
     p.set_defaults(func=_pretrain_kinds)
 
 

@@ -124,7 +124,7 @@ def train_and_segment(args: argparse.Namespace) -> dict:
         kinds = out / "train" / "kinds"
         if kinds.exists():
             print(f"the encoder pretrained on the kinds: {kinds} (already trained)")
-        else:  # stage 1: the kinds in every token (not resumable: a crash keeps the snapshot kinds.step_N)
+        else:  # stage 1: the kinds in every token (a rerun resumes from the checkpoints in kinds.work)
             steps = args.pretrain_steps
             model = recipe_model(cfg)
             print(f"stage 1: pretraining {model.name}'s encoder on the kinds, {steps} steps of 8 images -> {kinds}")

@@ -1,6 +1,6 @@
 """Pretraining the image encoder on the annotations' kinds (`train.pretrain`, `sam-jax
-pretrain-kinds`): the per-token targets, a short run that learns colour-coded kinds, and the
-checkpoint starting text training as `init = "encoder:PATH"`."""
+pretrain-kinds`): the per-token targets, a short run that learns colour-coded kinds (and resumes
+after a crash, the Trainer's), and the checkpoint starting text training as `init = "encoder:PATH"`."""
 
 from __future__ import annotations
 
@@ -36,48 +36,70 @@ def test_kind_targets_cover_weight_and_padding():
     assert w[4, 4] == 0.0 and w[:, 16:].max() == 0.0  # the ring; the padding right of the 128-px frame
 
 
-def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
-    """On 8 colour-coded shape images (a pixel shows its kind), 100 steps at least halve the
-    per-token loss and raise the token accuracy; the held-out scoring counts every
-    categorised mask; the checkpoint's encoder is what `init = "encoder:PATH"` loads for
-    `shapes_text_p8`. (How well the kinds are learnt on real outlines, over thousands of
-    steps: docs/text-training.md.)"""
+# A smaller frame for the training test: 128 px, 16 x 16 tokens (a quarter of the recipe's compute).
+SMALL = {"image_encoder": {"img_size": 128}}
+
+
+def _small_text_config():
+    cfg = shapes_text_p8.get_config()
+    cfg.model_overrides.image_encoder.img_size = SMALL["image_encoder"]["img_size"]
+    return cfg
+
+
+def test_pretrain_kinds_learns_resumes_and_starts_text_training(tmp_path):
+    """On 6 colour-coded shape images (a pixel shows its kind), 40 steps bring the per-token loss
+    well under its start and the token accuracy well above chance; the run is the Trainer's:
+    killed after its step-20 checkpoint, the same command resumes there and finishes, leaving only
+    the checkpoint, whose encoder is what `init = "encoder:PATH"` loads for `shapes_text_p8`. (How
+    well the kinds are learnt on real outlines, over thousands of steps: docs/text-training.md.)"""
+    from unittest import mock
+
     import jax
 
     from sam_jax.checkpoint import load_model
     from sam_jax.clip_folder import make_random_clip
     from sam_jax.model import abstract_params
+    from sam_jax.train import pretrain
     from sam_jax.train import sharding as shd
-    from sam_jax.train.configs import shapes_text_p8
-    from sam_jax.train.pretrain import load_kinds
+    from sam_jax.train.pretrain import load_kinds, work_dir
     from sam_jax.train.shapes import make_shapes
     from sam_jax.train.trainer import initial_params, model_config
 
     kinds = ["circle", "rectangle", "triangle"]
-    make_shapes(tmp_path / "train", 8, seed=0, categories=tuple(kinds), size_range=(0.2, 0.45), colour_by_category=True)
-    logs = []
-    result = pretrain_kinds(
-        tmp_path / "train",
-        tmp_path / "enc",
-        categories=kinds,
-        config=CONV_MODEL,
-        steps=100,
-        lr=4e-3,
-        warmup_steps=10,
-        heldout_dir=tmp_path / "train",
-        eval_every=20,
-        log=logs.append,
+    make_shapes(tmp_path / "train", 6, seed=0, categories=tuple(kinds), size_range=(0.2, 0.45), colour_by_category=True)
+    model = recipe_model(_small_text_config())
+    run = dict(
+        categories=kinds, config=model, steps=40, lr=4e-3, warmup_steps=5, heldout_dir=tmp_path / "train", eval_every=10
     )
-    first, last = result["history"][0], result["history"][-1]
-    assert len(logs) == 6 and result["steps"] == 100 and last["step"] == 100
-    assert last["loss"] < 0.5 * first["loss"], result["history"]
-    assert last["token_accuracy"] > first["token_accuracy"] + 0.15, result["history"]
-    data = load_kinds(tmp_path / "train", kinds, CONV_MODEL)
-    assert (data["labels"] >= 0).sum() == sum(len(r) for r in _categories(tmp_path / "train"))
-    assert 0.0 <= last["heldout_mask_accuracy"] <= 1.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "train"]  # the snapshots, removed
+    real, calls = pretrain.mask_accuracy, []
 
-    cfg = shapes_text_p8.get_config()
+    def dies_in_second_eval(*args):  # the process dies in its step-20 evaluation, after that step's checkpoint
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args)
+
+    with (
+        mock.patch.object(pretrain, "mask_accuracy", side_effect=dies_in_second_eval),
+        pytest.raises(RuntimeError, match="killed"),
+    ):
+        pretrain_kinds(tmp_path / "train", tmp_path / "enc", **run)
+    assert not (tmp_path / "enc").exists() and (work_dir(tmp_path / "enc") / "checkpoints" / "20").is_dir()
+    logs = []
+    result = pretrain_kinds(tmp_path / "train", tmp_path / "enc", **run, log=logs.append)
+    assert any(line.startswith("resumed from step 20") for line in logs), logs
+    history = result["history"]
+    first, last = history[0], history[-1]
+    assert [h["step"] for h in history] == [10, 20, 30, 40] and result["steps"] == 40
+    # Untrained: a loss of ~log(4) (4 classes: background and 3 kinds) and ~1/3 of the shapes' tokens right.
+    assert last["loss"] < min(first["loss"], 0.6 * np.log(4)), history
+    assert last["token_accuracy"] > 0.45, history
+    assert 0.0 <= last["heldout_mask_accuracy"] <= 1.0
+    data = load_kinds(tmp_path / "train", kinds, model)
+    assert (data["labels"] >= 0).sum() == sum(len(r) for r in _categories(tmp_path / "train"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc", "train"]  # the work directory, removed
+
+    cfg = _small_text_config()
     cfg.data.train_dir = str(tmp_path / "train")
     cfg.text.clip = str(make_random_clip(tmp_path / "clip", [f"a {k}" for k in kinds]))
     cfg.init = f"encoder:{tmp_path / 'enc'}"
@@ -89,31 +111,9 @@ def test_pretrain_kinds_trains_and_starts_text_training(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     with pytest.raises(FileExistsError):
-        pretrain_kinds(tmp_path / "train", tmp_path / "enc", categories=kinds, config=CONV_MODEL, steps=1)
-
-    # A crash after a log keeps that log's snapshot, a whole checkpoint.
-    from unittest import mock
-
-    with (
-        mock.patch("sam_jax.train.pretrain.mask_accuracy", side_effect=[0.5, RuntimeError("killed")]),
-        pytest.raises(RuntimeError, match="killed"),
-    ):
-        pretrain_kinds(
-            tmp_path / "train",
-            tmp_path / "crashed",
-            categories=kinds,
-            config=CONV_MODEL,
-            steps=4,
-            warmup_steps=1,
-            heldout_dir=tmp_path / "train",
-            eval_every=2,
-        )
-    assert not (tmp_path / "crashed").exists()
-    assert load_model(tmp_path / "crashed.step_2").config.name == "tiny_p8_conv"
+        pretrain_kinds(tmp_path / "train", tmp_path / "enc", **run)
     with pytest.raises(ValueError, match="batch_size"):
-        pretrain_kinds(
-            tmp_path / "train", tmp_path / "enc2", categories=kinds, config=CONV_MODEL, steps=10, warmup_steps=10
-        )
+        pretrain_kinds(tmp_path / "train", tmp_path / "enc2", **{**run, "steps": 10, "warmup_steps": 10})
 
 
 def _categories(folder):

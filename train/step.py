@@ -1,8 +1,13 @@
 """The training step: pure, jitted, sharded by the caller (`sam_jax.train.sharding`).
 
     state, metrics = train_step(state, batch, model_config=..., cfg=..., tx=...)
+    state, metrics = train_step(state, batch, objective=..., tx=...)   # another objective
 
-batch:
+What a step minimises is an `Objective`: the batch type, the loss of (params, batch, rng) and
+any extra trainable head params (`params["head"]`, beside the model's). The default is SAM's
+interactive loss (`sam_objective`, the rest of this module); `train.pretrain` plugs in another.
+
+SAM's batch:
   images (B, S, S, 3) float32, normalized and zero-padded (`transforms.preprocess`); or, with a
          frozen encoder, embeddings: the encoder's cached outputs (`train.embedding_cache`)
   masks  (B, K, m, m) bool ground-truth masks on the loss grid: the decoder's low-res grid
@@ -37,7 +42,9 @@ metrics then include `text_iou`: the first output's IoU over the text-prompted m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -89,6 +96,75 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+
+
+HEAD = "head"  # params[HEAD]: an objective's extra trainable params (never exported with the model)
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a training step minimises, on what data.
+
+    batch:    the batch type: a pytree class whose fields are the data's arrays, leading axis B
+              (`TrainBatch(**example)` wraps the data pipeline's dict)
+    loss:     (params, batch, rng) -> (scalar loss, metrics: scalars, "loss" among them); params are
+              the model's with the head (if any) at params["head"]
+    head:     key -> the extra trainable params at params["head"] (None: none); trained with the
+              model, checkpointed, left out of the exported model
+    log_line: logged metrics (floats) -> the objective's part of a log line ("loss 0.1234 ...")
+    dataset:  the training config -> this process's batched data (a grain IterDataset of dicts of
+              `batch`'s fields, checkpointable); None: SAM's record pipeline (`trainer.make_dataset`)
+    evaluate: the params (numpy, with the head) -> held-out metrics ("eval_..." floats); None: SAM's
+              held-out mIoU on data.eval_dir
+    """
+
+    name: str
+    batch: type
+    loss: LossFn
+    head: Callable[[jax.Array], Any] | None = None
+    log_line: Callable[[dict[str, float]], str] = lambda m: f"loss {m['loss']:.4f}"
+    dataset: Callable[[Any], Any] | None = None
+    evaluate: Callable[[Any], dict[str, float]] | None = None
+
+
+def _sam_log_line(m: dict[str, float]) -> str:
+    text = f"loss {m['loss']:.4f} first-iou {m['first_iou']:.3f} last-iou {m['last_iou']:.3f}"
+    return text + (f" text-iou {m['text_iou']:.3f}" if "text_iou" in m else "")
+
+
+def _sam_loss(
+    params: Any,
+    batch: TrainBatch,
+    rng: jax.Array,
+    *,
+    model_config: SamConfig,
+    cfg: Any,
+    train_image_encoder: bool,
+    lora_scale: float,
+):
+    params = merge_adapters(params, lora_scale)
+    return simulate_and_loss(
+        params, batch, rng, model_config=model_config, cfg=cfg, train_image_encoder=train_image_encoder
+    )
+
+
+def sam_objective(
+    model_config: SamConfig, cfg: Any, train_image_encoder: bool = True, lora_scale: float = 1.0
+) -> Objective:
+    """SAM's interactive loss (`simulate_and_loss`, `cfg` a training config's `loss` fields) on `TrainBatch`es.
+    `train_image_encoder=False` goes with an optimizer that freezes the encoder (`optim.freeze_image_encoder`):
+    its gradient, which the optimizer would discard, is then not computed at all. Params with low-rank
+    adapters (`train.lora`) run merged (W + lora_scale * a @ b), their base frozen."""
+    loss = functools.partial(
+        _sam_loss,
+        model_config=model_config,
+        cfg=cfg,
+        train_image_encoder=train_image_encoder,
+        lora_scale=lora_scale,
+    )
+    return Objective(name="sam", batch=TrainBatch, loss=loss, log_line=_sam_log_line)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -334,27 +410,23 @@ def dense_text_loss(
 
 def train_step(
     state: TrainState,
-    batch: TrainBatch,
+    batch: Any,
     *,
-    model_config: SamConfig,
-    cfg: Any,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    objective: Objective | None = None,
+    model_config: SamConfig | None = None,
+    cfg: Any = None,
     train_image_encoder: bool = True,
     lora_scale: float = 1.0,
 ):
-    """One optimizer step -> (new state, metrics). Non-finite steps are skipped (state kept,
-    `finite` = 0 in the metrics); the caller decides whether to stop. `train_image_encoder=False`
-    goes with an optimizer that freezes the encoder (`optim.freeze_image_encoder`): its
-    gradient, which the optimizer would discard, is then not computed at all. Params with
-    low-rank adapters (`train.lora`) run merged (W + lora_scale * a @ b), their base frozen."""
+    """One optimizer step of `objective` (default: `sam_objective(model_config, cfg, train_image_encoder,
+    lora_scale)`) -> (new state, metrics: the objective's, grad_norm, param_norm, update_norm, lr, finite).
+    Non-finite steps are skipped (state kept, `finite` = 0 in the metrics); the caller decides whether to stop."""
+    if objective is None:
+        objective = sam_objective(model_config, cfg, train_image_encoder, lora_scale)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(
-        lambda params, *args, **kw: simulate_and_loss(merge_adapters(params, lora_scale), *args, **kw), has_aux=True
-    )
-    (loss, metrics), grads = grad_fn(
-        state.params, batch, rng, model_config=model_config, cfg=cfg, train_image_encoder=train_image_encoder
-    )
+    (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)

@@ -5,7 +5,9 @@
 
 `Trainer` only holds state; the work is `step.train_step`, jitted once with the state's
 and the batch's shardings (params fully sharded along `fsdp` by their logical axis names,
-the batch over `data` x `fsdp`) and the state donated.
+the batch over `data` x `fsdp`) and the state donated. What the step minimises is a
+`step.Objective` (its batch, loss, extra head params, data and evaluation): SAM's interactive
+loss by default; `train.pretrain` runs the encoder's kinds pretraining as another.
 
 Work directory:
   checkpoints/<step>/   orbax items `state` (params, optimizer state, step, RNG), `data`
@@ -42,6 +44,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,7 @@ from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
 from sam_jax.train.lora import LORA, LoraSpec, lora_spec, merge_adapters
 from sam_jax.train.optim import make_optimizer
-from sam_jax.train.step import TrainBatch, TrainState, init_state, train_step
+from sam_jax.train.step import HEAD, Objective, TrainState, init_state, sam_objective, train_step
 
 log = logging.getLogger("sam_jax.train")
 
@@ -258,6 +261,15 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
+def check_batch_size(cfg: ml_collections.ConfigDict, mesh) -> None:
+    """Refuse a batch size the mesh's data x fsdp devices or the processes do not divide."""
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_batch or cfg.batch_size % jax.process_count():
+        raise TrainingError(
+            f"batch_size={cfg.batch_size} must be a multiple of the data x fsdp devices ({n_batch}) and processes"
+        )
+
+
 def make_checkpoint_manager(directory: Path, cfg: ml_collections.ConfigDict):
     """The orbax `CheckpointManager` of a work directory's checkpoints (async saves, the last
     `checkpoint.keep` kept, temporary directories of crashed saves cleaned up)."""
@@ -311,14 +323,16 @@ def create_train_state(
     tx: optax.GradientTransformation,
     shardings: TrainState,
     lora: LoraSpec | None = None,
+    head: Callable[[jax.Array], Params] | None = None,
 ) -> TrainState:
-    """The step-0 state (params from `cfg.init`, with fresh `lora` adapters if given; fresh optimizer
-    state, the seed's RNG), placed with `shardings`."""
-    if lora is None:
-        params = initial_params(cfg, mc, shardings.params)
-    else:
-        base = {k: v for k, v in shardings.params.items() if k != LORA}
-        params = lora.add(initial_params(cfg, mc, base), jax.random.key(cfg.seed + 1))
+    """The step-0 state (params from `cfg.init`, with fresh `lora` adapters if given and an objective's
+    `head` (key -> its params) at params["head"]; fresh optimizer state, the seed's RNG), placed with `shardings`."""
+    model_sh = {k: v for k, v in shardings.params.items() if k not in (LORA, HEAD)}
+    params = initial_params(cfg, mc, model_sh)
+    if lora is not None:
+        params = lora.add(params, jax.random.key(cfg.seed + 1))
+    if head is not None:
+        params = {**params, HEAD: jax.jit(head, out_shardings=shardings.params[HEAD])(jax.random.key(cfg.seed + 2))}
     return jax.jit(functools.partial(init_state, tx=tx, seed=cfg.seed), out_shardings=shardings)(params)
 
 
@@ -372,7 +386,9 @@ class _StopSignals:
 class Trainer:
     """`source` (a record source) replaces data.train_dir; `embed` (record -> its cached encoder output,
     `train.embedding_cache`) feeds a frozen encoder's embeddings instead of images; `eval_data` (a record
-    source) replaces data.eval_dir as the held-out set."""
+    source) replaces data.eval_dir as the held-out set. `objective` (`step.Objective`, default SAM's
+    interactive loss) is what the step minimises, with its data, head and evaluation; `model` replaces
+    `model_config(cfg)`; `log` prints the progress lines (default `print`; nothing when `quiet`)."""
 
     def __init__(
         self,
@@ -384,76 +400,96 @@ class Trainer:
         source: Any = None,
         embed: Any = None,
         eval_data: Any = None,
+        objective: Objective | None = None,
+        model: SamConfig | None = None,
+        log: Callable[[str], Any] = print,
     ):
         check_config(cfg)
-        self.cfg = cfg
-        self.quiet = quiet
-        self.model_config = model_config(cfg)
+        self.cfg, self.quiet, self.log = cfg, quiet, log
+        self.model_config = model if model is not None else model_config(cfg)
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-        n_batch = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if cfg.batch_size % n_batch or cfg.batch_size % jax.process_count():
-            raise TrainingError(
-                f"batch_size={cfg.batch_size} must be a multiple of the data x fsdp devices ({n_batch}) and processes"
-            )
+        check_batch_size(cfg, self.mesh)
         self.mask_size = loss_mask_size(cfg, self.model_config)
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
 
         self.lora = lora_spec(cfg)  # low-rank adapters on a frozen base (None: none)
+        self.objective = objective if objective is not None else self._sam_objective()
         abstract = self._abstract_params()
-        param_sh = shd.logical_shardings(abstract_params(self.model_config, boxed=True), self.mesh)
-        if self.lora is not None:  # the adapters are small: replicated
-            param_sh = {**param_sh, LORA: jax.tree.map(lambda _: shd.replicated(self.mesh), abstract[LORA])}
         self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim)
-        self.state_sharding = state_shardings(self.tx, abstract, param_sh, self.mesh)
+        self.state_sharding = state_shardings(self.tx, abstract, self._param_shardings(abstract), self.mesh)
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self._step = jax.jit(
-            functools.partial(
-                train_step,
-                model_config=self.model_config,
-                cfg=cfg.loss,
-                tx=self.tx,
-                schedule=self.schedule,
-                train_image_encoder=not cfg.optim.freeze_image_encoder,
-                lora_scale=self.lora.scale if self.lora is not None else 1.0,
-            ),
+            functools.partial(train_step, objective=self.objective, tx=self.tx, schedule=self.schedule),
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
             donate_argnums=0,
         )
         self._compiled = None  # the step, compiled ahead of the first call (`_compile`)
-
-        self.text_prompts = None  # with text prompts on: each mask's, in the data pipeline
-        if self.model_config.prompt_encoder.text_embed_dim is not None:
-            from sam_jax.text import TextEncoder
-            from sam_jax.train.text import text_prompts
-
-            self.text_prompts = text_prompts(cfg, TextEncoder.from_folder(cfg.text.clip))
-        self.source, self.dataset = make_dataset(
-            cfg, self.model_config, self.mask_size, self.text_prompts, source=source, embed=embed
-        )
+        self._open_data(source, embed)
         self.eval_data = eval_data if eval_data is not None else (cfg.data.eval_dir or None)
         self.data_iter = iter(self.dataset)
 
         self.manager = make_checkpoint_manager(self.workdir / CHECKPOINT_DIR, cfg)
         self.resumed_from = self._restore_latest_intact()
         if self.resumed_from is None:
-            self.state = create_train_state(cfg, self.model_config, self.tx, self.state_sharding, self.lora)
+            self.state = create_train_state(
+                cfg, self.model_config, self.tx, self.state_sharding, self.lora, self.objective.head
+            )
+
+    def _sam_objective(self) -> Objective:
+        return sam_objective(
+            self.model_config,
+            self.cfg.loss,
+            train_image_encoder=not self.cfg.optim.freeze_image_encoder,
+            lora_scale=self.lora.scale if self.lora is not None else 1.0,
+        )
+
+    def _param_shardings(self, abstract: Params) -> Any:
+        """The model's params fully sharded by their logical names; adapters and the objective's head replicated."""
+        param_sh = shd.logical_shardings(abstract_params(self.model_config, boxed=True), self.mesh)
+        small = {k: v for k, v in abstract.items() if k in (LORA, HEAD)}  # small: replicated
+        return {**param_sh, **jax.tree.map(lambda _: shd.replicated(self.mesh), small)}
+
+    def _open_data(self, source: Any, embed: Any) -> None:
+        """The training data: the objective's own, or SAM's records (with text prompts if the model has text layers)."""
+        self.text_prompts = None  # with text prompts on: each mask's, in the data pipeline
+        if self.objective.dataset is not None:
+            self.source, self.dataset = None, self.objective.dataset(self.cfg)
+            return
+        if self.model_config.prompt_encoder.text_embed_dim is not None:
+            from sam_jax.text import TextEncoder
+            from sam_jax.train.text import text_prompts
+
+            self.text_prompts = text_prompts(self.cfg, TextEncoder.from_folder(self.cfg.text.clip))
+        self.source, self.dataset = make_dataset(
+            self.cfg, self.model_config, self.mask_size, self.text_prompts, source=source, embed=embed
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
     def _abstract_params(self) -> Params:
-        """The trained params' shapes: the model's, with the adapters' under "lora" when it has them."""
+        """The trained params' shapes: the model's, with the adapters' under "lora" when it has them and the
+        objective's head under "head"."""
         abstract = abstract_params(self.model_config)
-        return abstract if self.lora is None else self.lora.abstract(abstract)
+        if self.lora is not None:
+            abstract = self.lora.abstract(abstract)
+        if self.objective.head is not None:
+            abstract = {**abstract, HEAD: jax.eval_shape(self.objective.head, jax.random.key(0))}
+        return abstract
 
-    def model_params(self) -> Params:
-        """The current params of the model as numpy arrays (adapters merged: a plain SAM tree), whole
-        in every process (every process calls it)."""
+    def trained_params(self) -> Params:
+        """The current params as numpy arrays (adapters merged), with the objective's head if it has one,
+        whole in every process (every process calls it)."""
         params = shd.fetch(self.state.params, self.mesh)
         if self.lora is not None:
             params = jax.device_get(merge_adapters(params, self.lora.scale))
         return jax.tree.map(np.asarray, params)
+
+    def model_params(self) -> Params:
+        """The current params of the model as numpy arrays (a plain SAM tree: adapters merged, no head),
+        whole in every process (every process calls it)."""
+        return {k: v for k, v in self.trained_params().items() if k != HEAD}
 
     def _abstract_state(self) -> TrainState:
         params = self._abstract_params()
@@ -593,20 +629,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
-    def _next_batch(self) -> TrainBatch:
+    def _next_batch(self) -> Any:
         local = next(self.data_iter)
         put = lambda v: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))  # noqa: E731
-        return TrainBatch(**{k: jax.tree.map(put, v) for k, v in local.items()})
+        return self.objective.batch(**{k: jax.tree.map(put, v) for k, v in local.items()})
 
     def _print(self, text: str) -> None:
         if not self.quiet and jax.process_index() == 0:
-            print(text, flush=True)
+            if self.log is print:
+                print(text, flush=True)
+            else:
+                self.log(text)
 
     @property
     def step(self) -> int:
         return int(self.state.step)
 
-    def _compile(self, batch: TrainBatch) -> None:
+    def _compile(self, batch: Any) -> None:
         """Compile the step ahead of its first call, saying so: it can take a minute."""
         self._print("compiling the training step...")
         t = time.perf_counter()
@@ -694,15 +733,29 @@ class Trainer:
         self.save(force=True)
         self._write_manifests()
         self.export()
-        if self.eval_data is not None:
-            last.update(self.evaluate())
+        last.update(self.evaluate())
         return last
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out mIoU (`sam_jax.train.evaluate`, 1 and 3 clicks, box) on the held-out data (`eval_data`
-        or data.eval_dir), at most `eval_images` images; logged and appended to metrics.jsonl. {} without one."""
-        if self.eval_data is None:
+        """Held-out metrics, logged and appended to metrics.jsonl: the objective's `evaluate`, or SAM's
+        held-out mIoU (`_evaluate_sam`; {} without held-out data)."""
+        if self.objective.evaluate is not None:
+            out = self.objective.evaluate(self.trained_params())
+            line = " ".join(f"{k.removeprefix('eval_').replace('_', '-')} {v:.3f}" for k, v in out.items())
+        elif self.eval_data is None:
             return {}
+        else:
+            out = self._evaluate_sam()
+            line = "mIoU " + " ".join(f"{k[5:]} {v:.3f}" for k, v in out.items())
+        if jax.process_index() == 0:
+            with open(self.workdir / METRICS_FILE, "a") as f:
+                f.write(json.dumps({"step": self.step, **out}) + "\n")
+        self._print(f"step {self.step}: held-out {line}")
+        return out
+
+    def _evaluate_sam(self) -> dict[str, float]:
+        """Held-out mIoU (`sam_jax.train.evaluate`, 1 and 3 clicks, box; with captions, each caption alone) on
+        the held-out data (`eval_data` or data.eval_dir), at most `eval_images` images."""
         from sam_jax.train.evaluate import evaluate
 
         params = self.model_params()
@@ -720,29 +773,24 @@ class Trainer:
             )
             out["eval_miou_text"] = t["miou_text"]
             out.update({f"eval_miou_text_{c}": v for c, v in t["per_category"].items()})
-        if jax.process_index() == 0:
-            with open(self.workdir / METRICS_FILE, "a") as f:
-                f.write(json.dumps({"step": self.step, **out}) + "\n")
-        self._print(f"step {self.step}: held-out mIoU " + " ".join(f"{k[5:]} {v:.3f}" for k, v in out.items()))
         return out
 
     def _log(self, metrics: dict[str, jax.Array], step: int, steps_per_s: float) -> dict[str, Any]:
         out: dict[str, Any] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        skipped = self.source.num_skipped if self.source is not None else 0
         out.update(
             step=step,
             steps_per_s=steps_per_s,
             examples_per_s=steps_per_s * self.cfg.batch_size,
-            skipped_records=self.source.num_skipped,
+            skipped_records=skipped,
         )
         if jax.process_index() == 0:
             with open(self.workdir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(out) + "\n")
         out["line"] = (
-            f"step {step}: loss {out['loss']:.4f} first-iou {out['first_iou']:.3f} last-iou {out['last_iou']:.3f} "
-            + (f"text-iou {out['text_iou']:.3f} " if "text_iou" in out else "")
-            + f"lr {out['lr']:.2e} grad-norm {out['grad_norm']:.3f} {steps_per_s:.2f} steps/s "
-            f"{out['examples_per_s']:.1f} ex/s"
-            + (f" skipped-records {self.source.num_skipped}" if self.source.num_skipped else "")
+            f"step {step}: {self.objective.log_line(out)} lr {out['lr']:.2e} grad-norm {out['grad_norm']:.3f} "
+            f"{steps_per_s:.2f} steps/s {out['examples_per_s']:.1f} ex/s"
+            + (f" skipped-records {skipped}" if skipped else "")
         )
         return out
 
