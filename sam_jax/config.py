@@ -189,6 +189,209 @@ class TinyViTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HieraConfig:
+    """SAM 2's image encoder (`modeling.hiera`): the Hiera trunk and the FPN neck of the official
+    `sam2.modeling.backbones` (`hieradet.Hiera`, `image_encoder.FpnNeck`, `ImageEncoder`), with
+    SAM 2.1's hyperparameters from `sam2/configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml` (the
+    presets `hiera_tiny()` .. `hiera_large()`). The defaults are `Hiera`'s and `FpnNeck`'s own.
+
+    The trunk: a 7x7 stride-4 patch embedding, then `stages` of `MultiScaleBlock`s; the first
+    block of each of the first `q_pool` later stages max-pools its queries (stride `q_stride`),
+    halving the grid, and widens the stream by `dim_mul` and the heads by `head_mul`. Blocks attend
+    within windows of `window_spec[stage]` (the first block of a stage still uses the previous
+    stage's window), except the `global_att_blocks` (indices over all blocks), which attend over
+    the whole grid. The neck projects each stage's output to `d_model` (1x1 convolutions), adds
+    top-down features (`fpn_interp_model` upsampling x2) on `fpn_top_down_levels`, and drops the
+    `scalp` lowest-resolution levels. Of the three levels left, the lowest-resolution one is the
+    image embedding (`grid_size`), the two others the mask decoder's high-res features."""
+
+    img_size: int = 1024
+    # Trunk (`hieradet.Hiera`).
+    embed_dim: int = 96
+    num_heads: int = 1
+    stages: tuple[int, ...] = (2, 3, 16, 3)
+    q_pool: int = 3
+    q_stride: tuple[int, int] = (2, 2)
+    dim_mul: float = 2.0
+    head_mul: float = 2.0
+    window_pos_embed_bkg_spatial_size: tuple[int, int] = (14, 14)
+    window_spec: tuple[int, ...] = (8, 4, 14, 7)
+    global_att_blocks: tuple[int, ...] = (12, 16, 20)
+    mlp_ratio: float = 4.0  # `MultiScaleBlock`'s default (Hiera does not pass one)
+    # Neck (`FpnNeck`, 1x1 lateral convolutions, "sum" fusion) and `ImageEncoder.scalp`.
+    d_model: int = 256
+    backbone_channel_list: tuple[int, ...] = (768, 384, 192, 96)  # the trunk's widths, lowest resolution first
+    fpn_top_down_levels: tuple[int, ...] = (2, 3)
+    fpn_interp_model: str = "nearest"  # or "bilinear"
+    scalp: int = 1
+    # Training only: stochastic depth on both residual branches of every block, the rate rising
+    # linearly from 0 (first block) to `drop_path_rate` (last block), as officially.
+    drop_path_rate: float = 0.0
+    # Rematerialize each block (`nn.remat`): same params, same outputs.
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        n = len(self.stages)
+
+        def fail(why: str) -> None:
+            raise ValueError(f"HieraConfig: {why}")
+
+        if n < 1 or min(self.stages) < 1:
+            fail(f"stages {self.stages!r} must be at least one stage of at least one block")
+        if len(self.window_spec) != n:
+            fail(f"window_spec has {len(self.window_spec)} entries for {n} stages")
+        if not 0 <= self.q_pool <= n - 1:
+            fail(f"q_pool {self.q_pool} must be in [0, {n - 1}] (the stage transitions)")
+        if len(self.q_stride) != 2 or self.q_stride[0] != self.q_stride[1] or self.q_stride[0] < 1:
+            fail(f"q_stride {self.q_stride!r} must be a square stride (s, s)")
+        if any(not 0 <= i < self.depth for i in self.global_att_blocks):
+            fail(f"global_att_blocks {self.global_att_blocks!r} must index the {self.depth} blocks")
+        for i, (dim, dim_out, heads, _, pool) in enumerate(self.block_specs):
+            if heads < 1 or dim_out % heads:
+                fail(f"block {i}: width {dim_out} is not divisible into {heads} heads")
+            if pool and dim == dim_out:
+                fail(f"block {i} pools its queries but keeps width {dim} (dim_mul 1): the official block needs both")
+        if tuple(self.backbone_channel_list) != self.channel_list:
+            fail(
+                f"backbone_channel_list {self.backbone_channel_list!r} must be the trunk's stage widths, lowest "
+                f"resolution first: {self.channel_list!r}"
+            )
+        if self.fpn_interp_model not in ("nearest", "bilinear"):
+            fail(f"fpn_interp_model must be 'nearest' or 'bilinear', got {self.fpn_interp_model!r}")
+        if n - self.scalp != 3:
+            fail(
+                f"{n} stages less scalp {self.scalp} must leave 3 feature levels (SAM 2's image embedding and "
+                "its two high-res features)"
+            )
+        if self.img_size % (4 * self.q_stride[0] ** self.q_pool):
+            fail(f"img_size {self.img_size} must be a multiple of 4 * q_stride ** q_pool")
+        sizes = self.level_sizes
+        for i, (_, _, _, window, pool) in enumerate(self.block_specs):
+            if not pool:
+                continue
+            h = sizes[self.q_pool_blocks.index(i)]  # the grid the block takes (its stage's previous level)
+            if window == 0 or window // pool == 0:
+                fail(f"block {i} pools its queries with global attention or windows under {pool} (official: fails)")
+            if -(-h // window) != -(-(h // pool) // (window // pool)):
+                fail(
+                    f"block {i} pools its queries in windows of {window} on a {h} grid: the {-(-h // window)} windows "
+                    f"per side do not tile the pooled {h // pool} grid in windows of {window // pool} (official: fails)"
+                )
+        if (self.img_size // 4) % self.window_spec[0]:
+            fail(f"the first grid ({self.img_size // 4}) must be a multiple of window_spec[0] (tiled pos embed)")
+        for i in self.fpn_top_down_levels:
+            if i + 1 < n and sizes[i] != 2 * sizes[i + 1]:
+                fail(f"fpn_top_down_levels: level {i} ({sizes[i]}) is not twice level {i + 1} ({sizes[i + 1]})")
+        if sizes[0] != 4 * sizes[2] or sizes[1] != 2 * sizes[2]:
+            fail(f"the 3 kept levels must be at 4x, 2x and 1x the embedding's grid, got sizes {sizes[:3]}")
+        if self.d_model % 8:
+            fail(f"d_model {self.d_model} must be divisible by 8 (conv_s0 projects to d_model / 8)")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            fail(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+
+    @property
+    def depth(self) -> int:
+        """Blocks in all stages."""
+        return sum(self.stages)
+
+    @property
+    def stage_ends(self) -> tuple[int, ...]:
+        """The index of each stage's last block (the blocks whose outputs the neck takes)."""
+        return tuple(int(e) - 1 for e in np.cumsum(self.stages))
+
+    @property
+    def q_pool_blocks(self) -> tuple[int, ...]:
+        """The blocks that pool their queries: the first block of each of stages 1..q_pool."""
+        return tuple(e + 1 for e in self.stage_ends[:-1])[: self.q_pool]
+
+    @property
+    def block_specs(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """Per block, as `Hiera.__init__` builds them: (dim, dim_out, num_heads, window_size
+        (0: global attention), q_stride (0: no pooling))."""
+        specs, dim, heads, stage = [], self.embed_dim, self.num_heads, 1
+        ends = self.stage_ends
+        for i in range(self.depth):
+            dim_out = dim
+            window = 0 if i in self.global_att_blocks else self.window_spec[stage - 1]  # lags a block
+            if i - 1 in ends:
+                dim_out = int(dim * self.dim_mul)
+                heads = int(heads * self.head_mul)
+                stage += 1
+            specs.append((dim, dim_out, heads, window, self.q_stride[0] if i in self.q_pool_blocks else 0))
+            dim = dim_out
+        return tuple(specs)
+
+    @property
+    def channel_list(self) -> tuple[int, ...]:
+        """The trunk's stage widths, lowest resolution first (`Hiera.channel_list`)."""
+        specs = self.block_specs
+        return tuple(specs[e][1] for e in self.stage_ends[::-1])
+
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        """The grid side of each stage's output (= FPN level), highest resolution first."""
+        size, sizes = self.img_size // 4, []
+        for i in range(len(self.stages)):
+            if i in range(1, self.q_pool + 1):
+                size //= self.q_stride[0]
+            sizes.append(size)
+        return tuple(sizes)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the image embedding's grid, the lowest-resolution level kept (64 for 1024 px)."""
+        return self.level_sizes[len(self.stages) - 1 - self.scalp]
+
+    @property
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """The per-block drop path rates: linspace(0, drop_path_rate, depth)."""
+        return tuple(float(r) for r in np.linspace(0.0, self.drop_path_rate, self.depth))
+
+    @property
+    def high_res_channels(self) -> int:
+        """SAM 2 gives the mask decoder high-res features (`ImageEmbeddings.high_res`): the two
+        higher FPN levels, `d_model` wide, which `conv_s1` / `conv_s0` project."""
+        return self.d_model
+
+
+def _hiera(
+    embed_dim: int, heads: int, stages: tuple[int, ...], global_att_blocks: tuple[int, ...], **kw
+) -> HieraConfig:
+    widths = [embed_dim * 2**i for i in range(len(stages))]
+    return HieraConfig(
+        embed_dim=embed_dim,
+        num_heads=heads,
+        stages=stages,
+        global_att_blocks=global_att_blocks,
+        backbone_channel_list=tuple(widths[::-1]),
+        **kw,
+    )
+
+
+def hiera_tiny() -> HieraConfig:
+    """SAM 2.1 Hiera-T (`configs/sam2.1/sam2.1_hiera_t.yaml`)."""
+    return _hiera(96, 1, (1, 2, 7, 2), (5, 7, 9), window_pos_embed_bkg_spatial_size=(7, 7))
+
+
+def hiera_small() -> HieraConfig:
+    """SAM 2.1 Hiera-S (`configs/sam2.1/sam2.1_hiera_s.yaml`)."""
+    return _hiera(96, 1, (1, 2, 11, 2), (7, 10, 13), window_pos_embed_bkg_spatial_size=(7, 7))
+
+
+def hiera_base_plus() -> HieraConfig:
+    """SAM 2.1 Hiera-B+ (`configs/sam2.1/sam2.1_hiera_b+.yaml`: Hiera's default stages, windows and
+    global blocks, a 14 x 14 background pos embed)."""
+    return _hiera(112, 2, (2, 3, 16, 3), (12, 16, 20))
+
+
+def hiera_large() -> HieraConfig:
+    """SAM 2.1 Hiera-L (`configs/sam2.1/sam2.1_hiera_l.yaml`)."""
+    return _hiera(
+        144, 2, (2, 6, 36, 4), (23, 33, 43), window_pos_embed_bkg_spatial_size=(7, 7), window_spec=(8, 4, 16, 8)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptEncoderConfig:
     mask_in_chans: int = 16
     # Std of the random spatial frequencies at init (`PositionEmbeddingRandom(scale=...)`;
@@ -246,8 +449,8 @@ class SamConfig:
     """The whole model. `dtype` is the compute dtype (params stay float32)."""
 
     name: str = "vit_b"
-    # The ViT of SAM, or MobileSAM's TinyViT.
-    image_encoder: ImageEncoderConfig | TinyViTConfig = ImageEncoderConfig()
+    # The ViT of SAM, MobileSAM's TinyViT, or SAM 2's Hiera (with its FPN neck).
+    image_encoder: ImageEncoderConfig | TinyViTConfig | HieraConfig = ImageEncoderConfig()
     prompt_encoder: PromptEncoderConfig = PromptEncoderConfig()
     mask_decoder: MaskDecoderConfig = MaskDecoderConfig()
     prompt_embed_dim: int = 256
@@ -264,6 +467,11 @@ class SamConfig:
             raise ValueError(
                 f"{self.name}: the HQ-SAM decoder (hq_token) fuses TinyViT's stage-1 output with the embedding, "
                 f"but merge_strides {enc.merge_strides} downsample after stage 1"
+            )
+        if isinstance(enc, HieraConfig) and enc.d_model != self.prompt_embed_dim:
+            raise ValueError(
+                f"{self.name}: the Hiera encoder's neck width (image_encoder.d_model {enc.d_model}) must be the "
+                f"decoder's (prompt_embed_dim {self.prompt_embed_dim})"
             )
 
     @property
@@ -288,7 +496,10 @@ class SamConfig:
     def from_dict(cls, d: dict[str, Any]) -> SamConfig:
         d = dict(d)
         enc = dict(d.pop("image_encoder"))
-        if "embed_dims" in enc:  # a TinyViT (MobileSAM)
+        if "stages" in enc:  # SAM 2's Hiera
+            tuples = {f.name for f in dataclasses.fields(HieraConfig) if "tuple" in str(f.type)}
+            image_encoder = HieraConfig(**{k: tuple(v) if k in tuples else v for k, v in enc.items()})
+        elif "embed_dims" in enc:  # a TinyViT (MobileSAM)
             tuples = ("embed_dims", "depths", "num_heads", "window_sizes", "merge_strides")
             image_encoder = TinyViTConfig(**{k: tuple(v) if k in tuples else v for k, v in enc.items()})
         else:

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from sam_jax.config import SamConfig, TinyViTConfig
+from sam_jax.config import HieraConfig, SamConfig, TinyViTConfig
 from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.modeling.common import accum_dtype
+from sam_jax.modeling.hiera import Sam2ImageEncoder
 from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.mask_decoder import MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
@@ -32,7 +33,12 @@ class Sam(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         e = cfg.embedding_size
-        encoder_cls = TinyViT if isinstance(cfg.image_encoder, TinyViTConfig) else ImageEncoderViT  # MobileSAM: TinyViT
+        if isinstance(cfg.image_encoder, HieraConfig):  # SAM 2: Hiera + FPN neck
+            encoder_cls = Sam2ImageEncoder
+        elif isinstance(cfg.image_encoder, TinyViTConfig):  # MobileSAM
+            encoder_cls = TinyViT
+        else:
+            encoder_cls = ImageEncoderViT
         hq = {"interm": True} if cfg.mask_decoder.hq_token else {}  # HQ-SAM's early ViT features
         self.image_encoder = encoder_cls(cfg.image_encoder, out_chans=cfg.prompt_embed_dim, dtype=dtype, **hq)
         self.prompt_encoder = PromptEncoder(
