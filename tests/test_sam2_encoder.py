@@ -477,3 +477,75 @@ def test_drop_path_and_remat():
     remat_shapes = jax.eval_shape(remat.init, jax.random.key(0), x)["params"]
     assert jax.tree.structure(remat_shapes) == jax.tree.structure(shapes)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), runner(remat, False)(), d1)
+
+
+# ----------------------------------------------------------------------------- compute dtype, the model API
+
+
+def random_params(config: SamConfig, seed: int = 0, scale: float = 0.3) -> dict:
+    """Params of `config`'s shapes, normal(0, scale) (no init to compile)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: (scale * rng.normal(size=a.shape)).astype(a.dtype), abstract_params(config))
+
+
+def test_bfloat16_close_to_float32():
+    """bfloat16 compute (float32 params, norms and softmaxes) stays within a few % of float32, and the
+    embeddings come back float32."""
+    enc = small_hiera(d_model=32)
+    config = sam_config(enc)
+    params = random_params(config, seed=17)
+    params["image_encoder"] = jax.tree.map(lambda a: a / 2, params["image_encoder"])
+    x = jnp.asarray(images(enc.img_size, seed=18))
+    f32 = SamModel(config, params).encode(x)
+    bf16 = SamModel(config, params).with_dtype("bfloat16").encode(x)
+    for name, a, b in zip(("embedding", "s1", "s0"), jax.tree.leaves(f32), jax.tree.leaves(bf16)):
+        assert b.dtype == jnp.float32 and b.shape == a.shape
+        rel = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))
+        print(f"bfloat16 vs float32 {name}: relative error {rel:.4f}")
+        assert rel < 0.05, name
+
+
+def test_predictor_runs_a_hiera_model(photo):
+    """`SamModel` and `SamPredictor` take a Hiera model as any other: the embeddings (with high-res
+    features) pass `check_embeddings`, and the decoder gives masks at the photo's size."""
+    from sam_jax.predictor import SamPredictor
+
+    enc = HieraConfig(
+        img_size=128,
+        embed_dim=8,
+        stages=(1, 1, 2, 1),
+        global_att_blocks=(3,),
+        window_spec=(8, 4, 4, 2),
+        backbone_channel_list=(64, 32, 16, 8),
+        d_model=16,
+    )
+    config = SamConfig(
+        name="sam2_predictor_test",
+        image_encoder=enc,
+        mask_decoder=MaskDecoderConfig(iou_head_hidden_dim=16, transformer_mlp_dim=32, transformer_num_heads=2),
+        prompt_embed_dim=16,
+    )
+    predictor = SamPredictor(SamModel(config, random_params(config, seed=19, scale=0.1)))
+    predictor.set_image(photo)
+    check_embeddings(predictor.features, config)
+    assert predictor.get_image_embedding().shape[-2:] == (enc.grid_size, enc.grid_size)
+    masks, iou, low = predictor.predict(point_coords=np.array([[100.0, 120.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, *photo.shape[:2]) and iou.shape == (3,) and low.shape == (3, 32, 32)
+    assert np.isfinite(low).all()
+
+
+def test_layer_decay_ids():
+    """Layer-wise lr decay counts Hiera's blocks under image_encoder/trunk (official `Hiera.get_layer_id`)."""
+    from sam_jax.train.optim import layer_id
+
+    depth = hiera_tiny().depth
+    for path, expected in [
+        (("image_encoder", "trunk", "patch_embed", "proj", "kernel"), 0),
+        (("image_encoder", "trunk", "pos_embed"), 0),
+        (("image_encoder", "trunk", "pos_embed_window"), 0),
+        (("image_encoder", "trunk", "blocks_3", "attn", "qkv", "kernel"), 4),
+        (("image_encoder", "neck", "convs_0", "kernel"), depth + 1),
+        (("image_encoder", "no_mem_embed"), depth + 1),
+        (("image_encoder", "conv_s0", "kernel"), depth + 1),
+    ]:
+        assert layer_id(path, depth) == expected, path

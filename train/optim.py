@@ -34,12 +34,16 @@ def _path_names(path) -> tuple[str, ...]:
 
 def layer_id(names: tuple[str, ...], depth: int) -> int:
     """MAE-style layer index: patch embedding / pos_embed 0, block i -> i + 1, the rest depth + 1
-    (an adapter, params["lora"][module path], that of its module)."""
+    (an adapter, params["lora"][module path], that of its module). SAM 2's Hiera keeps its blocks
+    under `image_encoder/trunk` (as `Hiera.get_layer_id` counts them: `pos_embed_window` 0 too; the
+    neck, `no_mem_embed` and the high-res projections depth + 1)."""
     if names[0] == LORA:
         names = names[1:]
     if names[0] != "image_encoder":
         return depth + 1
-    if names[1] in ("patch_embed", "pos_embed"):
+    if len(names) > 2 and names[1] == "trunk":
+        names = names[1:]
+    if names[1] in ("patch_embed", "pos_embed", "pos_embed_window"):
         return 0
     if names[1].startswith("blocks_"):
         return int(names[1].split("_")[1]) + 1
