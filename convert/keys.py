@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from sam_jax.config import SamConfig, TinyViTConfig
+from sam_jax.config import HieraConfig, SamConfig, TinyViTConfig
 
 # ---------------------------------------------------------------------------
 # Named layout transforms: official (PyTorch) layout -> Flax layout, and back.
@@ -126,8 +126,9 @@ def _image_encoder(cfg: SamConfig) -> Iterator[Row]:
     yield from _norm(f"{o}.neck.3", f"{h}.neck.layer_norm2", (*f, "neck_3"))
 
 
-def _prompt_encoder(cfg: SamConfig) -> Iterator[Row]:
-    o, h, f = "prompt_encoder", "prompt_encoder", ("prompt_encoder",)
+def _prompt_encoder(cfg: SamConfig, o: str = "prompt_encoder") -> Iterator[Row]:
+    """The prompt encoder under the official prefix `o` (SAM 2: `sam_prompt_encoder`)."""
+    h, f = "prompt_encoder", ("prompt_encoder",)
     yield Row(
         f"{o}.pe_layer.positional_encoding_gaussian_matrix",
         "shared_image_embedding.positional_embedding",
@@ -161,9 +162,11 @@ def _mlp(o: str, h: str, f: Path, num_layers: int) -> Iterator[Row]:
         yield from _linear(f"{o}.layers.{j}", f"{h}.{hf_name}", (*f, f"layers_{j}"))
 
 
-def _mask_decoder(cfg: SamConfig) -> Iterator[Row]:
+def _mask_decoder(cfg: SamConfig, o: str = "mask_decoder", mlp: tuple[str, str] = ("lin1", "lin2")) -> Iterator[Row]:
+    """The mask decoder under the official prefix `o`, its transformer's MLP layers named `mlp`
+    (SAM 2: `sam_mask_decoder`, ("layers.0", "layers.1"))."""
     dec = cfg.mask_decoder
-    o, h, f = "mask_decoder", "mask_decoder", ("mask_decoder",)
+    h, f = "mask_decoder", ("mask_decoder",)
     yield from _embedding(f"{o}.iou_token", f"{h}.iou_token", (*f, "iou_token"))
     yield from _embedding(f"{o}.mask_tokens", f"{h}.mask_tokens", (*f, "mask_tokens"))
     if cfg.prompt_encoder.text_embed_dim is not None:  # sam-jax's text prompts: no official counterpart
@@ -177,8 +180,8 @@ def _mask_decoder(cfg: SamConfig) -> Iterator[Row]:
             f"{ol}.cross_attn_token_to_image", f"{hl}.cross_attn_token_to_image", (*fl, "cross_attn_token_to_image")
         )
         yield from _norm(f"{ol}.norm2", f"{hl}.layer_norm2", (*fl, "norm2"))
-        yield from _linear(f"{ol}.mlp.lin1", f"{hl}.mlp.lin1", (*fl, "mlp", "lin1"))
-        yield from _linear(f"{ol}.mlp.lin2", f"{hl}.mlp.lin2", (*fl, "mlp", "lin2"))
+        yield from _linear(f"{ol}.mlp.{mlp[0]}", f"{hl}.mlp.lin1", (*fl, "mlp", "lin1"))
+        yield from _linear(f"{ol}.mlp.{mlp[1]}", f"{hl}.mlp.lin2", (*fl, "mlp", "lin2"))
         yield from _norm(f"{ol}.norm3", f"{hl}.layer_norm3", (*fl, "norm3"))
         yield from _norm(f"{ol}.norm4", f"{hl}.layer_norm4", (*fl, "norm4"))
         yield from _attention(
@@ -209,7 +212,11 @@ def _mask_decoder(cfg: SamConfig) -> Iterator[Row]:
 
 def key_table(config: SamConfig) -> list[Row]:
     """Every tensor of a SAM with this config, in the official module order (MobileSAM's TinyViT
-    encoder: `keys_tiny_vit`; HQ-SAM's decoder additions: `keys_hq`)."""
+    encoder: `keys_tiny_vit`; HQ-SAM's decoder additions: `keys_hq`; SAM 2.1: `keys_sam2`)."""
+    if isinstance(config.image_encoder, HieraConfig):  # SAM 2.1
+        from sam_jax.convert.keys_sam2 import sam2_rows
+
+        return sam2_rows(config)
     tiny_vit = isinstance(config.image_encoder, TinyViTConfig)
     if not tiny_vit and config.image_encoder.high_res_channels:
         raise ValueError(

@@ -4,7 +4,8 @@
   missing, unexpected or mis-shaped tensor is reported in one `CheckpointError`.
 - `to_official(params, config)`: Flax params -> official keys (for export).
 - `infer_model_type(state_dict)`: vit_b / vit_l / vit_h / vit_t from the tensors' shapes, or the
-  HQ-SAM model on that encoder (vit_*_hq, vit_tiny_hq) for a checkpoint with the HQ token.
+  HQ-SAM model on that encoder (vit_*_hq, vit_tiny_hq) for a checkpoint with the HQ token; a SAM 2.1
+  `.pt` (a Hiera trunk) as sam2.1_hiera_tiny / _small / _base_plus / _large from its trunk's width and depth.
 Precision is never changed here: tensors keep the dtype they were stored with,
 except that the loader casts to the float32 params when a checkpoint is half precision.
 """
@@ -17,10 +18,11 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from sam_jax.config import CONFIGS, SamConfig, TinyViTConfig, get_config
+from sam_jax.config import CONFIGS, HieraConfig, SamConfig, TinyViTConfig, get_config
 from sam_jax.convert.errors import CheckpointError, check_keys, set_path
 from sam_jax.convert.keys import Row, ignored_buffers, key_table
 from sam_jax.convert.keys_hq import HQ_TOKEN_KEY
+from sam_jax.convert.keys_sam2 import SAM2_1_KEY, SAM2_TRUNK_KEY
 
 KeyStyle = Literal["official", "hf"]
 # Hugging Face ties the positional-encoding matrix to a second name; some files hold both.
@@ -124,9 +126,57 @@ def check_hq_variant(keys, config: SamConfig) -> None:
     )
 
 
+def _infer_sam2(state_dict: Mapping[str, np.ndarray]) -> str:
+    """The registered SAM 2.1 model whose Hiera trunk (width of its patch embedding, number of blocks)
+    a state dict has."""
+    if SAM2_1_KEY not in state_dict:
+        raise CheckpointError(
+            f"a SAM 2 checkpoint without {SAM2_1_KEY}: SAM 2.0 (sam2_hiera_*.pt) is not supported; "
+            "use a SAM 2.1 checkpoint (sam2.1_hiera_*.pt)"
+        )
+    width = int(np.shape(state_dict[SAM2_TRUNK_KEY])[0])
+    prefix = "image_encoder.trunk.blocks."
+    depth = len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
+    known = {}
+    for name, make in CONFIGS.items():
+        enc = make().image_encoder
+        if isinstance(enc, HieraConfig):
+            known[name] = (enc.embed_dim, enc.depth)
+            if known[name] == (width, depth):
+                return name
+    raise CheckpointError(
+        f"cannot infer the model type: a SAM 2 Hiera trunk of width {width} and {depth} blocks matches none of "
+        f"{', '.join(f'{n} {w, d}' for n, (w, d) in known.items())}; pass the config explicitly"
+    )
+
+
+def check_sam2_variant(keys, config: SamConfig) -> None:
+    """Raise a CheckpointError naming the mix-up when a SAM 2 checkpoint (a Hiera trunk) is loaded as a SAM
+    model or a SAM checkpoint as a SAM 2.1 model (`keys`: the checkpoint's tensor names)."""
+    is_sam2 = SAM2_TRUNK_KEY in keys
+    wants_sam2 = isinstance(config.image_encoder, HieraConfig)
+    if is_sam2 and not wants_sam2:
+        raise CheckpointError(
+            f"a SAM 2 checkpoint (it has {SAM2_TRUNK_KEY}) given as the SAM model {config.name}: load it as "
+            "sam2.1_hiera_tiny / _small / _base_plus / _large (or --model-type auto)"
+        )
+    if wants_sam2 and not is_sam2:
+        raise CheckpointError(
+            f"a checkpoint without SAM 2's Hiera trunk ({SAM2_TRUNK_KEY}) given as the SAM 2.1 model {config.name}: "
+            "give a SAM 2.1 checkpoint (sam2.1_hiera_*.pt), or load this one as its own model type (--model-type auto)"
+        )
+    if is_sam2 and SAM2_1_KEY not in keys:
+        raise CheckpointError(
+            f"a SAM 2 checkpoint without {SAM2_1_KEY} given as {config.name}: SAM 2.0 (sam2_hiera_*.pt) is not "
+            "supported; use a SAM 2.1 checkpoint (sam2.1_hiera_*.pt)"
+        )
+
+
 def _infer_sam_type(state_dict: Mapping[str, np.ndarray]) -> str:
-    """The official SAM or MobileSAM variant whose image encoder a state dict has."""
+    """The official SAM, MobileSAM or SAM 2.1 variant whose image encoder a state dict has."""
     style = key_style(state_dict)
+    if style == "official" and SAM2_TRUNK_KEY in state_dict:
+        return _infer_sam2(state_dict)
     if style == "official" and TINY_VIT_STEM in state_dict:
         return _infer_tiny_vit(state_dict)
     patch = "vision_encoder.patch_embed.projection.weight" if style == "hf" else "image_encoder.patch_embed.proj.weight"
@@ -162,6 +212,7 @@ def to_flax(state_dict: Mapping[str, np.ndarray], config: SamConfig, *, consume:
         state_dict = dict(state_dict) if not consume else state_dict
         alias = state_dict.pop(HF_PE_ALIAS)
         state_dict.setdefault(HF_PE_KEY, alias)
+    check_sam2_variant(state_dict, config)
     check_hq_variant(state_dict, config)
     table = key_table(config)
     expected = _expected_shapes(config)
@@ -212,6 +263,7 @@ def shape_check(model_type: str | SamConfig) -> Callable[[Mapping[str, tuple[int
         views = {k: np.broadcast_to(np.empty((), np.uint8), s) for k, s in shapes.items()}  # no memory
         style = key_style(views)
         config = resolve_config(views, model_type)
+        check_sam2_variant(views, config)
         check_hq_variant(views, config)
         expected = _expected_shapes(config)
         wrong = []

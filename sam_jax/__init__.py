@@ -5,6 +5,9 @@
     sam = sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth")
     predictor = SamPredictor(sam)
 
+SAM 2.1 for images: `SAM2ImagePredictor(sam_model_registry["sam2.1_hiera_tiny"](checkpoint=...))`,
+`SAM2AutomaticMaskGenerator`, as the official `sam2`'s.
+
 `load_model(path)` loads any checkpoint this project reads or writes (an official `.pth`, a
 `.safetensors`, a converted or trained sam-jax directory) with the model type it holds.
 """
@@ -25,12 +28,16 @@ from sam_jax.prompts import Prompts, make_prompts
 _LAZY = {
     "SamPredictor": "sam_jax.predictor",
     "SamAutomaticMaskGenerator": "sam_jax.automatic_mask_generator",
+    "SAM2ImagePredictor": "sam_jax.sam2_predictor",
+    "SAM2AutomaticMaskGenerator": "sam_jax.sam2_automatic_mask_generator",
     "load_model": "sam_jax.checkpoint",
     "save_model": "sam_jax.checkpoint",
 }
 
 __all__ = [
     "Prompts",
+    "SAM2AutomaticMaskGenerator",
+    "SAM2ImagePredictor",
     "SamAutomaticMaskGenerator",
     "SamConfig",
     "SamModel",

@@ -43,11 +43,20 @@ OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 
 def decode_point_batch(
-    params: Params, embedding: ImageEmbeddings, points: jax.Array, *, config: SamConfig
+    params: Params,
+    embedding: ImageEmbeddings,
+    points: jax.Array,
+    *,
+    config: SamConfig,
+    multimask_output: bool = True,
+    use_m2m: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """P single-point prompts on one crop -> the 3P multimask outputs (point-major, as officially):
     low-res logits (3P, s, s) and predicted IoUs (3P,); HQ-SAM's P outputs, as `segment_anything_hq`'s
-    generator (each the best SAM mask plus the HQ mask).
+    generator (each the best SAM mask plus the HQ mask); P single masks without `multimask_output`.
+
+    `use_m2m` (SAM 2's one-step refinement): each output is decoded again, a single mask, from its point
+    and its own low-res logits (clamped to [-32, 32]) as the mask prompt.
 
     embedding: one crop's `ImageEmbeddings` (batch 1); points (P, 2) in the resized crop's frame.
     """
@@ -59,8 +68,15 @@ def decode_point_batch(
     )
     # No mask prompts: the crop's embeddings are shared by the prompts (`TwoWayTransformer`),
     # decoded `DECODE_BATCH` at a time.
-    low_res, iou = decode_prompts(params, embedding, prompts, config=config, multimask_output=True)
-    return low_res.reshape(-1, *low_res.shape[2:]), iou.reshape(-1)
+    low_res, iou = decode_prompts(params, embedding, prompts, config=config, multimask_output=multimask_output)
+    low_res, iou = low_res.reshape(-1, *low_res.shape[2:]), iou.reshape(-1)
+    if use_m2m:
+        m = low_res.shape[0] // p
+        refine = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), m, axis=0), prompts)
+        refine = refine.replace(mask_input=jnp.clip(low_res, -32.0, 32.0), has_mask=jnp.ones((p * m,), bool))
+        low_res, iou = decode_prompts(params, embedding, refine, config=config, multimask_output=False)
+        low_res, iou = low_res.reshape(-1, *low_res.shape[2:]), iou.reshape(-1)
+    return low_res, iou
 
 
 def mask_levels(
@@ -150,7 +166,13 @@ class SamAutomaticMaskGenerator:
         point_grids: list[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        *,
+        mask_threshold: float | None = None,
+        multimask_output: bool = True,
+        use_m2m: bool = False,
     ) -> None:
+        """The official arguments, and: mask_threshold (None: the model's), multimask_output (False: one
+        mask per point), use_m2m (SAM 2's refinement of each mask with itself as the mask prompt)."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
         if output_mode not in OUTPUT_MODES:
@@ -167,7 +189,10 @@ class SamAutomaticMaskGenerator:
                 raise ValueError(
                     f"point_grids needs one grid per crop layer ({crop_n_layers + 1}), got {len(point_grids)}"
                 )
-        self.predictor = SamPredictor(model)
+        self.predictor = self._make_predictor(model, mask_threshold)
+        self.mask_threshold = self.predictor.mask_threshold
+        self.multimask_output = bool(multimask_output)
+        self.use_m2m = bool(use_m2m)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -180,21 +205,35 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         config = model.config
-        self._decode = jax.jit(functools.partial(decode_point_batch, config=config))
+        self._decode = jax.jit(
+            functools.partial(
+                decode_point_batch, config=config, multimask_output=self.multimask_output, use_m2m=self.use_m2m
+            )
+        )
         self._levels = jax.jit(
             functools.partial(
                 mask_levels,
-                image_size=config.image_size,
+                image_size=self.predictor.postprocess_size,
                 thresholds=(
-                    config.mask_threshold - stability_score_offset,
-                    config.mask_threshold,
-                    config.mask_threshold + stability_score_offset,
+                    self.mask_threshold - stability_score_offset,
+                    self.mask_threshold,
+                    self.mask_threshold + stability_score_offset,
                 ),
             ),
             static_argnames=("input_size", "crop_size"),
         )
         self._stats = jax.jit(level_stats, static_argnames="height")
         self._boxes = jax.jit(level_boxes, static_argnames="height")
+
+    # Points as the records give them (`point_coords`): the grid's float64 values, as officially.
+    points_dtype: Any = np.float64
+
+    @staticmethod
+    def _make_predictor(model: SamModel, mask_threshold: float | None) -> SamPredictor:
+        predictor = SamPredictor(model)
+        if mask_threshold is not None:
+            predictor.mask_threshold = float(mask_threshold)
+        return predictor
 
     # ------------------------------------------------------------------ public
 
@@ -240,7 +279,7 @@ class SamAutomaticMaskGenerator:
         crop = image[y0:y1, x0:x1, :]
         crop_hw = crop.shape[:2]
         self.predictor.set_image(crop)
-        points_for_image = self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]
+        points_for_image = (self.point_grids[layer_idx] * np.array(crop_hw)[None, ::-1]).astype(self.points_dtype)
         out = _CropMasks(tuple(crop_box), tuple(orig_size), self.stability_score_thresh, filters)
         pb = self.points_per_batch
         # One chunk of masks per step: about CHUNK_PIXELS pixels at the crop's size.

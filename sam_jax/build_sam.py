@@ -5,7 +5,9 @@
 
 `vit_t` is MobileSAM (`mobile_sam`'s registry name; its `mobile_sam.pt` loads as is); `vit_b_hq`,
 `vit_l_hq` and `vit_h_hq` are HQ-SAM and `vit_tiny_hq` Light HQ-SAM (`segment_anything_hq`'s vit_b,
-vit_l, vit_h and vit_tiny; its sam_hq_vit_*.pth load as is).
+vit_l, vit_h and vit_tiny; its sam_hq_vit_*.pth load as is); `sam2.1_hiera_tiny`, `_small`,
+`_base_plus` and `_large` are SAM 2.1 for images (`sam2`'s `sam2.1_hiera_*.pt`, `{"model": state_dict}`,
+load as is; use them with `SAM2ImagePredictor` and `SAM2AutomaticMaskGenerator`).
 `checkpoint` may be an official `.pth`, a Hugging Face or exported `.safetensors`,
 or a sam-jax checkpoint directory of that model type; `None` gives random weights (as officially).
 A model trained here (any variant) loads with `sam_jax.load_model(path)`.
@@ -44,6 +46,11 @@ build_sam_hq_vit_h = functools.partial(_build, "vit_h_hq")
 build_sam_hq_vit_l = functools.partial(_build, "vit_l_hq")
 build_sam_hq_vit_b = functools.partial(_build, "vit_b_hq")
 build_sam_hq_vit_tiny = functools.partial(_build, "vit_tiny_hq")  # Light HQ-SAM (TinyViT; sam_hq_vit_tiny.pth)
+# SAM 2.1 for images (`sam2`'s sam2.1_hiera_*.pt load as is; `SAM2ImagePredictor` runs them)
+build_sam2_1_hiera_tiny = functools.partial(_build, "sam2.1_hiera_tiny")
+build_sam2_1_hiera_small = functools.partial(_build, "sam2.1_hiera_small")
+build_sam2_1_hiera_base_plus = functools.partial(_build, "sam2.1_hiera_base_plus")
+build_sam2_1_hiera_large = functools.partial(_build, "sam2.1_hiera_large")
 build_sam = build_sam_vit_h
 
 
@@ -66,5 +73,9 @@ sam_model_registry = _Registry(
         "vit_l_hq": build_sam_hq_vit_l,
         "vit_b_hq": build_sam_hq_vit_b,
         "vit_tiny_hq": build_sam_hq_vit_tiny,
+        "sam2.1_hiera_tiny": build_sam2_1_hiera_tiny,
+        "sam2.1_hiera_small": build_sam2_1_hiera_small,
+        "sam2.1_hiera_base_plus": build_sam2_1_hiera_base_plus,
+        "sam2.1_hiera_large": build_sam2_1_hiera_large,
     }
 )

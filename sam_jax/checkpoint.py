@@ -5,7 +5,10 @@ Three forms load (`load_model`):
 - an official PyTorch `.pth` (read without torch or pickle code execution);
 - a `.safetensors` file with official or Hugging Face (`facebook/sam-vit-*`) key names.
 `save_params` writes the first form; `export_safetensors` writes official key names
-that `segment_anything`'s `Sam.load_state_dict` accepts.
+that `segment_anything`'s `Sam.load_state_dict` accepts; `export_torch` writes a PyTorch file
+(without torch) that the official builders load: a plain state dict for SAM, HQ-SAM and MobileSAM
+(`sam_model_registry[...](checkpoint=...)`), `{"model": state_dict}` for SAM 2.1
+(`build_sam2(cfg, ckpt_path=...)`, strict), video-only tensors included.
 """
 
 from __future__ import annotations
@@ -203,6 +206,24 @@ def export_safetensors(params: Params, config: SamConfig, path: str | os.PathLik
 
     tensors = {k: np.ascontiguousarray(v) for k, v in to_official(params, config).items()}
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))  # never a partial file under `path`
+
+
+def export_torch(params: Params, config: SamConfig, path: str | os.PathLike) -> Path:
+    """Write params with the official key names and layouts as a PyTorch checkpoint (`torch.save`'s zip
+    format): `{"model": state_dict}` for a SAM 2.1 model (`config.video_tensors`), else the state dict."""
+    from sam_jax.convert.state_dict import to_official
+    from sam_jax.convert.torch_save import save_torch_checkpoint
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in to_official(params, config).items()}
+    obj = {"model": tensors} if config.video_tensors else tensors
+    return write_atomic(path, lambda tmp: save_torch_checkpoint(tmp, obj))
+
+
+def export_checkpoint(params: Params, config: SamConfig, path: str | os.PathLike) -> Path:
+    """`export_torch` for a `.pt` / `.pth` path, `export_safetensors` for any other."""
+    if Path(path).suffix in (".pt", ".pth"):
+        return export_torch(params, config, path)
+    return export_safetensors(params, config, path)
 
 
 def convert_checkpoint(

@@ -107,10 +107,10 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from sam_jax.checkpoint import export_safetensors, load_model
+    from sam_jax.checkpoint import export_checkpoint, load_model
 
     model = load_model(args.input)
-    export_safetensors(model.params, model.config, args.output)
+    export_checkpoint(model.params, model.config, args.output)
     print(f"exported {args.input} ({model.config.name}) -> {args.output} (official key names)")
 
 
@@ -420,9 +420,13 @@ def _add_convert(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="any checkpoint -> .safetensors with the official key names")
+    p = sub.add_parser("export", help="any checkpoint -> .safetensors or .pt with the official key names")
     p.add_argument("input", help="sam-jax checkpoint directory (or any checkpoint `convert` reads)")
-    p.add_argument("output", help="output .safetensors file")
+    p.add_argument(
+        "output",
+        help="output .safetensors file, or a PyTorch .pt / .pth file as the official builders load it "
+        "(SAM 2.1: {'model': state_dict}, for build_sam2)",
+    )
     p.set_defaults(func=_export)
 
 

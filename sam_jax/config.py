@@ -400,6 +400,10 @@ class PromptEncoderConfig:
     # Width of the CLIP embeddings taken as text prompts (the CLIP model's `projection_dim`:
     # 768 for ViT-L/14@336, 512 for ViT-B/32); None: no text path (the official models).
     text_embed_dim: int | None = None
+    # SAM 2 (`SAM2ImagePredictor`): a box reaches the encoder as two points (labels 2 and 3, first in
+    # the row), so a row with any point or box corner carries the padding point (label -1, the "not a
+    # point" token); SAM's encoder pads only a row of points without a box. False: the official SAM.
+    box_corners_as_points: bool = False
 
     def __post_init__(self) -> None:
         if self.text_embed_dim is not None and self.text_embed_dim < 1:
@@ -431,8 +435,25 @@ class MaskDecoderConfig:
     # the best of masks 1.. by predicted IoU with multimask output) plus the HQ mask, or the HQ mask
     # alone (`hq_token_only`). False: the official SAM.
     hq_token: bool = False
+    # SAM 2 (`sam2/modeling/sam/mask_decoder.py`), each False (SAM's decoder) by default:
+    # an object-score token first in the token list (before the IoU token), whose output gives each
+    # row's object score logit through `pred_obj_score_head`, a linear layer or, with
+    # `pred_obj_scores_mlp`, a 3-layer ReLU MLP (without the token the logit is 10: always an object);
+    pred_obj_scores: bool = False
+    pred_obj_scores_mlp: bool = False
+    # a sigmoid on the IoU head's outputs (predicted IoUs in [0, 1]);
+    iou_prediction_use_sigmoid: bool = False
+    # with multimask_output=False at inference, mask 0 is replaced by the best of masks 1.. (highest
+    # predicted IoU) when it is unstable: the IoU of its pixels with logits > delta and > -delta below thresh.
+    dynamic_multimask_via_stability: bool = False
+    dynamic_multimask_stability_delta: float = 0.05
+    dynamic_multimask_stability_thresh: float = 0.98
 
     def __post_init__(self) -> None:
+        if self.pred_obj_scores_mlp and not self.pred_obj_scores:
+            raise ValueError("pred_obj_scores_mlp needs the object-score token (pred_obj_scores=True)")
+        if self.hq_token and (self.pred_obj_scores or self.dynamic_multimask_via_stability):
+            raise ValueError("the HQ-SAM decoder (hq_token) takes none of SAM 2's decoder options")
         if any(not s > 0 for s in self.click_map_sigmas):
             raise ValueError(f"click_map_sigmas must be positive widths in pixels, got {self.click_map_sigmas!r}")
         if self.hq_token and self.click_map_sigmas:
@@ -458,6 +479,10 @@ class SamConfig:
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     mask_threshold: float = 0.0
     dtype: str = "float32"
+    # SAM 2's video-only tensors (memory attention, memory encoder, object pointers, ...: the
+    # `modeling.sam2_video` list), kept unused as params so that a converted SAM 2.1 checkpoint
+    # exports whole. False: none (SAM).
+    video_tensors: bool = False
 
     def __post_init__(self) -> None:
         enc = self.image_encoder
@@ -569,6 +594,44 @@ def vit_tiny_hq() -> SamConfig:
     return dataclasses.replace(_hq(vit_t()), name="vit_tiny_hq")
 
 
+def _sam2(name: str, image_encoder: HieraConfig) -> SamConfig:
+    """SAM 2.1 for images on a Hiera encoder: SAM's prompt encoder and mask decoder with SAM 2's options
+    as `build_sam2` sets them (object-score token with its MLP head, sigmoid IoU head, dynamic multimask
+    via stability, boxes given as points), and the video-only tensors carried along."""
+    return SamConfig(
+        name=name,
+        image_encoder=image_encoder,
+        prompt_encoder=PromptEncoderConfig(box_corners_as_points=True),
+        mask_decoder=MaskDecoderConfig(
+            pred_obj_scores=True,
+            pred_obj_scores_mlp=True,
+            iou_prediction_use_sigmoid=True,
+            dynamic_multimask_via_stability=True,
+        ),
+        video_tensors=True,
+    )
+
+
+def sam2_1_hiera_tiny() -> SamConfig:
+    """SAM 2.1 Hiera-T (`sam2.1_hiera_tiny.pt`, `configs/sam2.1/sam2.1_hiera_t.yaml`)."""
+    return _sam2("sam2.1_hiera_tiny", hiera_tiny())
+
+
+def sam2_1_hiera_small() -> SamConfig:
+    """SAM 2.1 Hiera-S (`sam2.1_hiera_small.pt`)."""
+    return _sam2("sam2.1_hiera_small", hiera_small())
+
+
+def sam2_1_hiera_base_plus() -> SamConfig:
+    """SAM 2.1 Hiera-B+ (`sam2.1_hiera_base_plus.pt`)."""
+    return _sam2("sam2.1_hiera_base_plus", hiera_base_plus())
+
+
+def sam2_1_hiera_large() -> SamConfig:
+    """SAM 2.1 Hiera-L (`sam2.1_hiera_large.pt`)."""
+    return _sam2("sam2.1_hiera_large", hiera_large())
+
+
 def tiny() -> SamConfig:
     """A small SAM for tests: 256 px input, 16x16 grid, windows of 6 (padded to 18)."""
     return SamConfig(
@@ -621,6 +684,10 @@ CONFIGS = {
     "vit_l_hq": vit_l_hq,
     "vit_h_hq": vit_h_hq,
     "vit_tiny_hq": vit_tiny_hq,
+    "sam2.1_hiera_tiny": sam2_1_hiera_tiny,
+    "sam2.1_hiera_small": sam2_1_hiera_small,
+    "sam2.1_hiera_base_plus": sam2_1_hiera_base_plus,
+    "sam2.1_hiera_large": sam2_1_hiera_large,
     "tiny": tiny,
 }
 

@@ -75,7 +75,8 @@ def decode(
     config: SamConfig,
     multimask_output: bool | None = True,
     hq_token_only: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+    return_object_scores: bool = False,
+) -> tuple[jax.Array, ...]:
     """`ImageEmbeddings` of B images, prompts of batch B -> low-res mask logits (B, M, 4h, 4w), IoU (B, M).
 
     M is 3 with `multimask_output` (masks 1..3), else 1 (mask 0), as officially; None gives
@@ -86,9 +87,18 @@ def decode(
     HQ-SAM (`config.mask_decoder.hq_token`) gives M = 1: the SAM mask (mask 0, or with
     `multimask_output` the best of 1..3 by predicted IoU) plus its HQ mask, or with `hq_token_only`
     the HQ mask alone, as `segment_anything_hq`.
+
+    SAM 2 (`config.mask_decoder`'s SAM 2 options): with multimask_output False an unstable mask 0 is
+    replaced by the best multimask output; `return_object_scores` adds the object score logits (B, 1).
     """
     return Sam(config).apply(
-        {"params": params}, embeddings, prompts, multimask_output, hq_token_only, method=Sam.decode
+        {"params": params},
+        embeddings,
+        prompts,
+        multimask_output,
+        hq_token_only,
+        return_object_scores,
+        method=Sam.decode,
     )
 
 

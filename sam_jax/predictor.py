@@ -159,15 +159,24 @@ class SamPredictor:
         if text_encoder is not None and width is not None and text_encoder.embed_dim != width:
             self._check_text_support()  # raises: the widths differ
         self.transform = ResizeLongestSide(sam_model.image_size)
+        self.postprocess_size = self._postprocess_size(sam_model)
+        self.mask_threshold = float(sam_model.config.mask_threshold)
+        self.low_res_clamp: float | None = None  # SAM 2 clamps the low-res logits it returns to +-32
         self._predict = jax.jit(  # the decoder step; `_upsample` postprocesses its masks
             functools.partial(decode_prompts, config=sam_model.config),
             static_argnames=("multimask_output", "hq_token_only"),
         )
         self._upsample = jax.jit(
-            functools.partial(upsample_chunk, image_size=sam_model.image_size),
+            functools.partial(upsample_chunk, image_size=self.postprocess_size),
             static_argnames=("size", "input_size", "original_size", "threshold"),
         )
         self.reset_image()
+
+    @staticmethod
+    def _postprocess_size(sam_model: SamModel) -> int:
+        """The side of the square low-res logits are upscaled to, before they are cropped to the input
+        size and resized to the original size (`postprocess_masks`): the model input's."""
+        return sam_model.image_size
 
     # ------------------------------------------------------------------ images
 
@@ -270,7 +279,7 @@ class SamPredictor:
             batched |= coords.ndim == 3
             coords, labels = coords.reshape(-1, *coords.shape[-2:]), labels.reshape(-1, labels.shape[-1])
             sizes.append(coords.shape[0])
-            coords = self.transform.apply_coords(coords, original_size)
+            coords = self._apply_coords(coords, original_size)
         if box is not None:
             boxes = _as_float_array(box, "box")
             if boxes.ndim not in (1, 2) or boxes.shape[-1] != 4:
@@ -280,7 +289,7 @@ class SamPredictor:
                 raise ValueError("box must be x0, y0, x1, y1 with x1 >= x0 and y1 >= y0")
             batched |= boxes.shape[0] > 1
             sizes.append(boxes.shape[0])
-            boxes = self.transform.apply_boxes(boxes, original_size)
+            boxes = self._apply_coords(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
         if mask_input is not None:
             m = self.model.config.low_res_mask_size
             masks = _as_float_array(mask_input, "mask_input")
@@ -311,18 +320,27 @@ class SamPredictor:
         elif text is not None:  # one per prompt, embedded in the prompt bucket (a bounded set of CLIP shapes)
             embeddings = self.text_encoder.embed_text(text + [text[0]] * (padded - n))
 
-        prompts = make_prompts(
-            batch_size=padded,
-            mask_size=self.model.config.low_res_mask_size,
-            point_coords=pad(coords),
-            point_labels=pad(labels),
-            boxes=pad(boxes),
-            mask_input=pad(masks),
-            text=embeddings,  # (padded, Dt): one text token per prompt
-        )
+        prompts = self._make_prompts(padded, pad(coords), pad(labels), pad(boxes), pad(masks), embeddings)
         if masks is None:
             prompts = prompts.without_masks()
         return prompts, n, batched
+
+    def _apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """Points (..., 2) (x, y) in the original image -> the model input's frame (float32)."""
+        return self.transform.apply_coords(coords, original_size)
+
+    def _make_prompts(self, batch_size, coords, labels, boxes, masks, text) -> Prompts:
+        """The padded `Prompts` of B prompts in the model input's frame (points (B, N, 2) with labels
+        (B, N), boxes (B, 4), masks (B, s, s), CLIP embeddings (B, Dt); each may be None)."""
+        return make_prompts(
+            batch_size=batch_size,
+            mask_size=self.model.config.low_res_mask_size,
+            point_coords=coords,
+            point_labels=labels,
+            boxes=boxes,
+            mask_input=masks,
+            text=text,  # (B, Dt): one text token per prompt
+        )
 
     def _run(
         self,
@@ -349,6 +367,8 @@ class SamPredictor:
         )
         masks = self._postprocess(low, n, tuple(inp), tuple(orig), bool(return_logits))
         iou, low = np.array(np.asarray(iou)[:n]), np.array(np.asarray(low)[:n])
+        if self.low_res_clamp is not None:
+            np.clip(low, -self.low_res_clamp, self.low_res_clamp, out=low)
         return (masks[0], iou[0], low[0]) if n == 1 else (masks, iou, low)
 
     def _postprocess(
@@ -367,7 +387,7 @@ class SamPredictor:
         k = max(1, min(padded, CHUNK_PIXELS // (h * w)))
         flat = low.reshape(padded, s, s)
         out = np.empty((total, h, w), np.float32 if logits else bool)
-        threshold = None if logits else float(self.model.config.mask_threshold)
+        threshold = None if logits else self.mask_threshold
 
         def copy(start: int, first: int, chunk: jax.Array) -> None:
             stop = min(start + k, total)

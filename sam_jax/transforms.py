@@ -87,6 +87,34 @@ def linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
+@functools.lru_cache(maxsize=16)
+def antialias_linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The (out_size, in_size) float32 matrix of 1-D linear interpolation with antialiasing,
+    `F.interpolate(mode="bilinear", align_corners=False, antialias=True)` (torchvision's `Resize` of
+    a float tensor): a triangle filter widened by the scale when shrinking, its taps normalised.
+
+    Weights are computed in float32 as PyTorch's CPU kernel computes them
+    (`_compute_indices_min_size_weights_aa`); enlarging, they equal `linear_resize_matrix`'s.
+    """
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    support = scale if scale >= 1.0 else f32(1.0)
+    invscale = f32(1.0) / scale if scale >= 1.0 else f32(1.0)
+    m = np.zeros((out_size, in_size), f32)
+    for i in range(out_size):
+        center = scale * f32(i + 0.5)
+        xmin = max(int(center - support + f32(0.5)), 0)
+        xsize = min(int(center + support + f32(0.5)), in_size) - xmin
+        w = np.zeros(xsize, f32)
+        total = f32(0.0)
+        for j in range(xsize):
+            x = abs((f32(j + xmin) - center + f32(0.5)) * invscale)
+            w[j] = f32(1.0) - x if x < 1.0 else f32(0.0)
+            total = f32(total + w[j])
+        m[i, xmin : xmin + xsize] = w / total if total != 0.0 else w
+    return m
+
+
 def postprocess_matrix(low_res: int, input_len: int, original_len: int, image_size: int) -> np.ndarray:
     """One axis of `postprocess_masks` as a single (original_len, low_res) float32 matrix:
     resize low_res -> image_size, keep the first input_len, resize to original_len."""

@@ -7,7 +7,9 @@ output mask. Masks (B, M, 4h, 4w) and IoU predictions (B, M), M = 1 + multimask.
 A decoder with `click_map_sigmas` (not the official SAM) also adds to each mask a
 token-weighted sum of maps drawn around the row's clicks (`PromptEncoder.click_maps`).
 HQ-SAM's decoder (`MaskDecoderConfig.hq_token`) adds an HQ token and returns one mask
-(`sam_jax.modeling.hq`).
+(`sam_jax.modeling.hq`). SAM 2's (`sam2/modeling/sam/mask_decoder.py`) puts an object-score token
+first, may pass the IoU head through a sigmoid and, for a single mask at inference, falls back to
+the best multimask output when mask 0 is unstable (`MaskDecoderConfig`'s SAM 2 options).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class MaskDecoder(nn.Module):
         click_maps: jax.Array | None = None,
         interm: jax.Array | None = None,
         hq_token_only: bool = False,
-    ) -> tuple[jax.Array, jax.Array]:
+        return_object_scores: bool = False,
+    ) -> tuple[jax.Array, ...]:
         """Predict masks.
 
         image_embeddings (G, h, w, C) of G images for B prompt rows in G groups of B / G
@@ -69,6 +72,11 @@ class MaskDecoder(nn.Module):
         features (`ImageEmbeddings.interm`). The decoder then returns one mask, M = 1: the SAM
         mask (mask 0; with `multimask_output` the one of masks 1.. with the highest predicted IoU,
         and that IoU) plus the HQ mask, or the HQ mask alone with `hq_token_only`.
+
+        SAM 2's options (`config.pred_obj_scores`, ...): with `return_object_scores` the decoder also
+        returns the object score logits (B, 1) (10 without the object-score token, as SAM 2). With
+        `dynamic_multimask_via_stability` and multimask_output False, a row whose mask 0 is unstable
+        gets the best of masks 1.. (by predicted IoU) and its IoU instead.
         """
         cfg = self.config
         c = self.transformer_dim
@@ -82,21 +90,27 @@ class MaskDecoder(nn.Module):
             )
         if hq_token_only and not cfg.hq_token:
             raise ValueError("hq_token_only needs an HQ-SAM model (a decoder with the HQ token)")
+        if cfg.hq_token and return_object_scores:
+            raise ValueError("the HQ-SAM decoder gives no object scores (return_object_scores is SAM 2's)")
         if cfg.hq_token and multimask_output is None:
             raise ValueError("the HQ-SAM decoder returns one mask: multimask_output must be True or False")
         # HQ-SAM's HQ token follows the mask tokens (`hf_token`).
         extra = [embedding(1, c, name="hf_token").embedding] if cfg.hq_token else []
-        num_out = 1 + num_mask_tokens + len(extra)
+        # SAM 2's object-score token comes first (`obj_score_token`): the others are shifted by s.
+        head = [embedding(1, c, name="obj_score_token").embedding] if cfg.pred_obj_scores else []
+        s = len(head)
+        num_out = s + 1 + num_mask_tokens + len(extra)
         b, g = sparse_prompt_embeddings.shape[0], image_embeddings.shape[0]
         if b % g:
             raise ValueError(
                 f"{b} prompt rows cannot be split evenly over {g} images "
                 f"(image embeddings {tuple(image_embeddings.shape)})"
             )
-        output_tokens = jnp.broadcast_to(jnp.concatenate([iou_token, mask_tokens, *extra])[None], (b, num_out, c))
+        output_tokens = jnp.concatenate([*head, iou_token, mask_tokens, *extra])[None]
+        output_tokens = jnp.broadcast_to(output_tokens, (b, num_out, c))
         if text_rows is not None:
             text_mask_tokens = embedding(num_mask_tokens, c, name="text_mask_tokens").embedding
-            text_tokens = jnp.concatenate([iou_token, text_mask_tokens, *extra])[None]
+            text_tokens = jnp.concatenate([*head, iou_token, text_mask_tokens, *extra])[None]
             output_tokens = jnp.where(text_rows.reshape(b, 1, 1), text_tokens, output_tokens)
         tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(output_tokens.dtype)], axis=1)
         mask = jnp.concatenate([jnp.ones((b, num_out), bool), token_mask], axis=1)
@@ -113,8 +127,8 @@ class MaskDecoder(nn.Module):
             dtype=self.dtype,
             name="transformer",
         )(src, image_pe.astype(self.dtype), tokens.astype(self.dtype), mask)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + num_mask_tokens, :]
+        iou_token_out = hs[:, s, :]
+        mask_tokens_out = hs[:, s + 1 : s + 1 + num_mask_tokens, :]
 
         # Output upscaling in the sub-pixel layout: each embedding cell keeps its 2x2 and then
         # 4x4 sub-pixels as extra axes (the transposed convs do not overlap and the norm and
@@ -142,7 +156,18 @@ class MaskDecoder(nn.Module):
         hidden = (cfg.iou_head_hidden_dim,) * (cfg.iou_head_depth - 1)
         iou_pred = MLP((*hidden, num_mask_tokens), dtype=self.dtype, name="iou_prediction_head")(iou_token_out)
         iou_pred = iou_pred.astype(accum_dtype(self.dtype))
-        sl = slice(None) if multimask_output is None else slice(1, None) if multimask_output else slice(0, 1)
+        if cfg.iou_prediction_use_sigmoid:
+            iou_pred = jax.nn.sigmoid(iou_pred)
+        # SAM 2's object score logits (B, 1): `pred_obj_score_head` on the object-score token, or 10.
+        object_scores = jnp.full((b, 1), 10.0, iou_pred.dtype)
+        if cfg.pred_obj_scores and cfg.pred_obj_scores_mlp:
+            object_scores = MLP((c, c, 1), dtype=self.dtype, name="pred_obj_score_head")(hs[:, 0, :])
+        elif cfg.pred_obj_scores:
+            object_scores = dense(1, ("embed", None), dtype=self.dtype, name="pred_obj_score_head")(hs[:, 0, :])
+        object_scores = object_scores.astype(iou_pred.dtype)
+        # SAM 2's fallback for a single mask needs every output; it picks among them at the end.
+        dynamic = multimask_output is False and cfg.dynamic_multimask_via_stability
+        sl = slice(None) if multimask_output is None or dynamic else slice(1, None) if multimask_output else slice(0, 1)
         if cfg.hq_token:
             upscaled_hq = add_per_image(hq.mask_features(x, self.dtype), features_hq)
             masks_hq = hq.hq_mask(hs[:, 1 + num_mask_tokens, :], upscaled_hq, self.dtype)
@@ -185,7 +210,36 @@ class MaskDecoder(nn.Module):
             )
         if cfg.hq_token:
             return masks + masks_hq, iou_pred
-        return masks, iou_pred[:, sl]
+        iou_pred = iou_pred[:, sl]
+        if dynamic:
+            masks, iou_pred = dynamic_multimask_via_stability(
+                masks, iou_pred, cfg.dynamic_multimask_stability_delta, cfg.dynamic_multimask_stability_thresh
+            )
+        return (masks, iou_pred, object_scores) if return_object_scores else (masks, iou_pred)
+
+
+def stability_scores(mask_logits: jax.Array, delta: float) -> jax.Array:
+    """SAM 2's stability of mask logits (..., H, W) -> (...,): pixels > delta over pixels > -delta
+    (1 where none is > -delta)."""
+    area_i = jnp.sum(mask_logits > delta, axis=(-2, -1)).astype(jnp.float32)
+    area_u = jnp.sum(mask_logits > -delta, axis=(-2, -1)).astype(jnp.float32)
+    return jnp.where(area_u > 0, area_i / jnp.maximum(area_u, 1.0), 1.0)
+
+
+def dynamic_multimask_via_stability(
+    masks: jax.Array, iou_pred: jax.Array, delta: float, thresh: float
+) -> tuple[jax.Array, jax.Array]:
+    """All outputs (B, M, H, W), (B, M) (mask 0 first) -> one mask (B, 1, H, W), (B, 1): mask 0 where its
+    stability score is >= thresh, else the one of masks 1.. with the highest predicted IoU (SAM 2's
+    `_dynamic_multimask_via_stability`)."""
+    best = jnp.argmax(iou_pred[:, 1:], axis=-1) + 1  # (B,)
+    best_masks = jnp.take_along_axis(masks, best[:, None, None, None], axis=1)
+    best_iou = jnp.take_along_axis(iou_pred, best[:, None], axis=1)
+    stable = stability_scores(masks[:, 0], delta) >= thresh  # (B,)
+    return (
+        jnp.where(stable[:, None, None, None], masks[:, :1], best_masks),
+        jnp.where(stable[:, None], iou_pred[:, :1], best_iou),
+    )
 
 
 def subpixel_high_res(s1: jax.Array, s0: jax.Array) -> tuple[jax.Array, jax.Array]:

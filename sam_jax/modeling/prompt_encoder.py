@@ -5,7 +5,9 @@ labels 1 / 0 are foreground / background points, 2 / 3 a box's top-left /
 bottom-right corner, -1 padding. As in the official encoder, a prompt with
 points but no box carries exactly one "not a point" token; the first -1 of
 such a row becomes that token and every other -1 is masked out of attention
-(`token_mask`), so any padding length gives the official result.
+(`token_mask`), so any padding length gives the official result. SAM 2's predictor gives a box
+as two such points, first in the row, so there a row with any point or corner has the padding
+token (`box_corners_as_points`).
 
 Text prompts (an addition: the paper's section 7.5, never released) are CLIP embeddings,
 (B, M, Dt): each is L2-normalized (CLIP's joint space is one of directions, so an image
@@ -76,14 +78,17 @@ class PositionEmbeddingRandom(nn.Module):
         return self._pe_encoding(coords)
 
 
-def token_mask(labels: jax.Array) -> jax.Array:
+def token_mask(labels: jax.Array, box_corners_as_points: bool = False) -> jax.Array:
     """Which sparse tokens exist in the official model: (B, N) int labels -> (B, N) bool.
 
     Points (0, 1) and box corners (2, 3) always; the first -1 of a row that has
-    points and no box (the official padding point); no other -1.
+    points and no box (the official padding point); no other -1. With
+    `box_corners_as_points` (SAM 2), the first -1 of a row with any point or corner.
     """
     is_pad = labels == -1
     first_pad = is_pad & (jnp.cumsum(is_pad, axis=-1) == 1)
+    if box_corners_as_points:
+        return (labels >= 0) | (first_pad & jnp.any(labels >= 0, axis=-1, keepdims=True))
     has_point = jnp.any((labels == 0) | (labels == 1), axis=-1, keepdims=True)
     has_box = jnp.any(labels >= 2, axis=-1, keepdims=True)
     return (labels >= 0) | (first_pad & has_point & ~has_box)
@@ -95,6 +100,7 @@ class PromptEncoder(nn.Module):
     embed_dim: prompt width C. image_embedding_size: (h, w) of the image embedding.
     input_image_size: the padded model input (H, W). mask_in_chans: hidden width
     of the mask downscaling CNN. pe_scale: std of the positional frequencies at init.
+    box_corners_as_points: SAM 2's padding rule (`token_mask`).
     """
 
     embed_dim: int
@@ -103,6 +109,7 @@ class PromptEncoder(nn.Module):
     mask_in_chans: int
     pe_scale: float = 1.0
     text_embed_dim: int | None = None
+    box_corners_as_points: bool = False
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
@@ -188,7 +195,7 @@ class PromptEncoder(nn.Module):
         prompt) give dense (1, h, w, C), the no-mask embedding shared by all rows.
         """
         sparse = self.embed_points(points, labels)
-        mask = token_mask(labels)
+        mask = token_mask(labels, self.box_corners_as_points)
         if text is not None and text.shape[1] > 0:
             text_mask = jnp.ones(text.shape[:2], bool) if text_mask is None else text_mask.astype(bool)
             sparse = jnp.concatenate([sparse, self.embed_text(text).astype(sparse.dtype)], axis=1)

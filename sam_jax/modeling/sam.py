@@ -22,6 +22,7 @@ from sam_jax.modeling.hiera import Sam2ImageEncoder
 from sam_jax.modeling.image_encoder import ImageEncoderViT
 from sam_jax.modeling.mask_decoder import MaskDecoder
 from sam_jax.modeling.prompt_encoder import PromptEncoder
+from sam_jax.modeling.sam2_video import VideoTensors
 from sam_jax.modeling.tiny_vit import TinyViT
 from sam_jax.prompts import Prompts
 
@@ -48,9 +49,12 @@ class Sam(nn.Module):
             mask_in_chans=cfg.prompt_encoder.mask_in_chans,
             pe_scale=cfg.prompt_encoder.pe_scale,
             text_embed_dim=cfg.prompt_encoder.text_embed_dim,
+            box_corners_as_points=cfg.prompt_encoder.box_corners_as_points,
             dtype=dtype,
         )
         self.mask_decoder = MaskDecoder(cfg.mask_decoder, transformer_dim=cfg.prompt_embed_dim, dtype=dtype)
+        if cfg.video_tensors:  # SAM 2's video-only tensors, unused here (`modeling.sam2_video`)
+            self.video = VideoTensors()
 
     def encode(self, images: jax.Array, deterministic: bool = True) -> ImageEmbeddings:
         """images (B, S, S, 3), normalized and padded -> `ImageEmbeddings`, float32 (the embedding
@@ -68,11 +72,12 @@ class Sam(nn.Module):
         prompts: Prompts,
         multimask_output: bool | None = True,
         hq_token_only: bool = False,
-    ) -> tuple[jax.Array, jax.Array]:
+        return_object_scores: bool = False,
+    ) -> tuple[jax.Array, ...]:
         """`ImageEmbeddings` of G images and a prompt batch of size B -> masks (B, M, 4h, 4w),
         iou (B, M). The B rows are G groups of B / G consecutive rows, group g prompting image g
         (G = 1: one image for every row). HQ-SAM returns M = 1 mask, the HQ mask alone with
-        `hq_token_only` (`MaskDecoder`)."""
+        `hq_token_only` (`MaskDecoder`). `return_object_scores` adds SAM 2's object score logits (B, 1)."""
         sparse, dense, mask = self.prompt_encoder(
             prompts.points, prompts.labels, prompts.mask_input, prompts.has_mask, prompts.text, prompts.text_mask
         )
@@ -99,12 +104,15 @@ class Sam(nn.Module):
             maps,
             interm=embeddings.interm,
             hq_token_only=hq_token_only,
+            return_object_scores=return_object_scores,
         )
 
     def __call__(
         self, images: jax.Array, prompts: Prompts, multimask_output: bool = True
     ) -> tuple[jax.Array, jax.Array]:
         """Encode then decode one prompt per image (used to initialize every parameter)."""
+        if self.config.video_tensors:
+            self.video()
         return self.decode(self.encode(images), prompts, multimask_output)
 
 
