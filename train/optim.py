@@ -1,4 +1,4 @@
-"""The optimizer of the SAM recipe: AdamW, linear warmup then step decay, layer-wise lr decay
+"""The optimizer of the SAM recipe: AdamW, linear warmup then step decay (or a cosine decay), layer-wise lr decay
 for the ViT blocks, gradient clipping, weight decay on kernels only, frozen parts.
 
 Frozen always: the positional-encoding Gaussian matrix (a fixed buffer in the official
@@ -20,12 +20,16 @@ from sam_jax.train.lora import LORA, frozen_modules
 
 
 def learning_rate_schedule(
-    peak: float, warmup_steps: int, decay_steps: tuple[int, ...], decay_factor: float = 0.1
+    peak: float, warmup_steps: int, decay_steps: tuple[int, ...], decay_factor: float = 0.1, cosine_end: int = 0
 ) -> optax.Schedule:
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then x`decay_factor` at each of `decay_steps`."""
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then x`decay_factor` at each of `decay_steps`;
+    or, with `cosine_end` > 0, a cosine decay from `peak` after the warmup to 0 at step `cosine_end`."""
     warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
-    steps = optax.piecewise_constant_schedule(peak, {int(s) - warmup_steps: decay_factor for s in decay_steps})
-    return optax.join_schedules([warmup, steps], [warmup_steps])
+    if cosine_end > 0:
+        after = optax.cosine_decay_schedule(peak, max(cosine_end - warmup_steps, 1))
+    else:
+        after = optax.piecewise_constant_schedule(peak, {int(s) - warmup_steps: decay_factor for s in decay_steps})
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -86,7 +90,9 @@ def make_optimizer(
     params: Any, model_config: SamConfig, cfg: Any
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for `params` (a pytree of arrays or shapes) from a training config's `optim` fields."""
-    schedule = learning_rate_schedule(cfg.lr, cfg.warmup_steps, tuple(cfg.decay_steps), cfg.decay_factor)
+    schedule = learning_rate_schedule(
+        cfg.lr, cfg.warmup_steps, tuple(cfg.decay_steps), cfg.decay_factor, cfg.cosine_decay_end
+    )
     train = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),

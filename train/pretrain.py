@@ -249,15 +249,6 @@ def kinds_objective(
     )
 
 
-def cosine_staircase(steps: int, warmup_steps: int, halvings: int = 6) -> tuple[int, ...]:
-    """Decay steps for `optim.decay_factor = 0.5` that follow a cosine decay from the peak after the warmup
-    to 0 at `steps`: the k-th halving where the cosine falls below 2 ** -(k + 1/2), so each stair lies
-    within a factor sqrt(2) of it (ending at 1 / 2 ** halvings of the peak). Steps that coincide merge."""
-    span = steps - warmup_steps
-    at = [warmup_steps + round(span * np.arccos(2 * 2 ** -(k + 0.5) - 1) / np.pi) for k in range(halvings)]
-    return tuple(sorted({d for d in at if warmup_steps < d < steps}))
-
-
 def kinds_config(
     data_dirs: list[str],
     config: SamConfig,
@@ -270,16 +261,15 @@ def kinds_config(
     seed: int,
     eval_every: int,
 ) -> ml_collections.ConfigDict:
-    """The training config of a kinds run: AdamW at `lr` after a linear warmup, then a cosine decay as a
-    staircase (`cosine_staircase`), no layer decay nor clipping; a log, a checkpoint and an evaluation every
-    `eval_every` steps."""
+    """The training config of a kinds run: AdamW at `lr` after a linear warmup, then a cosine decay to 0 at
+    `steps`, no layer decay nor clipping; a log, a checkpoint and an evaluation every `eval_every` steps."""
     from sam_jax.train.configs import base
 
     c = base.get_config()
     c.model, c.seed, c.steps, c.batch_size = config.name, seed, steps, batch_size
     c.data.train_dir = ",".join(data_dirs)
     c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = lr, warmup_steps, weight_decay
-    c.optim.decay_steps, c.optim.decay_factor = cosine_staircase(steps, warmup_steps), 0.5
+    c.optim.decay_steps, c.optim.cosine_decay_end = (), steps
     c.optim.layer_decay, c.optim.grad_clip = 1.0, 0.0
     c.log_every = c.eval_every = c.checkpoint.every = eval_every
     c.checkpoint.keep = 2

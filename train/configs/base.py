@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 250
     c.optim.decay_steps = (120_000, 173_333)  # x0.1 at 2/3 and ~96% of training (60k and 86,666 of 90k for ViT-H)
     c.optim.decay_factor = 0.1
+    c.optim.cosine_decay_end = 0  # > 0: instead of the step decays, a cosine decay to 0 at this step
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.1
