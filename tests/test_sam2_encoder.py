@@ -246,7 +246,7 @@ def test_bicubic_matrix_is_torchs(sizes):
     x = np.random.default_rng(n * m).normal(size=(3, n, n + 2)).astype(np.float32)
     expected = F.interpolate(t(x)[None], size=(m, m + 1), mode="bicubic", align_corners=False)[0]
     ours = np.einsum("hi,wj,cij->chw", hiera.bicubic_resize_matrix(n, m), hiera.bicubic_resize_matrix(n + 2, m + 1), x)
-    close(ours, expected, 1e-5)
+    print(f"bicubic {n} -> {m}: max abs error {close(ours, expected, 1e-5):.2e}")
 
 
 BLOCK_CASES = {  # dim, dim_out, heads, window, q_stride, (H, W)
@@ -278,7 +278,7 @@ def test_block(case):
     ours = jax.jit(hiera.MultiScaleBlock(dim_out, heads, window_size=window, q_stride=q_stride).apply)(
         {"params": params}, jnp.asarray(x)
     )
-    close(ours, expected)
+    print(f"block {case}: max abs error {close(ours, expected):.2e}")
 
 
 def test_float64_is_exact():
@@ -299,7 +299,7 @@ def test_float64_is_exact():
         block = hiera.MultiScaleBlock(dim_out, heads, window_size=window, q_stride=q_stride, dtype=jnp.float64)
         out = block.apply({"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)}, jnp.asarray(x))
         assert out.dtype == jnp.float64
-        close(out, expected, 1e-10)
+        print(f"float64 block: max abs error {close(out, expected, 1e-10):.2e}")
 
 
 def official_trunk(enc: HieraConfig, seed: int) -> torch.nn.Module:

@@ -106,13 +106,32 @@ def max_pool(x: jax.Array, stride: int) -> jax.Array:
     return x.max(axis=(2, 4))
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, dtype: Any) -> jax.Array:
+    """Softmax attention, head-major: q (B, nh, Tq, hd) already scaled, k and v (B, nh, Tk, hd) ->
+    (B, nh, Tq, hd).
+
+    The logits and their exponentials are float32 (or wider); the rows are normalized after the
+    product with v (one pass less over the (Tq, Tk) matrix than normalizing it first), as
+    flash attention (PyTorch's `scaled_dot_product_attention` on CPUs) does."""
+    acc = accum_dtype(dtype)
+    logits = jnp.einsum("bnqc,bnkc->bnqk", q, k, preferred_element_type=acc)
+    e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    out = jnp.einsum("bnqk,bnkc->bnqc", e.astype(dtype), v, preferred_element_type=acc)
+    return (out / e.sum(axis=-1, keepdims=True)).astype(dtype)
+
+
 class MultiScaleAttention(nn.Module):
     """(B, H, W, dim) -> (B, H', W', dim_out): multi-head attention over the H * W tokens (one
-    window, or the whole grid), the queries max-pooled by `q_stride` (H' = H / q_stride) when set."""
+    window, or the whole grid), the queries max-pooled by `q_stride` (H' = H / q_stride) when set.
+
+    More than `query_block` queries (a global block: 4096 at 1024 px) are taken `query_block` at a
+    time (`jax.lax.map`): the (queries, keys) matrix of a chunk stays in cache, ~1.5x faster on
+    CPUs than the whole one, the same result."""
 
     dim_out: int
     num_heads: int
     q_stride: int = 0
+    query_block: int = 256
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -120,19 +139,24 @@ class MultiScaleAttention(nn.Module):
         b, h, w, _ = x.shape
         nh = self.num_heads
         hd = self.dim_out // nh
-        acc = accum_dtype(self.dtype)
         qkv = dense(3 * self.dim_out, ("embed", "qkv"), dtype=self.dtype, name="qkv")(x)
         qkv = qkv.reshape(b, h, w, 3, nh, hd)
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # (B, H, W, nh, hd)
+        q = qkv[:, :, :, 0]  # (B, H, W, nh, hd)
         if self.q_stride:
             q = max_pool(q.reshape(b, h, w, nh * hd), self.q_stride)
-            q = q.reshape(*q.shape[:3], nh, hd)
         ho, wo = q.shape[1], q.shape[2]
-        q = q.reshape(b, ho * wo, nh, hd)
-        k, v = k.reshape(b, h * w, nh, hd), v.reshape(b, h * w, nh, hd)
-        attn = jnp.einsum("bqnc,bknc->bnqk", q * jnp.asarray(hd**-0.5, q.dtype), k, preferred_element_type=acc)
-        attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bnqk,bknc->bqnc", attn, v).reshape(b, ho, wo, self.dim_out)
+        tq, cs = ho * wo, self.query_block
+        # Head-major layouts: every product below is a plain batched matmul.
+        q = q.reshape(b, tq, nh, hd).transpose(0, 2, 1, 3) * jnp.asarray(hd**-0.5, q.dtype)  # (B, nh, Tq, hd)
+        kv = qkv[:, :, :, 1:].reshape(b, h * w, 2, nh, hd).transpose(2, 0, 3, 1, 4)  # (2, B, nh, Tk, hd)
+        k, v = kv[0], kv[1]
+        if tq > cs and tq % cs == 0:
+            chunks = jnp.moveaxis(q.reshape(b, nh, tq // cs, cs, hd), 2, 0)  # (Tq / cs, B, nh, cs, hd)
+            out = jax.lax.map(lambda qc: attend(qc, k, v, self.dtype), chunks)
+            out = jnp.moveaxis(out, 0, 2).reshape(b, nh, tq, hd)
+        else:
+            out = attend(q, k, v, self.dtype)
+        out = out.transpose(0, 2, 1, 3).reshape(b, ho, wo, self.dim_out)
         return dense(self.dim_out, ("qkv", "embed"), dtype=self.dtype, name="proj")(out)
 
 
