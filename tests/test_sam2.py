@@ -431,3 +431,37 @@ def test_wrong_variants_are_refused(small_model, tmp_path):
     torch.save({"model": {**state, "memory_attention.extra": torch.zeros(3)}}, tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match="memory_attention.extra"):
         to_flax(load_state_dict(tmp_path / "extra.pt"), config)
+
+
+def test_one_training_step(tmp_path):
+    """The trainer builds a small SAM 2.1 from sam2.1_hiera_tiny and overrides and takes a step of the
+    interactive recipe with drop path: a finite loss, the encoder and decoder trained, the video-only
+    tensors frozen (`train.optim`: never updated, no weight decay)."""
+    from sam_jax.train.shapes import make_shapes
+    from sam_jax.train.trainer import Trainer
+    from tests.train_worker import small_config as small_train_config
+
+    make_shapes(tmp_path / "shapes", 4, seed=0)
+    overrides = {"checkpoint.async_save": False, "batch_size": 2, "optim.warmup_steps": 0}
+    cfg = small_train_config(str(tmp_path / "shapes"), **overrides, **{"loss.num_no_point_iters": 0})
+    cfg.model = "sam2.1_hiera_tiny"
+    small = small_hiera(d_model=32)
+    cfg.model_overrides = {
+        "name": "sam2_train",
+        "image_encoder": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(small).items()},
+        "prompt_embed_dim": 32,
+        "mask_decoder": {"iou_head_hidden_dim": 32, "transformer_mlp_dim": 64, "transformer_num_heads": 4},
+    }
+    cfg.drop_path_rate = 0.1
+    trainer = Trainer(cfg, tmp_path / "work", quiet=True)
+    assert trainer.model_config.image_encoder == dataclasses.replace(small, drop_path_rate=0.1)
+    before = jax.device_get(trainer.state.params)
+    last = trainer.train(steps=1)
+    after = jax.device_get(trainer.state.params)
+    trainer.close()
+    assert np.isfinite(last["loss"])
+    changed = {
+        k: [bool(np.any(a != b)) for a, b in zip(jax.tree.leaves(before[k]), jax.tree.leaves(after[k]))] for k in before
+    }
+    assert all(changed["image_encoder"]) and sum(changed["mask_decoder"]) > 0.9 * len(changed["mask_decoder"])
+    assert len(changed["video"]) == 160 and not any(changed["video"])

@@ -2,8 +2,9 @@
 for the ViT blocks, gradient clipping, weight decay on kernels only, frozen parts.
 
 Frozen always: the positional-encoding Gaussian matrix (a fixed buffer in the official
-model). Optionally frozen: the whole image encoder (`freeze_image_encoder`, fine-tuning
-the prompt encoder and decoder only). With low-rank adapters (`train.lora`, params["lora"]),
+model) and SAM 2's video-only tensors (params["video"], carried unused by the image model).
+Optionally frozen: the whole image encoder (`freeze_image_encoder`, fine-tuning the prompt
+encoder and decoder only). With low-rank adapters (`train.lora`, params["lora"]),
 the modules holding adapters are frozen and the adapters train (at their module's layer decay).
 """
 
@@ -72,8 +73,8 @@ def trainable_labels(params: Any, freeze_image_encoder: bool) -> Any:
 
     def label(path, _):
         names = _path_names(path)
-        if names[-1] == "positional_encoding_gaussian_matrix":
-            return "frozen"
+        if names[-1] == "positional_encoding_gaussian_matrix" or names[0] == "video":
+            return "frozen"  # a fixed buffer officially; SAM 2's video-only tensors, unused by the image model
         if (freeze_image_encoder and names[0] == "image_encoder") or names[0] in adapted:
             return "frozen"
         return "train"
