@@ -173,6 +173,11 @@ class SamModel:
     def with_attention(self, impl: str) -> SamModel:
         """The same model with the image encoder's attention kernel `impl` ("chunked", "cudnn"
         or "xla"; see `ImageEncoderConfig.attention`): "cudnn" with bfloat16 on NVIDIA GPUs."""
+        if not hasattr(self.config.image_encoder, "attention"):
+            raise ValueError(
+                f"{self.config.name}: its image encoder ({type(self.config.image_encoder).__name__}) has one attention "
+                "kernel; with_attention chooses the ViT encoder's (SAM, HQ-SAM)"
+            )
         encoder = dataclasses.replace(self.config.image_encoder, attention=impl)
         return SamModel(dataclasses.replace(self.config, image_encoder=encoder), self.params)
 

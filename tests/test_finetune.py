@@ -205,6 +205,18 @@ def test_full_mode_trains_the_encoder(checkpoint, data, tmp_path):
     assert (vit_b.drop_path_rate, vit_b.optim.layer_decay) == (0.6, 0.6)  # the paper's for ViT-B
 
 
+@pytest.mark.parametrize(("name", "blocks"), [("vit_b", 12), ("vit_t", 10), ("sam2.1_hiera_tiny", 12)])
+def test_lora_default_targets_are_every_attention_block_of_each_encoder(name, blocks):
+    """The default targets find the attention projections of the ViT's blocks, of TinyViT's attention
+    stages (its MBConv stage has none) and of Hiera's trunk."""
+    from sam_jax.config import get_config
+    from sam_jax.model import abstract_params
+    from sam_jax.train.lora import LoraSpec
+
+    found = LoraSpec(rank=4, alpha=4.0).target_modules(abstract_params(get_config(name)))
+    assert len(found) == 2 * blocks and {p[-2:] for p in found} == {("attn", "qkv"), ("attn", "proj")}, found
+
+
 def test_lora_merge_equals_the_low_rank_forward(checkpoint):
     """x @ merged W == x @ W + scale * (x @ a) @ b, and the merge passes no gradient to W."""
     from sam_jax.train.lora import LoraSpec, merge_adapters

@@ -425,3 +425,13 @@ def test_one_training_step(tmp_path):
         for p in path:
             a, b = a[p], b[p]
         np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+def test_with_attention_is_refused_with_the_encoder_named():
+    """TinyViT has one attention kernel: choosing another is a clear error, not a TypeError."""
+    from sam_jax.model import SamModel, abstract_params
+
+    config = get_config("vit_t")
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(config))
+    with pytest.raises(ValueError, match="TinyViTConfig"):
+        SamModel(config, zeros).with_attention("cudnn")

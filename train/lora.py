@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 LORA = "lora"  # the params key of the adapters
-# The image encoder's attention projections: qkv (dim, 3 dim) and proj (dim, dim) of every block.
-DEFAULT_TARGETS = ("image_encoder/blocks_*/attn/qkv", "image_encoder/blocks_*/attn/proj")
+# The image encoder's attention projections: qkv (dim, 3 dim) and proj (dim, dim) of every block, wherever the
+# encoder keeps its blocks (the ViT's `blocks_i`, TinyViT's `layers_j/blocks_i`, Hiera's `trunk/blocks_i`).
+DEFAULT_TARGETS = ("image_encoder/*blocks_*/attn/qkv", "image_encoder/*blocks_*/attn/proj")
 
 
 class LoraError(ValueError):

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8
     c.lora.alpha = 8.0  # the delta is scaled by alpha / rank
-    c.lora.targets = DEFAULT_TARGETS  # glob patterns over module paths ("image_encoder/blocks_*/attn/qkv")
+    c.lora.targets = DEFAULT_TARGETS  # glob patterns over module paths ("image_encoder/*blocks_*/attn/qkv")
     c.eval_every = 250  # held-out scores every this many steps (also before training and at the end)
     c.eval_images = 50
     c.checkpoint.every = 250
