@@ -3,8 +3,9 @@ package, every official parameter randomized (the zero-initialized `pos_embed`, 
 `no_mem_embed` and biases too): the bicubic pos-embed resize, single blocks (windows padded, queries
 pooled in windows and globally), the trunk's stages and the neck's levels on small configs at
 256 px, the whole encoder against `SAM2Base.forward_image` + `_prepare_backbone_features` +
-`no_mem_embed` (what `SAM2ImagePredictor.set_image` keeps) on a small config and on the full-size
-sam2.1_hiera_t at 1024 px, the presets against the yaml files, and the key table."""
+`no_mem_embed` (what `SAM2ImagePredictor.set_image` keeps) on a small config (the full-size
+sam2.1_hiera_t at 1024 px: `tests.test_sam2`'s predictor test), the presets against the yaml files, and
+the key table."""
 
 from __future__ import annotations
 
@@ -393,13 +394,6 @@ def test_encoder_small():
     enc = small_hiera(d_model=256)
     errors = check_encoder(enc, images(enc.img_size, seed=11), seed=12)
     print(f"encoder small: max abs errors {errors}")
-
-
-@pytest.mark.slow
-def test_encoder_hiera_t_full_size():
-    """sam2.1_hiera_t at 1024 px, random weights, one image."""
-    errors = check_encoder(hiera_tiny(), images(1024, batch=1, seed=13), seed=14)
-    print(f"encoder sam2.1_hiera_t 1024 px: max abs errors {errors}")
 
 
 # ----------------------------------------------------------------------------- key table
