@@ -570,7 +570,8 @@ def _add_finetune(sub) -> None:
         "--mode",
         default="decoder",
         choices=["decoder", "lora", "full"],
-        help="decoder: frozen encoder, cached embeddings (default); lora: adapters on the encoder; full: everything",
+        help="decoder: frozen encoder, cached embeddings (default); lora: adapters on the encoder; full: everything. "
+        "An HQ-SAM checkpoint trains its HQ layers alone, SAM frozen, in decoder or full mode (lora is refused)",
     )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")

@@ -15,6 +15,10 @@ training is the one `Trainer` and train step of `sam-jax train` in every mode:
   decoder; `model/` holds the adapters merged, a plain SAM checkpoint.
 * ``full``: every parameter trains, with the paper's drop path and layer decay.
 
+An HQ-SAM checkpoint (vit_*_hq) trains its HQ layers alone in every mode, SAM frozen, as HQ-SAM's
+own training (`optim.trainable_labels`): ``decoder`` (the encoder's outputs cached) is the fast one,
+``full`` runs the frozen encoder every step, ``lora`` is refused (its adapters would never train).
+
 The held-out set (``val``, else a fixed-seed split of the training images) is scored with the
 interactive protocol of `train.evaluate` (1 click, 3 clicks, box) before training, every
 ``eval_every`` steps and at the end.
@@ -88,6 +92,11 @@ def finetune_config(
     """The training config of a fine-tune: the `finetune` recipe with `overrides`, its model the
     checkpoint's (`model`), its params from `checkpoint`, then the mode's settings."""
     check_arguments(mode, steps)
+    if mode == "lora" and model.mask_decoder.hq_token:
+        raise FinetuneError(
+            f"--mode lora: {model.name} is an HQ-SAM model, which trains its HQ layers alone with SAM frozen; "
+            "use --mode decoder"
+        )
     cfg = apply_overrides(load_config_file(RECIPE), list(overrides))
     cfg.mode = mode
     if steps is not None:

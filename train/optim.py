@@ -4,7 +4,9 @@ for the ViT blocks, gradient clipping, weight decay on kernels only, frozen part
 Frozen always: the positional-encoding Gaussian matrix (a fixed buffer in the official
 model) and SAM 2's video-only tensors (params["video"], carried unused by the image model).
 Optionally frozen: the whole image encoder (`freeze_image_encoder`, fine-tuning the prompt
-encoder and decoder only). With low-rank adapters (`train.lora`, params["lora"]),
+encoder and decoder only). An HQ-SAM model (`mask_decoder.hq_token`) trains its HQ layers alone
+(`modeling.hq.HQ_LAYERS`: the HQ token, its MLP and the feature fusion), every SAM weight frozen, as
+HQ-SAM's official training. With low-rank adapters (`train.lora`, params["lora"]),
 the modules holding adapters are frozen and the adapters train (at their module's layer decay).
 """
 
@@ -17,7 +19,9 @@ import jax.numpy as jnp
 import optax
 
 from sam_jax.config import SamConfig
+from sam_jax.modeling.hq import is_hq_param
 from sam_jax.train.lora import LORA, frozen_modules
+from sam_jax.train.step import HEAD
 
 
 def learning_rate_schedule(
@@ -68,13 +72,17 @@ def scale_by_layer(depth: int, decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def trainable_labels(params: Any, freeze_image_encoder: bool) -> Any:
+def trainable_labels(params: Any, freeze_image_encoder: bool, hq_only: bool = False) -> Any:
+    """params -> the same tree of "train" / "frozen". `hq_only` (an HQ-SAM model): of the model's
+    params only the HQ layers train (`is_hq_param`); an objective's head (params["head"]) still does."""
     adapted = frozen_modules(params)  # a LoRA's base
 
     def label(path, _):
         names = _path_names(path)
         if names[-1] == "positional_encoding_gaussian_matrix" or names[0] == "video":
             return "frozen"  # a fixed buffer officially; SAM 2's video-only tensors, unused by the image model
+        if hq_only and names[0] != HEAD and not is_hq_param(names):
+            return "frozen"  # HQ-SAM: SAM's weights stay as released
         if (freeze_image_encoder and names[0] == "image_encoder") or names[0] in adapted:
             return "frozen"
         return "train"
@@ -101,7 +109,7 @@ def make_optimizer(
     )
     tx = optax.multi_transform(
         {"train": train, "frozen": optax.set_to_zero()},
-        trainable_labels(params, cfg.freeze_image_encoder),
+        trainable_labels(params, cfg.freeze_image_encoder, hq_only=model_config.mask_decoder.hq_token),
     )
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)

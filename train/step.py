@@ -29,6 +29,12 @@ masks trained), then correction iterations with the single-mask output, each fee
 the previous low-res logits (without gradient) as the mask prompt. The loss is the mean
 over iterations of `losses.sam_loss`.
 
+An HQ-SAM model (`mask_decoder.hq_token`) trains as HQ-SAM's official training does: every
+iteration decodes its HQ mask alone (`multimask_output=False, hq_token_only=True`: one output,
+the one fed back as the next mask prompt), the losses are the mask losses on it, without the IoU
+term (the IoU head is SAM's, frozen), and only the HQ layers train (`optim.trainable_labels`), so
+no gradient reaches the image encoder.
+
 Losses at the input resolution (SAM 2's training computes them so) rather than on the
 low-res grid bound what small objects can reach: a 20 px shape is 5 cells of a 4x coarser
 grid, and the best binary low-res targets, upsampled, reach only mIoU 0.80 on the synthetic
@@ -155,13 +161,14 @@ def sam_objective(
 ) -> Objective:
     """SAM's interactive loss (`simulate_and_loss`, `cfg` a training config's `loss` fields) on `TrainBatch`es.
     `train_image_encoder=False` goes with an optimizer that freezes the encoder (`optim.freeze_image_encoder`):
-    its gradient, which the optimizer would discard, is then not computed at all. Params with low-rank
-    adapters (`train.lora`) run merged (W + lora_scale * a @ b), their base frozen."""
+    its gradient, which the optimizer would discard, is then not computed at all; so for an HQ-SAM model,
+    whose encoder is always frozen. Params with low-rank adapters (`train.lora`) run merged
+    (W + lora_scale * a @ b), their base frozen."""
     loss = functools.partial(
         _sam_loss,
         model_config=model_config,
         cfg=cfg,
-        train_image_encoder=train_image_encoder,
+        train_image_encoder=train_image_encoder and not model_config.mask_decoder.hq_token,
         lora_scale=lora_scale,
     )
     return Objective(name="sam", batch=TrainBatch, loss=loss, log_line=_sam_log_line)
@@ -188,7 +195,7 @@ def simulate_and_loss(
 ):
     """The interactive-simulation loss of one batch -> (loss, metrics). With
     `train_image_encoder=False` (a frozen encoder) no gradient flows into the embeddings, so
-    the encoder's backward pass is never computed.
+    the encoder's backward pass is never computed, and the encoder runs as at inference (no drop path).
 
     Memory (`cfg.remat_decoder`, `cfg.mask_chunk`): with `remat_decoder` each decoder pass
     (the first decode and every later iteration) is rematerialised, its activations recomputed
@@ -200,7 +207,8 @@ def simulate_and_loss(
     if batch.embeddings is not None:  # a frozen encoder's outputs, computed once
         emb = jax.lax.stop_gradient(batch.embeddings)
     else:
-        emb = encode(params, batch.images, config=model_config, drop_path_rng=jax.random.split(rng, 3)[2])
+        drop_path_rng = jax.random.split(rng, 3)[2] if train_image_encoder else None
+        emb = encode(params, batch.images, config=model_config, drop_path_rng=drop_path_rng)
     if not train_image_encoder:
         emb = jax.lax.stop_gradient(emb)
     return interactive_loss(params, emb, batch, rng, model_config=model_config, cfg=cfg)
@@ -270,6 +278,9 @@ def _interactive_means(
     targets = gt.astype(jnp.float32)
     loss_kw = dict(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight, iou_weight=cfg.iou_weight)
     loss_kw.update(focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
+    hq = model_config.mask_decoder.hq_token  # HQ-SAM: its HQ mask alone, no IoU loss (its IoU head is frozen SAM's)
+    if hq:
+        loss_kw["iou_weight"] = 0.0
     k_pts = cfg.points_per_iter
     n = sim.num_slots(cfg.num_point_iters, k_pts)
     s = model_config.image_size
@@ -297,7 +308,10 @@ def _interactive_means(
     def first(params, emb, points, labels):
         # No mask prompt in the first decode: one no-mask embedding for every row.
         prompts = Prompts(points=points, labels=labels, mask_input=None, has_mask=None, text=text, text_mask=text_mask)
-        if cfg.box_single_output:
+        if hq:
+            logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False, hq_token_only=True)
+            candidates = None
+        elif cfg.box_single_output:
             # As SAM 2's training: a lone point (or text) is ambiguous and trains the best of the
             # multimask outputs 1..3; a box trains the single output 0, the one a box gets at inference.
             logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=None)
@@ -339,7 +353,7 @@ def _interactive_means(
             text=text,
             text_mask=text_mask,
         )
-        logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False)
+        logits, iou = decode(params, emb, prompts, config=model_config, multimask_output=False, hq_token_only=hq)
         up_logits = up(logits)
         loss, metrics, _, _ = sam_loss(up_logits, iou, targets, valid, **loss_kw)
         carry = (points, labels, jax.lax.stop_gradient(logits[:, 0]), jax.lax.stop_gradient(up_logits[:, 0]), slot)

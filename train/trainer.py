@@ -407,13 +407,18 @@ class Trainer:
         check_config(cfg)
         self.cfg, self.quiet, self.log = cfg, quiet, log
         self.model_config = model if model is not None else model_config(cfg)
+        self.lora = lora_spec(cfg)  # low-rank adapters on a frozen base (None: none)
+        if self.lora is not None and self.model_config.mask_decoder.hq_token:
+            raise TrainingError(
+                f"lora.rank={self.lora.rank}: {self.model_config.name} is an HQ-SAM model, which trains its HQ "
+                "layers alone with SAM frozen (adapters would never train)"
+            )
         self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
         check_batch_size(cfg, self.mesh)
         self.mask_size = loss_mask_size(cfg, self.model_config)
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-        self.lora = lora_spec(cfg)  # low-rank adapters on a frozen base (None: none)
         self.objective = objective if objective is not None else self._sam_objective()
         abstract = self._abstract_params()
         self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim)

@@ -14,6 +14,9 @@ The HQ mask is `hf_mlp(HQ token) . upscaled_hq`. The decoder (`MaskDecoder` with
 
 The functions here create their layers in the calling module's scope (`MaskDecoder`), under the
 official attribute names (`compress_vit_feat_0` for `compress_vit_feat.0`, ...).
+
+HQ-SAM's training (its official `train/train.py`, and `sam_jax.train`) updates the HQ layers alone
+(`HQ_LAYERS`, `is_hq_param`); SAM's weights, encoder, prompt encoder and decoder, stay frozen.
 """
 
 from __future__ import annotations
@@ -24,6 +27,19 @@ import jax
 import jax.numpy as jnp
 
 from sam_jax.modeling.common import MLP, LayerNorm, accum_dtype, conv, conv_transpose_2x2, gelu
+
+# The layers HQ-SAM adds to SAM's mask decoder, by their names in params["mask_decoder"] (a
+# sequential's layers suffixed _0, _1, _3): the only params HQ-SAM's training updates.
+HQ_LAYERS = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+
+
+def is_hq_param(names: tuple[str, ...]) -> bool:
+    """Whether the param at path `names` (e.g. ("mask_decoder", "compress_vit_feat_0", "kernel")) belongs
+    to an HQ layer (`HQ_LAYERS`)."""
+    if len(names) < 2 or names[0] != "mask_decoder":
+        return False
+    base, _, index = names[1].rpartition("_")
+    return names[1] in HQ_LAYERS or (index.isdigit() and base in HQ_LAYERS)
 
 
 def interleave(x: jax.Array) -> jax.Array:
