@@ -13,16 +13,23 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sam_jax.config import tiny, with_overrides
 from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import abstract_params, decode
 from sam_jax.modeling.hq import HQ_LAYERS, is_hq_param
 from sam_jax.prompts import Prompts
 from sam_jax.train import losses
 from sam_jax.train import prompt_simulation as sim
-from tests.test_hq_sam import small_config
 from tests.train_worker import small_config as small_train_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+# The tiny SAM with the HQ decoder (test_hq_sam's `small_config()`), as a training recipe's model overrides.
+HQ_OVERRIDES = {"name": "tiny_hq", "mask_decoder": {"hq_token": True}}
+
+
+def small_config():
+    return with_overrides(tiny(), HQ_OVERRIDES)
 
 
 def _flat(params) -> dict[tuple[str, ...], np.ndarray]:
@@ -124,7 +131,7 @@ def test_lora_on_an_hq_model_is_refused(tmp_path):
     with pytest.raises(FinetuneError, match="--mode lora: tiny_hq is an HQ-SAM model"):
         finetune_config(small_config(), tmp_path / "ckpt", tmp_path / "train.json", mode="lora")
     cfg = small_train_config(str(tmp_path))
-    cfg.model_overrides = {"name": "tiny_hq", "mask_decoder": {"hq_token": True}}  # `small_config()`
+    cfg.model_overrides = HQ_OVERRIDES  # on the recipe's model, tiny
     cfg.lora = ml_collections.ConfigDict({"rank": 2})
     with pytest.raises(TrainingError, match="lora.rank=2: tiny_hq is an HQ-SAM model"):
         Trainer(cfg, tmp_path / "work", quiet=True)
