@@ -60,7 +60,7 @@ from flax import linen as nn
 from sam_jax.config import HieraConfig
 from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.modeling.common import LayerNorm, accum_dtype, conv, dense, gelu
-from sam_jax.modeling.image_encoder import drop_path, window_partition, window_unpartition
+from sam_jax.modeling.image_encoder import DropPathBlock, window_partition, window_unpartition
 from sam_jax.transforms import linear_resize_matrix
 
 LN_EPS = 1e-6  # `MultiScaleBlock`'s norm_layer: LayerNorm(eps=1e-6)
@@ -172,7 +172,7 @@ class Mlp(nn.Module):
         return dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="layers_1")(h)
 
 
-class MultiScaleBlock(nn.Module):
+class MultiScaleBlock(DropPathBlock):
     """Official `MultiScaleBlock`: (B, H, W, dim) -> (B, H', W', dim_out) (H' = H / q_stride when
     pooling). `window_size` 0: global attention. `drop_path` is this block's stochastic depth rate,
     applied to both residual branches with `deterministic=False` (needs a "drop_path" rng)."""
@@ -184,11 +184,6 @@ class MultiScaleBlock(nn.Module):
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     dtype: Any = jnp.float32
-
-    def _drop_path(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.drop_path == 0.0:
-            return x
-        return drop_path(x, self.drop_path, self.make_rng("drop_path"))
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:

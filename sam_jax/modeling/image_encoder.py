@@ -211,7 +211,17 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     return jnp.where(keep, x / keep_prob, jnp.zeros((), x.dtype))
 
 
-class Block(nn.Module):
+class DropPathBlock(nn.Module):
+    """Base of the encoders' residual blocks (ViT, TinyViT, Hiera): stochastic depth at the block's
+    `drop_path` rate on a residual branch, with `deterministic=False` and a "drop_path" rng."""
+
+    def _drop_path(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.drop_path == 0.0:
+            return x
+        return drop_path(x, self.drop_path, self.make_rng("drop_path"))
+
+
+class Block(DropPathBlock):
     """Transformer block with windowed (window_size > 0) or global attention.
 
     `drop_path` is this block's stochastic depth rate, applied to the attention
@@ -230,11 +240,6 @@ class Block(nn.Module):
     query_block: int = 64  # global attention: queries per chunk (see `Attention`)
     attention: str = "chunked"  # `Attention.impl`
     dtype: Any = jnp.float32
-
-    def _drop_path(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.drop_path == 0.0:
-            return x
-        return drop_path(x, self.drop_path, self.make_rng("drop_path"))
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:

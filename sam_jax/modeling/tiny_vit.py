@@ -38,7 +38,7 @@ from flax import linen as nn
 from sam_jax.config import TinyViTConfig
 from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.modeling.common import LayerNorm, accum_dtype, conv, default_kernel_init, dense, gelu
-from sam_jax.modeling.image_encoder import drop_path, window_partition, window_unpartition
+from sam_jax.modeling.image_encoder import DropPathBlock, window_partition, window_unpartition
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm2d's default
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, in the attention and MLP of a TinyViT block
@@ -137,17 +137,7 @@ class PatchEmbed(nn.Module):
         return Conv2dBN(n, 3, 2, 1, dtype=self.dtype, name="seq_2")(x)
 
 
-class TinyViTDropPath(nn.Module):
-    """Base of the blocks: stochastic depth on a residual branch (`deterministic=False` and a
-    "drop_path" rng; see `image_encoder.drop_path`)."""
-
-    def _drop_path(self, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
-        if deterministic or rate == 0.0:
-            return x
-        return drop_path(x, rate, self.make_rng("drop_path"))
-
-
-class MBConv(TinyViTDropPath):
+class MBConv(DropPathBlock):
     """Inverted residual: (B, H, W, C) -> (B, H, W, C). 1x1 expansion, GELU, 3x3 depthwise, GELU,
     1x1 projection (its BatchNorm scale starts at 0), residual, GELU."""
 
@@ -162,7 +152,7 @@ class MBConv(TinyViTDropPath):
         y = gelu(Conv2dBN(hidden, dtype=self.dtype, name="conv1")(x))
         y = gelu(Conv2dBN(hidden, 3, 1, 1, depthwise=True, dtype=self.dtype, name="conv2")(y))
         y = Conv2dBN(c, bn_weight_init=0.0, dtype=self.dtype, name="conv3")(y)
-        return gelu(self._drop_path(y, self.drop_path, deterministic) + x)
+        return gelu(self._drop_path(y, deterministic) + x)
 
 
 class PatchMerging(nn.Module):
@@ -232,7 +222,7 @@ class Mlp(nn.Module):
         return dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 
-class TinyViTBlock(TinyViTDropPath):
+class TinyViTBlock(DropPathBlock):
     """(B, H, W, C) -> (B, H, W, C): x + attn(windows of x), then a 3x3 depthwise `local_conv`, then
     x + mlp(x). The grid is zero-padded at the bottom and right to multiples of `window_size`;
     the padding is dropped after the attention."""
@@ -251,11 +241,11 @@ class TinyViTBlock(TinyViTDropPath):
         windows, pad_hw = window_partition(x, ws)
         y = Attention(self.num_heads, (ws, ws), dtype=self.dtype, name="attn")(windows.reshape(-1, ws * ws, c))
         y = window_unpartition(y.reshape(-1, ws, ws, c), ws, pad_hw, (h, w))
-        x = x + self._drop_path(y, self.drop_path, deterministic)
+        x = x + self._drop_path(y, deterministic)
         k = self.local_conv_size
         x = Conv2dBN(c, k, 1, k // 2, depthwise=True, dtype=self.dtype, name="local_conv")(x)
         mlp = Mlp(int(c * self.mlp_ratio), dtype=self.dtype, name="mlp")
-        return x + self._drop_path(mlp(x), self.drop_path, deterministic)
+        return x + self._drop_path(mlp(x), deterministic)
 
 
 # The blocks with their activations recomputed in the backward pass (`TinyViTConfig.remat`);
