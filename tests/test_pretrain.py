@@ -36,6 +36,34 @@ def test_kind_targets_cover_weight_and_padding():
     assert w[4, 4] == 0.0 and w[:, 16:].max() == 0.0  # the ring; the padding right of the 128-px frame
 
 
+def test_the_kinds_objective_trains_the_encoder_and_its_head_alone():
+    """Its loss reaches the image encoder and the head only: the optimizer keeps no moments for the
+    prompt encoder and the decoder, and gives them no update (AdamW's weight decay would shrink them)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sam_jax.model import abstract_params
+    from sam_jax.train.optim import make_optimizer
+    from sam_jax.train.pretrain import kinds_objective
+
+    config = recipe_model(_small_text_config())
+    objective = kinds_objective(config, ["circle"], data={})
+    params = jax.tree.map(jnp.ones_like, abstract_params(config))
+    params["head"] = objective.head(jax.random.key(0))
+    optim = shapes_text_p8.get_config().optim
+    optim.warmup_steps = 0  # a full-size first update
+    tx, _ = make_optimizer(params, config, optim, objective.trains)
+    state = tx.init(params)
+    trained = ("image_encoder", "head")
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    moments = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+    assert moments == 2 * sum(size(params[k]) for k in trained)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    for module in params:
+        moved = any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates[module]))
+        assert moved == (module in trained), module
+
+
 # A smaller frame for the training test: 128 px, 16 x 16 tokens (a quarter of the recipe's compute).
 SMALL = {"image_encoder": {"img_size": 128}}
 

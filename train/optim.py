@@ -72,9 +72,12 @@ def scale_by_layer(depth: int, decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def trainable_labels(params: Any, freeze_image_encoder: bool, hq_only: bool = False) -> Any:
+def trainable_labels(
+    params: Any, freeze_image_encoder: bool, hq_only: bool = False, trains: tuple[str, ...] | None = None
+) -> Any:
     """params -> the same tree of "train" / "frozen". `hq_only` (an HQ-SAM model): of the model's
-    params only the HQ layers train (`is_hq_param`); an objective's head (params["head"]) still does."""
+    params only the HQ layers train (`is_hq_param`); `trains` (an objective's `Objective.trains`):
+    only these top-level modules do. An objective's head (params["head"]) always trains."""
     adapted = frozen_modules(params)  # a LoRA's base
 
     def label(path, _):
@@ -83,6 +86,8 @@ def trainable_labels(params: Any, freeze_image_encoder: bool, hq_only: bool = Fa
             return "frozen"  # a fixed buffer officially; SAM 2's video-only tensors, unused by the image model
         if hq_only and names[0] != HEAD and not is_hq_param(names):
             return "frozen"  # HQ-SAM: SAM's weights stay as released
+        if trains is not None and names[0] not in (*trains, HEAD):
+            return "frozen"  # a module the objective's loss never reaches
         if (freeze_image_encoder and names[0] == "image_encoder") or names[0] in adapted:
             return "frozen"
         return "train"
@@ -96,9 +101,10 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    params: Any, model_config: SamConfig, cfg: Any
+    params: Any, model_config: SamConfig, cfg: Any, trains: tuple[str, ...] | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer for `params` (a pytree of arrays or shapes) from a training config's `optim` fields."""
+    """The optimizer for `params` (a pytree of arrays or shapes) from a training config's `optim`
+    fields; `trains`: the top-level modules that train (`Objective.trains`; None: all)."""
     schedule = learning_rate_schedule(
         cfg.lr, cfg.warmup_steps, tuple(cfg.decay_steps), cfg.decay_factor, cfg.cosine_decay_end
     )
@@ -109,7 +115,7 @@ def make_optimizer(
     )
     tx = optax.multi_transform(
         {"train": train, "frozen": optax.set_to_zero()},
-        trainable_labels(params, cfg.freeze_image_encoder, hq_only=model_config.mask_decoder.hq_token),
+        trainable_labels(params, cfg.freeze_image_encoder, hq_only=model_config.mask_decoder.hq_token, trains=trains),
     )
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)

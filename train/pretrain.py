@@ -246,6 +246,7 @@ def kinds_objective(
         log_line=lambda m: f"loss {m['loss']:.4f} token-accuracy {m['token_accuracy']:.3f}",
         dataset=functools.partial(_dataset, data=data),
         evaluate=None if heldout is None else functools.partial(_evaluate, heldout=heldout, config=config),
+        trains=("image_encoder",),  # the head reads the image embedding alone
     )
 
 

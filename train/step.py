@@ -124,6 +124,9 @@ class Objective:
               `batch`'s fields, checkpointable); None: SAM's record pipeline (`trainer.make_dataset`)
     evaluate: the params (numpy, with the head) -> held-out metrics ("eval_..." floats); None: SAM's
               held-out mIoU on data.eval_dir
+    trains:   the model's top-level modules the loss reaches (e.g. ("image_encoder",)); the others
+              are frozen by the optimizer (`optim.trainable_labels`: no state, no weight decay);
+              None: every module. The head always trains.
     """
 
     name: str
@@ -133,6 +136,7 @@ class Objective:
     log_line: Callable[[dict[str, float]], str] = lambda m: f"loss {m['loss']:.4f}"
     dataset: Callable[[Any], Any] | None = None
     evaluate: Callable[[Any], dict[str, float]] | None = None
+    trains: tuple[str, ...] | None = None
 
 
 def _sam_log_line(m: dict[str, float]) -> str:

@@ -421,7 +421,7 @@ class Trainer:
 
         self.objective = objective if objective is not None else self._sam_objective()
         abstract = self._abstract_params()
-        self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim)
+        self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim, self.objective.trains)
         self.state_sharding = state_shardings(self.tx, abstract, self._param_shardings(abstract), self.mesh)
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self._step = jax.jit(
