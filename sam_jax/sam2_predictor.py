@@ -34,7 +34,7 @@ from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import SamModel
 from sam_jax.predictor import SamPredictor
 from sam_jax.prompts import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, Prompts, make_prompts
-from sam_jax.transforms import antialias_linear_resize_matrix
+from sam_jax.transforms import antialias_linear_resize
 
 # SAM 2's normalisation of pixels in [0, 1] (`SAM2Transforms`).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,15 +45,14 @@ def resize_square(image: jax.Array, *, size: int) -> jax.Array:
     """(H, W, 3) uint8 -> (size, size, 3) float32 normalised: `SAM2Transforms` (ToTensor, Resize((size,
     size)) on the float tensor: bilinear, antialiased, the width first, then Normalize).
 
-    Each axis is one product with `antialias_linear_resize_matrix`: the same taps and weights as
-    PyTorch's kernel, summed in another order (float32 rounding apart)."""
+    Each axis is a sum over its taps (`antialias_linear_resize`): PyTorch's taps and weights, in
+    its order (float32 rounding apart)."""
     h, w = image.shape[:2]
     x = image.astype(jnp.float32) / jnp.float32(255.0)
-    hi = jax.lax.Precision.HIGHEST
     if w != size:
-        x = jnp.einsum("ow,hwc->hoc", jnp.asarray(antialias_linear_resize_matrix(w, size)), x, precision=hi)
+        x = antialias_linear_resize(x, size, axis=1)
     if h != size:
-        x = jnp.einsum("oh,hwc->owc", jnp.asarray(antialias_linear_resize_matrix(h, size)), x, precision=hi)
+        x = antialias_linear_resize(x, size, axis=0)
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(IMAGENET_STD, jnp.float32)
     return (x - mean) / std

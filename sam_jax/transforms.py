@@ -115,6 +115,37 @@ def antialias_linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
+@functools.lru_cache(maxsize=16)
+def antialias_linear_resize_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`antialias_linear_resize_matrix` as its band: each output's taps, in PyTorch's order ->
+    (out_size, K) int32 source indices and (out_size, K) float32 weights, K the widest row's taps
+    (a narrower row's extra taps: weight 0). Shrinking 4000 -> 1024, K = 10 instead of 4000."""
+    m = antialias_linear_resize_matrix(in_size, out_size)
+    nonzero = m != 0
+    first = nonzero.argmax(1)
+    last = in_size - 1 - nonzero[:, ::-1].argmax(1)
+    k = int((last - first).max()) + 1
+    idx = first[:, None] + np.arange(k)
+    inside = idx <= last[:, None]
+    idx = np.minimum(idx, in_size - 1)
+    weights = np.where(inside, np.take_along_axis(m, idx, 1), np.float32(0.0))
+    return idx.astype(np.int32), weights.astype(np.float32)
+
+
+def antialias_linear_resize(x: jax.Array, out_size: int, axis: int) -> jax.Array:
+    """x float32 resized to `out_size` along `axis` (bilinear, antialiased: `antialias_linear_resize_matrix`),
+    as a sum over each output's few taps (`antialias_linear_resize_taps`), in PyTorch's order: one
+    fused pass, without the dense (out_size, in_size) product."""
+    idx, weights = antialias_linear_resize_taps(x.shape[axis], out_size)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    out = None
+    for k in range(idx.shape[1]):
+        term = jnp.take(x, jnp.asarray(idx[:, k]), axis=axis) * jnp.asarray(weights[:, k]).reshape(shape)
+        out = term if out is None else out + term
+    return out
+
+
 def postprocess_matrix(low_res: int, input_len: int, original_len: int, image_size: int) -> np.ndarray:
     """One axis of `postprocess_masks` as a single (original_len, low_res) float32 matrix:
     resize low_res -> image_size, keep the first input_len, resize to original_len."""

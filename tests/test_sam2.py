@@ -230,6 +230,24 @@ def test_sam_decoder_is_unchanged_by_default():
 # ----------------------------------------------------------------------------- predictor, end to end
 
 
+@pytest.mark.parametrize("hw", [(300, 451), (1024, 1024), (1500, 2250), (3000, 4000), (1371, 997)])
+def test_resize_square_is_sam2_transforms(photo, hw):
+    """The square input (antialiased bilinear on each axis's taps, then normalised) against
+    `SAM2Transforms`, enlarging and shrinking a photo-like image up to 12 MP."""
+    from PIL import Image
+    from sam2.utils.transforms import SAM2Transforms
+
+    from sam_jax.sam2_predictor import resize_square
+
+    h, w = hw
+    image = np.asarray(Image.fromarray(photo).resize((w, h), Image.BICUBIC))
+    ref = SAM2Transforms(resolution=1024, mask_threshold=0.0)(image).permute(1, 2, 0).numpy()
+    ours = np.asarray(jax.jit(functools.partial(resize_square, size=1024))(image))
+    assert ours.shape == ref.shape == (1024, 1024, 3)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-6)
+    print(f"resize {h}x{w}: max abs error {np.abs(ours - ref).max():.2e}")
+
+
 def small_sam2() -> SamConfig:
     """SAM 2.1 with a small Hiera at 1024 px (the official predictor's feature sizes are fixed: levels
     256, 128, 64; stage widths 16 .. 128) and the official 256-wide prompt encoder and decoder."""
