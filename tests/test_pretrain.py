@@ -53,12 +53,12 @@ def test_the_kinds_objective_trains_the_encoder_and_its_head_alone():
     optim = shapes_text_p8.get_config().optim
     optim.warmup_steps = 0  # a full-size first update
     tx, _ = make_optimizer(params, config, optim, objective.trains)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     trained = ("image_encoder", "head")
     size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
     moments = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
     assert moments == 2 * sum(size(params[k]) for k in trained)
-    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
     for module in params:
         moved = any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates[module]))
         assert moved == (module in trained), module
