@@ -571,7 +571,9 @@ def _add_finetune(sub) -> None:
         default="decoder",
         choices=["decoder", "lora", "full"],
         help="decoder: frozen encoder, cached embeddings (default); lora: adapters on the encoder; full: everything. "
-        "An HQ-SAM checkpoint trains its HQ layers alone, SAM frozen, in decoder or full mode (lora is refused)",
+        "An HQ-SAM checkpoint trains its HQ layers alone, SAM frozen, in decoder or full mode (lora is refused); "
+        "--config.model=vit_b_hq (vit_l_hq, vit_h_hq, vit_tiny_hq for vit_t) trains a plain SAM checkpoint as HQ-SAM, "
+        "its HQ layers new",
     )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache ('' disables it)")

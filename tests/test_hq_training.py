@@ -1,11 +1,13 @@
 """HQ-SAM trains as its official training does, through SAM's trainer and train step: its HQ mask
 alone (`multimask_output=False, hq_token_only=True`) in every interactive iteration, the mask
 losses on it without an IoU term, and only the HQ layers updated (SAM frozen, no optimizer state
-for it). Small configs: the tiny SAM with the HQ decoder."""
+for it), from a plain SAM checkpoint with new HQ layers as its training begins (`init`, `finetune
+--config.model=NAME_hq`). Small configs: the tiny SAM with the HQ decoder."""
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -136,3 +138,78 @@ def test_lora_on_an_hq_model_is_refused(tmp_path):
     with pytest.raises(TrainingError, match="lora.rank=2: tiny_hq is an HQ-SAM model"):
         Trainer(cfg, tmp_path / "work", quiet=True)
     assert not (tmp_path / "work").exists()  # refused before anything is written
+
+
+# ----------------------------------------------------------------------------- from a plain SAM
+
+
+def drawn_init(config, key):
+    """A stand-in for `model.init_params` that compiles in seconds: its shapes, every tensor drawn from `key`."""
+    leaves, treedef = jax.tree.flatten(abstract_params(config))
+    drawn = jnp.split(jax.random.normal(key, (sum(x.size for x in leaves),)), np.cumsum([x.size for x in leaves])[:-1])
+    return jax.tree.unflatten(treedef, [d.reshape(x.shape).astype(x.dtype) for d, x in zip(drawn, leaves)])
+
+
+def test_an_hq_model_starts_from_a_plain_sam_with_new_hq_layers(tmp_path, monkeypatch):
+    """HQ-SAM's training begins from SAM's weights: `init = "checkpoint:PATH"` of a plain SAM into an
+    HQ model takes every SAM tensor from the checkpoint bit for bit and the HQ layers (`HQ_LAYERS`)
+    from the seed's fresh init; a checkpoint of another encoder is refused as before."""
+    from sam_jax.checkpoint import save_params
+    from sam_jax.train import sharding as shd
+    from sam_jax.train import trainer
+    from sam_jax.train.trainer import TrainingError, initial_params, model_config
+
+    monkeypatch.setattr(trainer, "init_params", drawn_init)
+    cfg = small_train_config(str(tmp_path))
+    cfg.model_overrides = HQ_OVERRIDES
+    mc = model_config(cfg)
+    shardings = shd.logical_shardings(abstract_params(mc, boxed=True), shd.make_mesh(1, 1, devices=jax.devices()[:1]))
+    fresh = _flat(initial_params(cfg, mc, shardings))  # cfg.init: scratch
+    sam = random_params(tiny())
+    cfg.init = f"checkpoint:{save_params(tmp_path / 'sam', sam, tiny())}"
+    got, sam = _flat(initial_params(cfg, mc, shardings)), _flat(sam)
+    assert got.keys() == fresh.keys() and set(sam) == {path for path in got if not is_hq_param(path)}
+    for path, x in got.items():
+        np.testing.assert_array_equal(x, fresh[path] if is_hq_param(path) else sam[path], err_msg=str(path))
+
+    other = with_overrides(tiny(), {"image_encoder": {"embed_dim": 96}})  # another encoder, no HQ layers
+    cfg.init = f"checkpoint:{save_params(tmp_path / 'other', random_params(other), other)}"
+    with pytest.raises(TrainingError, match="does not match model 'tiny_hq' \\(different shapes\\)"):
+        initial_params(cfg, mc, shardings)
+
+
+def test_finetune_trains_a_plain_sam_as_its_hq_variant_alone(tmp_path, capsys):
+    """`finetune --config.model=NAME` on a SAM checkpoint: NAME its HQ-SAM variant (vit_b -> vit_b_hq,
+    ..., vit_t -> vit_tiny_hq, tiny -> tiny_hq) trains that HQ model from the checkpoint (`init`); any
+    other model, or another model for an HQ checkpoint, is refused in one line before anything loads."""
+    from sam_jax.checkpoint import save_params
+    from sam_jax.cli import main
+    from sam_jax.config import get_config
+    from sam_jax.train.finetune import FinetuneError, finetune_config
+    from sam_jax.train.trainer import model_config
+
+    ckpt = save_params(tmp_path / "sam", random_params(tiny()), tiny())
+    cfg = finetune_config(tiny(), ckpt, tmp_path / "train.json", overrides=["model=tiny_hq"])
+    mc = model_config(cfg)
+    assert (mc.name, mc.mask_decoder, mc.image_encoder.embed_dim) == ("tiny_hq", small_config().mask_decoder, 64)
+    assert cfg.init == f"checkpoint:{ckpt}" and cfg.optim.freeze_image_encoder
+    for sam, hq in [("vit_b", "vit_b_hq"), ("vit_l", "vit_l_hq"), ("vit_h", "vit_h_hq"), ("vit_t", "vit_tiny_hq")]:
+        assert model_config(finetune_config(get_config(sam), ckpt, "t.json", overrides=[f"model={hq}"])).name == hq
+        assert finetune_config(get_config(hq), ckpt, "t.json", overrides=[f"model={hq}"]).model == hq
+    refused = [
+        ("vit_b", "vit_l_hq", "the checkpoint is vit_b; fine-tune it as vit_b or its HQ-SAM variant vit_b_hq"),
+        ("vit_b_hq", "vit_b", "the checkpoint is vit_b_hq; fine-tune it as vit_b_hq"),
+        ("sam2.1_hiera_tiny", "sam2.1_hiera_tiny_hq", "the HQ-SAM decoder (hq_token) takes none of SAM 2's"),
+    ]
+    for sam, name, message in refused:
+        with pytest.raises(FinetuneError, match=re.escape(f"--config.model={name}: {message}")):
+            finetune_config(get_config(sam), ckpt, "t.json", overrides=[f"model={name}"])
+    with pytest.raises(FinetuneError, match="--mode lora: tiny_hq is an HQ-SAM model"):
+        finetune_config(tiny(), ckpt, "t.json", mode="lora", overrides=["model=tiny_hq"])
+    args = ["--checkpoint", str(ckpt), "--train", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")]
+    assert main(["finetune", *args, "--cache-dir", "", "--config.model=vit_b_hq"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "--config.model=vit_b_hq: the checkpoint is tiny; fine-tune it as tiny or its HQ-SAM variant tiny_hq"
+    ), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "w").exists()

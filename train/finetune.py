@@ -18,6 +18,9 @@ training is the one `Trainer` and train step of `sam-jax train` in every mode:
 An HQ-SAM checkpoint (vit_*_hq) trains its HQ layers alone in every mode, SAM frozen, as HQ-SAM's
 own training (`optim.trainable_labels`): ``decoder`` (the encoder's outputs cached) is the fast one,
 ``full`` runs the frozen encoder every step, ``lora`` is refused (its adapters would never train).
+A plain SAM checkpoint trains as HQ-SAM, as HQ-SAM's training begins, with its HQ variant named
+(`hq_variant`): ``--config.model=vit_b_hq`` on a vit_b checkpoint starts vit_b_hq from its weights
+and new HQ layers; its ``before`` scores are the SAM checkpoint's own.
 
 The held-out set (``val``, else a fixed-seed split of the training images) is scored with the
 interactive protocol of `train.evaluate` (1 click, 3 clicks, box) before training, every
@@ -90,14 +93,17 @@ def finetune_config(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> ml_collections.ConfigDict:
     """The training config of a fine-tune: the `finetune` recipe with `overrides`, its model the
-    checkpoint's (`model`), its params from `checkpoint`, then the mode's settings."""
+    checkpoint's (`model`; a `model=` override may name its HQ-SAM variant, `hq_variant`), its
+    params from `checkpoint`, then the mode's settings."""
     check_arguments(mode, steps)
+    cfg = apply_overrides(load_config_file(RECIPE), list(overrides))
+    if any(item.partition("=")[0] == "model" for item in overrides):  # --config.model=NAME
+        model = hq_variant(model, cfg.model)
     if mode == "lora" and model.mask_decoder.hq_token:
         raise FinetuneError(
             f"--mode lora: {model.name} is an HQ-SAM model, which trains its HQ layers alone with SAM frozen; "
             "use --mode decoder"
         )
-    cfg = apply_overrides(load_config_file(RECIPE), list(overrides))
     cfg.mode = mode
     if steps is not None:
         cfg.steps = steps
@@ -120,6 +126,24 @@ def finetune_config(
     if mode != "lora":
         cfg.lora.rank = 0  # no adapters
     return cfg
+
+
+def hq_variant(model: SamConfig, name: str) -> SamConfig:
+    """The model `name` (a `model=` override) names for a checkpoint of `model`: the checkpoint's own,
+    or its HQ-SAM variant (vit_b -> vit_b_hq, vit_l -> vit_l_hq, vit_h -> vit_h_hq, vit_t -> vit_tiny_hq;
+    another model's NAME_hq), which starts from the checkpoint with new HQ layers (`trainer.initial_params`)."""
+    hq_name = "vit_tiny_hq" if model.name == "vit_t" else f"{model.name}_hq"
+    if name == model.name:
+        return model
+    if model.mask_decoder.hq_token or name != hq_name:
+        allowed = model.name if model.mask_decoder.hq_token else f"{model.name} or its HQ-SAM variant {hq_name}"
+        raise FinetuneError(f"--config.model={name}: the checkpoint is {model.name}; fine-tune it as {allowed}")
+    try:
+        return dataclasses.replace(
+            model, name=name, mask_decoder=dataclasses.replace(model.mask_decoder, hq_token=True)
+        )
+    except ValueError as e:
+        raise FinetuneError(f"--config.model={name}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -310,10 +334,12 @@ def finetune(
     if skipped:
         say("skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.items()))
 
-    def score(params) -> dict[str, float]:
-        return heldout_scores(evaluate(params, mc, heldout, num_clicks=3, max_images=cfg.eval_images or None))
+    def score(params, model) -> dict[str, float]:
+        return heldout_scores(evaluate(params, model, heldout, num_clicks=3, max_images=cfg.eval_images or None))
 
-    before = _before_scores(workdir, functools.partial(score, loaded.params))
+    # The checkpoint as it is: a SAM that trains as HQ-SAM (`hq_variant`) scores as that SAM.
+    as_is = mc if mc.mask_decoder.hq_token == loaded.config.mask_decoder.hq_token else loaded.config
+    before = _before_scores(workdir, functools.partial(score, loaded.params, as_is))
     del loaded  # the trainer loads the checkpoint's params into its own state
 
     from sam_jax.train.trainer import Trainer

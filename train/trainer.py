@@ -56,6 +56,7 @@ import optax
 
 from sam_jax.config import SamConfig, get_config, with_overrides
 from sam_jax.model import Params, abstract_params, init_params
+from sam_jax.modeling.hq import is_hq_param
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
 from sam_jax.train.lora import LORA, LoraSpec, lora_spec, merge_adapters
@@ -121,7 +122,9 @@ def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any
     """Params to start from, placed with `shardings`: `cfg.init` is "scratch",
     "checkpoint:PATH" (any form `load_model` reads) or "encoder:PATH" (that checkpoint's
     image encoder, the rest from scratch, e.g. an MAE-pretrained ViT). A checkpoint without
-    text layers (an official SAM) starts a text-prompt model: its text layers are new."""
+    text layers (an official SAM) starts a text-prompt model: its text layers are new. A plain
+    SAM starts an HQ-SAM model of its encoder (HQ-SAM's training): its HQ layers
+    (`modeling.hq.HQ_LAYERS`) are new, the seed's init."""
     kind, _, path = str(cfg.init).partition(":")
     if kind not in ("scratch", "checkpoint", "encoder") or (kind != "scratch") != bool(path):
         raise TrainingError(f"init must be 'scratch', 'checkpoint:PATH' or 'encoder:PATH', got {cfg.init!r}")
@@ -131,19 +134,27 @@ def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any
     from sam_jax.checkpoint import load_model
 
     loaded = load_model(path).params
+    fresh = functools.partial(init, jax.random.key(cfg.seed))
     if kind == "encoder":  # the image encoder from the checkpoint, the rest from scratch
-        loaded = {**init(jax.random.key(cfg.seed)), "image_encoder": loaded["image_encoder"]}
-    elif mc.prompt_encoder.text_embed_dim is not None and "text_embed" not in loaded["prompt_encoder"]:
-        fresh = init(jax.random.key(cfg.seed))["prompt_encoder"]  # the text layers, new
-        text_layers = {k: v for k, v in fresh.items() if k.startswith("text")}
+        loaded = {**fresh(), "image_encoder": loaded["image_encoder"]}
+    if mc.prompt_encoder.text_embed_dim is not None and "text_embed" not in loaded["prompt_encoder"]:
+        loaded = with_new_layers(loaded, fresh(), "prompt_encoder", lambda name: name.startswith("text"))
         # The text rows' mask tokens start as the checkpoint's own mask tokens.
-        decoder = {**loaded["mask_decoder"], "text_mask_tokens": loaded["mask_decoder"]["mask_tokens"]}
-        loaded = {**loaded, "prompt_encoder": {**loaded["prompt_encoder"], **text_layers}, "mask_decoder": decoder}
+        loaded["mask_decoder"] = {**loaded["mask_decoder"], "text_mask_tokens": loaded["mask_decoder"]["mask_tokens"]}
+    if mc.mask_decoder.hq_token and "hf_token" not in loaded["mask_decoder"]:  # a plain SAM, as HQ-SAM's training
+        loaded = with_new_layers(loaded, fresh(), "mask_decoder", lambda name: is_hq_param(("mask_decoder", name)))
     want = jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(init, jax.random.key(cfg.seed)))
     got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), loaded)
     if jax.tree.structure(got) != jax.tree.structure(want) or got != want:
         raise TrainingError(f"init checkpoint {path} does not match model {mc.name!r} (different shapes)")
     return jax.device_put(loaded, shardings)
+
+
+def with_new_layers(loaded: Params, fresh: Params, module: str, is_new: Callable[[str], bool]) -> Params:
+    """`loaded` with the layers of params[`module`] whose names `is_new` accepts taken from `fresh`
+    (a checkpoint without a model's added layers: a text model's, HQ-SAM's)."""
+    new = {name: layer for name, layer in fresh[module].items() if is_new(name)}
+    return {**loaded, module: {**loaded[module], **new}}
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
