@@ -185,14 +185,18 @@ def test_finetune_trains_a_plain_sam_as_its_hq_variant_alone(tmp_path, capsys):
     from sam_jax.checkpoint import save_params
     from sam_jax.cli import main
     from sam_jax.config import get_config
+    from sam_jax.train.embedding_cache import encoder_key
     from sam_jax.train.finetune import FinetuneError, finetune_config
     from sam_jax.train.trainer import model_config
 
-    ckpt = save_params(tmp_path / "sam", random_params(tiny()), tiny())
+    sam = random_params(tiny())
+    ckpt = save_params(tmp_path / "sam", sam, tiny())
     cfg = finetune_config(tiny(), ckpt, tmp_path / "train.json", overrides=["model=tiny_hq"])
     mc = model_config(cfg)
     assert (mc.name, mc.mask_decoder, mc.image_encoder.embed_dim) == ("tiny_hq", small_config().mask_decoder, 64)
     assert cfg.init == f"checkpoint:{ckpt}" and cfg.optim.freeze_image_encoder
+    # The same encoder's cached outputs: the HQ model's also hold its early features, in a folder of their own.
+    assert encoder_key(sam, tiny()) != encoder_key(sam, mc) == encoder_key(sam, small_config())
     for sam, hq in [("vit_b", "vit_b_hq"), ("vit_l", "vit_l_hq"), ("vit_h", "vit_h_hq"), ("vit_t", "vit_tiny_hq")]:
         assert model_config(finetune_config(get_config(sam), ckpt, "t.json", overrides=[f"model={hq}"])).name == hq
         assert finetune_config(get_config(hq), ckpt, "t.json", overrides=[f"model={hq}"]).model == hq

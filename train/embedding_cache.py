@@ -58,6 +58,8 @@ def encoder_key(params: Params, config: SamConfig) -> str:
     output depends on: two encoders with the same key give the same embeddings."""
     h = hashlib.blake2b(digest_size=16)
     fields = {k: config.to_dict()[k] for k in ("image_encoder", "pixel_mean", "pixel_std", "dtype")}
+    if config.mask_decoder.hq_token:  # HQ-SAM's encoder also gives its early features (a SAM's fine-tuned as HQ-SAM)
+        fields["interm"] = True
     h.update(json.dumps(fields, sort_keys=True).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(params["image_encoder"])[0]:
         arr = np.ascontiguousarray(jax.device_get(leaf))
