@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     # under the work directory; prompt encoder and mask decoder train on the cached embeddings.
     # lora: low-rank adapters on the frozen encoder (`lora` below) plus the prompt encoder and decoder.
     # full: every parameter trains (drop path and layer decay as the paper's, remat and dtype options).
-    # An HQ-SAM checkpoint trains its HQ layers alone in decoder and full mode, SAM frozen (lora is refused).
+    # An HQ-SAM checkpoint trains its HQ layers alone in decoder and full mode, SAM frozen (lora is refused);
+    # `model` may name a SAM checkpoint's HQ variant (model=vit_b_hq on vit_b): HQ-SAM with new HQ layers.
     c.mode = "decoder"
     c.steps = 1000
     c.batch_size = 4  # images per step; each brings up to data.masks_per_image masks
