@@ -198,7 +198,8 @@ def test_finetune_trains_a_plain_sam_as_its_hq_variant_alone(tmp_path, capsys):
     # The same encoder's cached outputs: the HQ model's also hold its early features, in a folder of their own.
     assert encoder_key(sam, tiny()) != encoder_key(sam, mc) == encoder_key(sam, small_config())
     for sam, hq in [("vit_b", "vit_b_hq"), ("vit_l", "vit_l_hq"), ("vit_h", "vit_h_hq"), ("vit_t", "vit_tiny_hq")]:
-        assert model_config(finetune_config(get_config(sam), ckpt, "t.json", overrides=[f"model={hq}"])).name == hq
+        as_hq = finetune_config(get_config(sam), ckpt, "t.json", overrides=[f"model={hq}"])
+        assert model_config(as_hq) == get_config(hq)  # the registry's HQ model, whole
         assert finetune_config(get_config(hq), ckpt, "t.json", overrides=[f"model={hq}"]).model == hq
     refused = [
         ("vit_b", "vit_l_hq", "the checkpoint is vit_b; fine-tune it as vit_b or its HQ-SAM variant vit_b_hq"),
