@@ -198,3 +198,22 @@ def test_accelerator_script_runs_every_item(tmp_path):
     assert items["ours_tiny_bf16_xla"]["tflops"] > 0 and items["matmul_bf16_jax"]["tflops"] > 0
     agreement = items["agreement_tiny_bf16_vs_fp32"]
     assert agreement["masks"] == 6 and 0.9 < agreement["mean_iou"] <= 1.0
+
+
+def test_input_pipeline_bench_compares_both_paths(tmp_path):
+    """`python -m bench.input_pipeline` on a small record: both paths timed, the same examples,
+    workers per chip = ceil(rate / records per second per core)."""
+    import math
+
+    from bench import input_pipeline
+
+    out = tmp_path / "input.json"
+    args = ["--config", "tiny", "--size", "320x200", "--num-masks", "12", "--masks-per-image", "4"]
+    result = input_pipeline.main([*args, "--repeats", "1", "--images-per-s", "3", "--out", str(out)])
+    assert result["same_examples"] and json.loads(out.read_text())["same_examples"]
+    for path in ("rle", "full"):
+        row = result[path]
+        assert row["records_per_s"] == pytest.approx(1 / row["total_s"])
+        assert 0 < row["jpeg_decode_s"] < row["total_s"]
+        assert result["workers_per_chip"]["3"][path] == math.ceil(3 / row["records_per_s"])
+    assert "rle_decode_s" in result["full"] and "rle_decode_s" not in result["rle"]

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 
 from sam_jax.train import coco
 from sam_jax.train.coco import CocoSource, write_coco
-from sam_jax.train.sa1b import DataError, SA1BSource
+from sam_jax.train.sa1b import DataError, RleMasks, SA1BSource
 
 # pycocotools 2.0.x under numpy 2 warns on every decode; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -160,7 +160,8 @@ def test_images_dir_and_cache(tmp_path):
     json_path.write_text(json.dumps(data))
     source = CocoSource(json_path, tmp_path / "images", cache=True)
     first = source[0]
-    assert source[0] is first and not first["masks"].flags.writeable
+    assert source[0] is first and not first["image"].flags.writeable
+    assert isinstance(first["masks"], RleMasks) and not first["masks"].areas.flags.writeable  # RLEs, immutable
     clone = pickle.loads(pickle.dumps(source))  # grain worker processes
     np.testing.assert_array_equal(clone[0]["masks"], first["masks"])
     with pytest.warns(RuntimeWarning, match="image missing or unreadable"):

@@ -380,3 +380,141 @@ def test_dataset_iterator_state_restores_exactly(shapes_dir):
         assert got["categories"] == want["categories"]
     it.close()  # stop the read-ahead threads of these infinite iterators
     fresh.close()
+
+
+# --------------------------------------------------------------------------- RLE masks, examples
+
+
+def _sa1b_like(folder: Path, h: int, w: int, seed: int) -> tuple[Path, Path, np.ndarray]:
+    """An SA-1B-like record: ellipses of many sizes, plus masks that are empty, over 90% of the
+    image, or a few pixels (lost on the low-res grid); two stored as uncompressed RLE. -> (image
+    path, JSON path, the masks (M, H, W) bool)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.ogrid[:h, :w]
+    masks = []
+    for _ in range(36):
+        r = np.exp(rng.uniform(np.log(2), np.log(0.4 * min(h, w))))
+        cy, cx, e = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.3, 1)
+        masks.append(((yy - cy) / r) ** 2 + ((xx - cx) / (r * e)) ** 2 <= 1)
+    full = np.ones((h, w), bool)
+    nearly_full = full.copy()
+    nearly_full[: h // 20] = False
+    specks = [np.zeros((h, w), bool) for _ in range(4)]
+    for s in specks:
+        y, x = rng.integers(0, h - 2), rng.integers(0, w - 2)
+        s[y : y + 2, x : x + rng.integers(1, 3)] = True
+    masks += [np.zeros((h, w), bool), full, nearly_full, *specks]
+    masks = np.stack([masks[i] for i in rng.permutation(len(masks))])
+    anns = []
+    for k, m in enumerate(masks):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        counts = rle["counts"].decode()
+        if k < 2:  # uncompressed: the run lengths themselves (column-major, from a 0-run)
+            flat = m.T.ravel().astype(np.int8)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [2]]))).tolist()
+            counts = np.diff([0, *edges]).tolist()
+        anns.append({"segmentation": {"size": [h, w], "counts": counts}, "category": "abc"[k % 3]})
+    image = (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8)
+    image_path, json_path = folder / f"r{seed}.jpg", folder / f"r{seed}.json"
+    Image.fromarray(image).resize((w, h), Image.BILINEAR).save(image_path, quality=90)
+    json_path.write_text(json.dumps({"image": {"height": h, "width": w}, "annotations": anns}))
+    return image_path, json_path, masks
+
+
+def test_rle_masks_decode_as_pycocotools(tmp_path):
+    """Areas without decoding, every way of decoding, and sampling rows and columns (sorted or
+    not, repeated or not) agree with pycocotools and numpy indexing."""
+    from sam_jax.train.sa1b import RleMasks, mask_areas
+
+    h, w = 90, 130
+    image_path, json_path, masks = _sa1b_like(tmp_path, h, w, seed=0)
+    lazy = load_record(image_path, json_path, decode_masks=False)["masks"]
+    assert isinstance(lazy, RleMasks) and lazy.shape == masks.shape and len(lazy) == len(masks)
+    segs = [a["segmentation"] for a in json.loads(json_path.read_text())["annotations"]]
+    rles = [mask_utils.frPyObjects(s, h, w) if isinstance(s["counts"], list) else s for s in segs]
+    np.testing.assert_array_equal(lazy.areas, mask_utils.area(rles))
+    np.testing.assert_array_equal(mask_areas(lazy), masks.reshape(len(masks), -1).sum(1))
+    assert lazy.areas.min() == 0 and lazy.areas.max() == h * w
+    np.testing.assert_array_equal(np.asarray(lazy), masks)
+    np.testing.assert_array_equal(load_record(image_path, json_path)["masks"], masks)
+    np.testing.assert_array_equal(lazy[3], masks[3])
+    np.testing.assert_array_equal(lazy[-1], masks[-1])
+    np.testing.assert_array_equal(lazy[[5, 1, 5]], masks[[5, 1, 5]])
+    np.testing.assert_array_equal(lazy[2:9:3], masks[2:9:3])
+    np.testing.assert_array_equal(lazy[masks.any((1, 2))], masks[masks.any((1, 2))])
+    np.testing.assert_array_equal(np.stack(list(lazy)), masks)
+    with pytest.raises(IndexError):
+        lazy[len(masks)]
+    rng = np.random.default_rng(1)
+    for rows, cols in [
+        (np.arange(0, h, 3), np.arange(1, w, 2)),
+        (np.sort(rng.integers(0, h, 150)), np.sort(rng.integers(0, w, 40))),  # repeats: upsampling
+        (rng.integers(0, h, 20), rng.integers(0, w, 70)),
+    ]:
+        picked = np.array([7, 0, 7, len(masks) - 1])
+        np.testing.assert_array_equal(lazy.sample(picked, rows, cols), masks[picked][:, rows][:, :, cols])
+    assert lazy.sample([], rows, cols).shape == (0, len(rows), len(cols))
+    empty = RleMasks([], h, w)
+    assert np.asarray(empty).shape == (0, h, w) and len(mask_areas(empty)) == 0
+    np.testing.assert_array_equal(np.asarray(pickle.loads(pickle.dumps(lazy))), masks)
+
+
+@pytest.mark.parametrize("size", [(1100, 1400), (700, 450)])  # downsampled / upsampled to 1024
+def test_examples_from_rle_masks_equal_full_decode(size, tmp_path, monkeypatch):
+    """`prepare_example` on a source's record (masks as RLE, only the chosen ones decoded, at
+    the resize's pixels) gives exactly the examples of fully decoded masks, text prompts too."""
+    from sam_jax.config import get_config
+    from sam_jax.train.data import prepare_example
+    from sam_jax.train.sa1b import RleMasks
+    from sam_jax.train.text import CaptionPrompts, CropPrompts
+
+    h, w = size
+    image_path, json_path, masks = _sa1b_like(tmp_path, h, w, seed=2)
+    source = SA1BSource(tmp_path, cache=True)
+    lazy = source[0]
+    assert isinstance(lazy["masks"], RleMasks) and source[0] is lazy
+    segs = [a["segmentation"] for a in json.loads(json_path.read_text())["annotations"]]
+    rles = [mask_utils.frPyObjects(s, h, w) if isinstance(s["counts"], list) else s for s in segs]
+    full_masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)).view(bool)
+    np.testing.assert_array_equal(full_masks, masks)
+    full = {**lazy, "masks": full_masks}
+
+    decoded: list[int] = []  # mask indices decoded, wholly or sampled
+    real_decode, real_sample = RleMasks._decode, RleMasks.sample
+    monkeypatch.setattr(RleMasks, "_decode", lambda self, i: decoded.extend(map(int, i)) or real_decode(self, i))
+    monkeypatch.setattr(
+        RleMasks, "sample", lambda self, i, r, c: decoded.extend(map(int, i)) or real_sample(self, i, r, c)
+    )
+
+    config = get_config("vit_b")
+    area = masks.reshape(len(masks), -1).sum(1)
+    usable = np.flatnonzero((area > 0) & (area <= 0.9 * h * w))
+    assert len(usable) < len(masks) - 2  # the empty and the too-large ones are left out
+    captions = CaptionPrompts({"a": np.ones(4, np.float32), "b": np.full(4, 2.0, np.float32)})
+
+    def embed_images(crops):  # a function of every crop pixel
+        return np.array(
+            [[c.shape[0], c.sum(dtype=np.int64) % 9973, (c[..., 0] > 100).sum()] for c in crops], np.float32
+        )
+
+    crops = CropPrompts(embed_images, dim=3, min_area=40 * 40)
+    lost = 0
+    for seed in range(3):
+        kw = dict(masks_per_image=16, max_mask_fraction=0.9, rng=np.random.default_rng(seed))
+        want = prepare_example(full, config, **kw)
+        decoded.clear()
+        got = prepare_example(lazy, config, **{**kw, "rng": np.random.default_rng(seed)})
+        chosen = np.random.default_rng(seed).permutation(usable)[:16]
+        assert decoded == list(chosen)  # the chosen masks alone, once each
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        lost += int((~want["valid"]).sum())
+        for text in (captions, crops):
+            want = prepare_example(full, config, **{**kw, "rng": np.random.default_rng(seed)}, text_prompts=text)
+            got = prepare_example(lazy, config, **{**kw, "rng": np.random.default_rng(seed)}, text_prompts=text)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+            assert want["text_valid"].any()
+    assert lost  # some chosen masks vanish on the low-res grid

@@ -321,13 +321,15 @@ def test_low_res_targets_are_block_majorities():
     from sam_jax.train.data import to_low_res
 
     rng = np.random.default_rng(0)
-    for h, w, low in [(192, 256, 64), (190, 250, 128), (256, 101, 16), (256, 256, 256), (3, 7, 8)]:
+    for h, w, low in [(192, 256, 64), (190, 250, 128), (256, 101, 16), (256, 256, 256), (3, 7, 8), (200, 256, 1)]:
         masks = rng.random((3, h, w)) < rng.random((3, 1, 1))
         padded = np.zeros((3, 256, 256))
         padded[:, :h, :w] = masks
         f = 256 // low
         want = padded.reshape(3, low, f, low, f).mean(axis=(2, 4)) >= 0.5
         np.testing.assert_array_equal(to_low_res(masks, 256, low), want)
+        transposed = np.ascontiguousarray(masks.transpose(0, 2, 1)).transpose(0, 2, 1)  # column-major masks
+        np.testing.assert_array_equal(to_low_res(transposed, 256, low), want)
 
 
 def test_sam_loss_candidates_restrict_the_trained_output():

@@ -11,7 +11,7 @@ write_coco(records, "out/instances.json")    # images written beside it, masks a
   ``merge``), uncompressed RLE (``counts`` a list, the crowd annotations) and compressed RLE
   (``counts`` a string). Crowd annotations are left out unless ``include_crowd``.
   Opening indexes the annotations per image without decoding any mask (a large file opens
-  as fast as its JSON parses); masks are decoded when a record is read.
+  as fast as its JSON parses); a record's masks are RLEs, decoded when they are used.
 * :func:`write_coco` writes an SA-1B-layout folder, or ``(image, masks)`` pairs, as a COCO
   instances file.
 """
@@ -28,7 +28,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from sam_jax.files import FileFormatError, read_image, read_json, write_atomic, write_json
-from sam_jax.train.sa1b import DataError, _checked_rle, list_records
+from sam_jax.train.sa1b import DataError, RleMasks, _checked_rle, list_records
 from sam_jax.train.sources import RecordSource
 
 COCO_KEYS = ("images", "annotations", "categories")
@@ -63,7 +63,8 @@ class CocoSource(RecordSource):
     """A grain ``RandomAccessDataSource`` over the images of a COCO instances file.
 
     ``source[i]`` is the ``i``-th usable image (in the file's order) as ``{"image": (H, W, 3)
-    uint8, "masks": (M, H, W) bool, "categories": [name] * M, "boxes": (M, 4) float32 XYWH
+    uint8, "masks": (M, H, W) bool as an :class:`~sam_jax.train.sa1b.RleMasks` (decoded on demand),
+    "categories": [name] * M, "boxes": (M, 4) float32 XYWH
     (the tight boxes of the decoded masks), "path": str}``, or ``None`` when its image file is
     missing, unreadable or of another size than the JSON says, or none of its masks decodes to
     a non-empty mask (warned about once per file; see :class:`RecordSource` for ``skipped``
@@ -191,10 +192,9 @@ class CocoSource(RecordSource):
         if not rles:
             self._skip(NO_MASKS, str(path), str(path))
             return None
-        masks = np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)).view(bool)  # values are 0 / 1
         return {
             "image": image,
-            "masks": masks,
+            "masks": RleMasks.from_rles(rles, h, w),
             "categories": categories,
             "boxes": mask_utils.toBbox(rles).astype(np.float32).reshape(len(rles), 4),
             "path": str(path),

@@ -17,41 +17,70 @@ import numpy as np
 from PIL import Image
 
 from sam_jax.config import SamConfig
+from sam_jax.train.sa1b import RleMasks, mask_areas
 from sam_jax.transforms import get_preprocess_shape, preprocess
 
 
-def resize_masks(masks: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(M, H, W) bool -> (M, h, w) bool with nearest-neighbour sampling."""
-    h, w = hw
-    ys = np.minimum(((np.arange(h) + 0.5) * masks.shape[1] / h).astype(np.int64), masks.shape[1] - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * masks.shape[2] / w).astype(np.int64), masks.shape[2] - 1)
+def nearest_grid(size: tuple[int, int], hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (h,) and columns (w,) of an (H, W) = `size` image that nearest-neighbour
+    resizing to (h, w) = `hw` samples: pixel (i, j) of the result is pixel (rows[i], cols[j])."""
+    (big_h, big_w), (h, w) = size, hw
+    ys = np.minimum(((np.arange(h) + 0.5) * big_h / h).astype(np.int64), big_h - 1)
+    xs = np.minimum(((np.arange(w) + 0.5) * big_w / w).astype(np.int64), big_w - 1)
+    return ys, xs
+
+
+def resize_masks(masks: np.ndarray | RleMasks, hw: tuple[int, int], indices: np.ndarray | None = None) -> np.ndarray:
+    """(M, H, W) bool -> (n, h, w) bool with nearest-neighbour sampling: the masks of `indices`
+    (default all, n = M). An :class:`RleMasks` decodes only the sampled pixels of those masks."""
+    if isinstance(masks, RleMasks):
+        ys, xs = nearest_grid(masks.shape[1:], hw)
+        return masks.sample(np.arange(len(masks)) if indices is None else indices, ys, xs)
+    masks = np.asarray(masks, bool)
+    ys, xs = nearest_grid(masks.shape[1:], hw)
+    if indices is not None:
+        masks = masks[indices]
     return masks[:, ys][:, :, xs]
 
 
 def to_low_res(masks: np.ndarray, image_size: int, low_res: int) -> np.ndarray:
     """(M, h, w) bool in the resized frame -> (M, m, m) bool on the padded low-res grid: a cell
     is inside when at least half of its f x f pixels are (f = image_size / m; the padding is
-    outside). The f^2 strided slices are summed as small integers, not averaged in float."""
+    outside). The counts are integer sums of strided slices (rows, then columns), not float
+    averages; the rule is symmetric in h and w, so a transposed view (what
+    :meth:`RleMasks.sample` returns) is reduced in its memory order."""
+    if not masks.flags.c_contiguous and masks.transpose(0, 2, 1).flags.c_contiguous:
+        return to_low_res(masks.transpose(0, 2, 1), image_size, low_res).transpose(0, 2, 1)
     m_count, h, w = masks.shape
     f = image_size // low_res
     hc, wc = min(-(-h // f), low_res), min(-(-w // f), low_res)  # the cells the frame touches
     frame = np.zeros((m_count, hc * f, wc * f), np.uint8)
     frame[:, :h, :w] = masks[:, : hc * f, : wc * f]
-    counts = np.zeros((m_count, hc, wc), np.int32)
-    for i in range(f):
-        for j in range(f):
-            counts += frame[:, i::f, j::f]
+    rows = frame.reshape(m_count, hc, f, wc * f)
+    row_sums = rows[:, :, 0].astype(np.uint16 if f * f < 2**16 else np.int64)  # (M, hc, wc * f), each <= f
+    for i in range(1, f):
+        row_sums += rows[:, :, i]
+    counts = row_sums[:, :, 0::f].copy()  # (M, hc, wc), each <= f * f
+    for j in range(1, f):
+        counts += row_sums[:, :, j::f]
     out = np.zeros((m_count, low_res, low_res), bool)
-    out[:, :hc, :wc] = 2 * counts >= f * f
+    out[:, :hc, :wc] = 2 * counts.astype(np.int32) >= f * f
     return out
 
 
-def target_masks(masks: np.ndarray, hw: tuple[int, int], image_size: int, mask_size: int) -> np.ndarray:
-    """(M, H, W) bool at the original size -> (M, mask_size, mask_size) bool targets: resized
-    to the model's frame (h, w) = `hw`, zero-padded to `image_size` and block-averaged."""
+def target_masks(
+    masks: np.ndarray | RleMasks,
+    hw: tuple[int, int],
+    image_size: int,
+    mask_size: int,
+    indices: np.ndarray | None = None,
+) -> np.ndarray:
+    """(M, H, W) bool at the original size -> (n, mask_size, mask_size) bool targets of the masks
+    of `indices` (default all): resized to the model's frame (h, w) = `hw`, zero-padded to
+    `image_size` and block-averaged."""
     if mask_size <= 0 or image_size % mask_size:
         raise ValueError(f"mask size {mask_size} must divide the image size {image_size}")
-    return to_low_res(resize_masks(masks, hw), image_size, mask_size)
+    return to_low_res(resize_masks(masks, hw, indices), image_size, mask_size)
 
 
 def model_input(image: np.ndarray, config: SamConfig) -> np.ndarray:
@@ -75,14 +104,16 @@ def prepare_example(
 ) -> dict[str, np.ndarray]:
     """record (`image` (H, W, 3) uint8, `masks` (M, H, W) bool, `categories` [str] * M) ->
     images (S, S, 3) float32, masks (K, m, m) bool, valid (K,) bool, with m = `mask_size`
-    (default: the decoder's low-res size); with `embed` (a frozen encoder's outputs read from a
+    (default: the decoder's low-res size). The masks may be an array or an `RleMasks` (what the
+    record sources read), from which only the K chosen masks are decoded, at the pixels the resize
+    samples: the same example either way; with `embed` (a frozen encoder's outputs read from a
     cache, `train.embedding_cache`), embeddings = embed(record) instead of images; with `text_prompts`
     (`sam_jax.train.text.CaptionPrompts` or `CropPrompts`) also the text prompt of each mask
     slot: text (K, Dt) float32 CLIP embeddings, text_valid (K,) bool and text_masks (K, m, m)
     bool, what each text asks for."""
-    image, masks = record["image"], np.asarray(record["masks"], bool)
+    image, masks = record["image"], record["masks"]
     h, w = image.shape[:2]
-    area = masks.reshape(len(masks), -1).sum(1)
+    area = mask_areas(masks)
     usable = np.flatnonzero((area > 0) & (area <= max_mask_fraction * h * w))
     chosen = rng.permutation(usable)[:masks_per_image]
     nh, nw = get_preprocess_shape(h, w, config.image_size)
@@ -90,7 +121,7 @@ def prepare_example(
     out_masks = np.zeros((k, m, m), bool)
     valid = np.zeros((k,), bool)
     if len(chosen):
-        low = target_masks(masks[chosen], (nh, nw), config.image_size, m)
+        low = target_masks(masks, (nh, nw), config.image_size, m, indices=chosen)
         out_masks[: len(chosen)] = low
         valid[: len(chosen)] = low.reshape(len(chosen), -1).any(1)  # a mask lost on the grid is not trained
     inputs = {"embeddings": embed(record)} if embed is not None else {"images": model_input(image, config)}

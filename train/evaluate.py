@@ -47,7 +47,7 @@ from sam_jax.model import Params, encode, predict_masks
 from sam_jax.predictor import PROMPT_BATCH_BUCKETS
 from sam_jax.prompts import LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_PAD, Prompts, bucket_size, make_prompts
 from sam_jax.train.losses import mask_iou
-from sam_jax.train.sa1b import list_records, load_record
+from sam_jax.train.sa1b import RleMasks, list_records, load_record, mask_areas
 from sam_jax.train.shapes import inner_point
 from sam_jax.transforms import ResizeLongestSide, preprocess
 
@@ -58,16 +58,17 @@ MAX_PROMPT_BATCH = PROMPT_BATCH_BUCKETS[-1]  # masks decoded per call; more are 
 # --------------------------------------------------------------------------- IoU (host or device), clicks (host)
 
 
-def usable_indices(masks: np.ndarray, limit: int | None = None) -> np.ndarray:
-    """(M, H, W) bool -> indices of the non-empty masks covering at most 90% of the image,
-    the first `limit` of them in file order."""
-    area = masks.reshape(len(masks), -1).sum(1)
+def usable_indices(masks: np.ndarray | RleMasks, limit: int | None = None) -> np.ndarray:
+    """(M, H, W) bool (an array or `RleMasks`) -> indices of the non-empty masks covering at most
+    90% of the image, the first `limit` of them in file order."""
+    area = mask_areas(masks)
     return np.flatnonzero((area > 0) & (area <= MAX_MASK_FRACTION * masks.shape[1] * masks.shape[2]))[:limit]
 
 
-def usable_masks(masks: np.ndarray, limit: int | None = None) -> np.ndarray:
-    """(M, H, W) bool -> (M', H, W): the masks of `usable_indices`."""
-    return masks[usable_indices(masks, limit)]
+def usable_masks(masks: np.ndarray | RleMasks, limit: int | None = None) -> np.ndarray:
+    """(M, H, W) bool (an array or `RleMasks`: only these decoded) -> (M', H, W) bool: the masks
+    of `usable_indices`."""
+    return np.asarray(masks[usable_indices(masks, limit)], bool)
 
 
 def farthest_point(region: np.ndarray) -> np.ndarray:

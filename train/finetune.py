@@ -48,6 +48,7 @@ import numpy as np
 from sam_jax.config import CONFIGS, SamConfig
 from sam_jax.files import FileFormatError, read_json, write_json
 from sam_jax.train.coco import EMPTY_MASK, NO_MASKS
+from sam_jax.train.sa1b import mask_areas
 from sam_jax.train.trainer import TrainingError, apply_overrides, load_config_file, model_config
 
 MODES = ("decoder", "lora", "full")
@@ -203,9 +204,8 @@ def scan_training_data(source: Any, indices: list[int], max_mask_fraction: float
         record = source[i]
         if record is None:  # counted by the source, per reason
             continue
-        m = np.asarray(record["masks"], bool)
-        h, w = m.shape[1:]
-        area = m.reshape(len(m), -1).sum(1)
+        h, w = record["masks"].shape[1:]
+        area = mask_areas(record["masks"])  # an RleMasks' without decoding
         usable = int(((area > 0) & (area <= max_mask_fraction * h * w)).sum())
         _add(skipped, EMPTY_MASK, int((area == 0).sum()))
         _add(skipped, TOO_LARGE, int((area > max_mask_fraction * h * w).sum()))

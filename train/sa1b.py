@@ -3,12 +3,16 @@
 * :func:`list_records` pairs the images and JSON files of a folder.
 * :func:`load_record` decodes one pair into numpy arrays, raising :class:`DataError`
   (naming the file) on anything corrupt.
+* :class:`RleMasks` holds a record's masks as RLE runs and decodes only the masks, and the
+  pixels, that are asked for (what the sources read: a training example uses 64 of an SA-1B
+  image's ~100 masks, at the model's resolution).
 * :class:`SA1BSource` is a grain ``RandomAccessDataSource`` over a folder; a corrupt record
   reads as ``None`` (with one warning per file) instead of stopping training.
 * :func:`make_dataset` is the grain pipeline: a deterministic per-seed shuffle (reshuffled
   each epoch), sharded by process, ``None`` records dropped, and a checkpointable iterator
   (``it.get_state()`` / ``it.set_state(state)``). Elements are the raw dicts of
-  :func:`load_record`; resizing and batching belong to the model-specific preprocessing.
+  :func:`load_record` (masks as :class:`RleMasks`); resizing and batching belong to the
+  model-specific preprocessing.
 
 Uses grain's dataset API (grain >= 0.2.x): ``grain.MapDataset.source(...).shuffle(seed)
 [shard::count].repeat(epochs).to_iter_dataset(grain.ReadOptions(...))``.
@@ -53,11 +57,14 @@ def list_records(root: str | Path) -> list[tuple[Path, Path]]:
     return sorted(pairs, key=lambda pair: pair[0].name)
 
 
-def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]:
+def load_record(image_path: str | Path, json_path: str | Path, *, decode_masks: bool = True) -> dict[str, Any]:
     """Decode one SA-1B record.
 
     Returns ``{"image": (H, W, 3) uint8, "masks": (M, H, W) bool, "categories": [str] * M
-    ("" where an annotation has none), "boxes": (M, 4) float32 XYWH, "path": str}``.
+    ("" where an annotation has none), "boxes": (M, 4) float32 XYWH, "path": str}``. The masks
+    are decoded column-major per mask, as RLEs are (``masks[i].T`` is C-contiguous); with
+    ``decode_masks=False`` they are an :class:`RleMasks` (decoded on demand; what the training
+    sources read) instead of an array.
 
     Raises :class:`DataError` naming the file for an unreadable or corrupt image, unreadable
     JSON, missing keys, a broken RLE, or a mask whose size differs from the image's.
@@ -84,9 +91,11 @@ def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]
             raise DataError(
                 f"{json_path}: says the image is {info['height']}x{info['width']}, but {image_path.name} is {h}x{w}"
             )
-        rles, categories, boxes = [], [], []
+        rles, runs, categories, boxes = [], [], [], []
         for i, ann in enumerate(anns):
-            rles.append(_checked_rle(ann["segmentation"], h, w, f"{json_path}: annotation {i}"))
+            rle, r = _checked(ann["segmentation"], h, w, f"{json_path}: annotation {i}")
+            rles.append(rle)
+            runs.append(r)
             categories.append(str(ann.get("category", "")))
             boxes.append(ann.get("bbox"))
     except DataError:
@@ -96,12 +105,9 @@ def load_record(image_path: str | Path, json_path: str | Path) -> dict[str, Any]
     except (TypeError, ValueError, AttributeError) as e:
         raise DataError(f"{json_path}: malformed record: {e}") from e
 
-    if rles:
-        # The RLEs were checked above, so a failure here is no data error: let it propagate.
-        decoded = mask_utils.decode(rles)  # (H, W, M) uint8, Fortran order
-        masks = np.ascontiguousarray(decoded.transpose(2, 0, 1)).view(bool)  # values are 0 / 1
-    else:
-        masks = np.zeros((0, h, w), bool)
+    masks = RleMasks(runs, h, w)
+    if decode_masks:
+        masks = np.asarray(masks)
 
     if any(b is None for b in boxes):
         computed = mask_utils.toBbox(rles) if rles else np.zeros((0, 4))
@@ -126,6 +132,11 @@ def _checked_rle(seg: dict, h: int, w: int, where: str) -> dict:
     buffer; a string ending mid-number reads past it), so the counts are parsed and checked
     here first.
     """
+    return _checked(seg, h, w, where)[0]
+
+
+def _checked(seg: dict, h: int, w: int, where: str) -> tuple[dict, np.ndarray]:
+    """(the compressed RLE of :func:`_checked_rle`, its run lengths (R,) int64), or :class:`DataError`."""
     size = [int(v) for v in seg["size"]]
     if size != [h, w]:
         raise DataError(f"{where}: mask size {size} differs from the image's {[h, w]}")
@@ -134,8 +145,9 @@ def _checked_rle(seg: dict, h: int, w: int, where: str) -> dict:
         runs = np.asarray(counts)
         if runs.ndim != 1 or (runs.size and not np.issubdtype(runs.dtype, np.integer)):
             raise DataError(f"{where}: broken RLE: counts are not integers")
-        _check_runs(runs.astype(np.int64), h, w, where)
-        return mask_utils.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w)
+        runs = runs.astype(np.int64)
+        _check_runs(runs, h, w, where)
+        return mask_utils.frPyObjects({"size": [h, w], "counts": [int(c) for c in counts]}, h, w), runs
     if isinstance(counts, str):
         try:
             counts = counts.encode("ascii")
@@ -143,8 +155,9 @@ def _checked_rle(seg: dict, h: int, w: int, where: str) -> dict:
             raise DataError(f"{where}: broken RLE: bad character in counts") from e
     if not isinstance(counts, bytes):
         raise DataError(f"{where}: broken RLE: counts are {type(counts).__name__}")
-    _check_runs(_parse_counts(counts, where), h, w, where)
-    return {"size": [h, w], "counts": counts}
+    runs = _parse_counts(counts, where)
+    _check_runs(runs, h, w, where)
+    return {"size": [h, w], "counts": counts}, runs
 
 
 def _parse_counts(s: bytes, where: str) -> np.ndarray:
@@ -179,6 +192,117 @@ def _check_runs(runs: np.ndarray, h: int, w: int, where: str) -> None:
     total = int(runs.sum()) if runs.size else 0
     if total != h * w:
         raise DataError(f"{where}: broken RLE: runs cover {total} pixels, the image has {h * w}")
+
+
+# --------------------------------------------------------------------------- masks
+
+
+class RleMasks:
+    """(M, H, W) bool masks held as their COCO RLE run lengths, decoded on demand.
+
+    The training sources read masks in this form: a record's masks cost a few kB each instead
+    of H * W bytes, and only the masks (and pixels) that are used get decoded.
+
+    * ``len(masks)``, ``masks.shape`` (M, H, W), ``masks.dtype`` (bool) and ``masks.areas``
+      (M,) int64, each mask's pixel count (pycocotools' ``area``), without decoding;
+    * ``masks[i]`` -> (H, W) bool; ``masks[indices]`` (a slice, an integer or boolean array)
+      -> (n, H, W) bool; ``np.asarray(masks)`` -> all of them, (M, H, W) bool; iterating gives
+      the masks one at a time;
+    * ``masks.sample(indices, rows, cols)`` -> (n, h, w) bool, ``masks[indices][:, rows][:, :,
+      cols]`` read from the runs at those pixels alone (the nearest-neighbour resize of
+      :func:`sam_jax.train.data.resize_masks`).
+
+    Every array returned is a fresh (writable) one; the container itself is immutable, so a
+    record cache can share it. ``runs``: one (R_i,) array per mask, COCO's run lengths in
+    column-major order starting with a run of zeros, each summing to ``H * W`` (checked by the
+    readers, :func:`load_record` and the COCO source; trusted here).
+    """
+
+    dtype = np.dtype(bool)
+    ndim = 3
+
+    def __init__(self, runs: list[np.ndarray], h: int, w: int):
+        self._runs = [np.asarray(r, np.uint32) for r in runs]
+        for r in self._runs:
+            r.flags.writeable = False
+        self.shape = (len(self._runs), int(h), int(w))
+        self.areas = np.array([int(r[1::2].sum(dtype=np.int64)) for r in self._runs], np.int64)
+        self.areas.flags.writeable = False
+
+    @classmethod
+    def from_rles(cls, rles: list[dict], h: int, w: int) -> RleMasks:
+        """From COCO RLE dicts of size (h, w) (``counts`` compressed bytes or str, or a list)."""
+        runs = []
+        for rle in rles:
+            counts = rle["counts"]
+            if isinstance(counts, list):
+                runs.append(np.asarray(counts, np.int64))
+            else:
+                runs.append(_parse_counts(counts.encode("ascii") if isinstance(counts, str) else counts, "RLE"))
+        return cls(runs, h, w)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"RleMasks(shape={self.shape})"
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):
+            raise TypeError("RleMasks takes one index over its masks: an int, a slice or an index array")
+        if isinstance(index, (int, np.integer)):
+            return self._decode([range(len(self))[index]])[0]
+        return self._decode(np.arange(len(self))[index])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        masks = self._decode(range(len(self)))
+        return masks if dtype is None else masks.astype(dtype)
+
+    def _decode(self, indices) -> np.ndarray:
+        """Mask indices (n,) -> (n, H, W) bool, every pixel: column-major per mask, as the runs
+        are (``out[k].T`` is C-contiguous), so decoding is one ``np.repeat``."""
+        _, h, w = self.shape
+        runs = [self._runs[int(i)] for i in indices]
+        if not runs:
+            return np.zeros((0, h, w), bool)
+        values = np.concatenate([np.arange(len(r)) % 2 == 1 for r in runs])  # zeros first, then alternating
+        return np.repeat(values, np.concatenate(runs)).reshape(len(runs), w, h).transpose(0, 2, 1)
+
+    def sample(self, indices, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Mask indices (n,), rows (h,) in [0, H) and cols (w,) in [0, W) -> (n, h, w) bool,
+        ``masks[indices][:, rows][:, :, cols]``, decoding only those pixels (a transposed view of
+        a C-contiguous (n, w, h) array when rows and cols repeat no pixel)."""
+        _, h_full, _ = self.shape
+        uy, y_of = np.unique(np.asarray(rows, np.int64), return_inverse=True)
+        ux, x_of = np.unique(np.asarray(cols, np.int64), return_inverse=True)
+        # The sampled pixels' column-major positions, increasing: run k, [end_k-1, end_k), holds
+        # searchsorted(end_k) - searchsorted(end_k-1) of them.
+        positions = (ux[:, None] * h_full + uy[None, :]).reshape(-1)
+        runs = [self._runs[int(i)] for i in np.asarray(indices, np.int64).reshape(-1)]
+        if not runs:
+            return np.zeros((0, len(rows), len(cols)), bool)
+        values = np.concatenate([np.arange(len(r)) % 2 == 1 for r in runs])
+        taken = np.concatenate(
+            [np.diff(np.searchsorted(positions, np.cumsum(r, dtype=np.int64)), prepend=0) for r in runs]
+        )
+        out = np.repeat(values, taken).reshape(len(runs), len(ux), len(uy)).transpose(0, 2, 1)
+        if len(uy) != len(rows):
+            out = out[:, y_of]
+        if len(ux) != len(cols):
+            out = out[:, :, x_of]
+        return out
+
+
+def mask_areas(masks: np.ndarray | RleMasks) -> np.ndarray:
+    """(M, H, W) bool masks (an array or :class:`RleMasks`) -> (M,) int64 pixel counts."""
+    if isinstance(masks, RleMasks):
+        return masks.areas.copy()
+    masks = np.asarray(masks, bool)
+    return masks.reshape(len(masks), -1).sum(1)
 
 
 # --------------------------------------------------------------------------- grain
@@ -262,14 +386,16 @@ class RecordSource:
 class SA1BSource(RecordSource):
     """A grain ``RandomAccessDataSource`` over the records of an SA-1B-layout folder.
 
-    ``source[i]`` is :func:`load_record` of the ``i``-th pair of :func:`list_records`, or
-    ``None`` when that record is corrupt: a warning names the file (once per file and
-    process), ``skipped["corrupt record"]`` counts the files and ``num_skipped`` every skip.
+    ``source[i]`` is :func:`load_record` of the ``i``-th pair of :func:`list_records` with
+    its masks as :class:`RleMasks` (``decode_masks=False``: only the masks a consumer uses are
+    decoded), or ``None`` when that record is corrupt: a warning names the file (once per file
+    and process), ``skipped["corrupt record"]`` counts the files and ``num_skipped`` every skip.
 
-    ``cache=True`` keeps each decoded record in memory after its first read (read-only
-    arrays), so later epochs skip the JPEG and RLE decoding: for data sets that fit in
-    memory (`make demo`'s 400 images: ~160 MB), where the decoding would take the host
-    cores from the training step. Corrupt records are not cached (each read counts).
+    ``cache=True`` keeps each read record in memory after its first read (read-only arrays,
+    the masks as their RLE runs), so later epochs skip the JPEG decoding and the JSON parsing:
+    for data sets that fit in memory (a decoded image plus a few kB per mask), where the
+    decoding would take the host cores from the training step. Corrupt records are not cached
+    (each read counts).
     """
 
     def __init__(self, root: str | Path, cache: bool = False):
@@ -283,7 +409,7 @@ class SA1BSource(RecordSource):
     def _load(self, index: int) -> dict[str, Any] | None:
         image_path, json_path = self.records[index]
         try:
-            return load_record(image_path, json_path)
+            return load_record(image_path, json_path, decode_masks=False)
         except DataError as e:
             self._skip("corrupt record", str(image_path), f"{image_path.name}: {e}")
             return None
@@ -351,9 +477,8 @@ def make_dataset(
       later ``it.set_state(state)`` on a fresh iterator of the same pipeline gives exactly
       the same following elements.
 
-    ``num_threads`` / ``prefetch_buffer_size`` are grain's ``ReadOptions``: decoded SA-1B
-    records are large (a full-size image with ~100 masks is a few hundred MB as bool), so
-    the buffer is kept small.
+    ``num_threads`` / ``prefetch_buffer_size`` are grain's ``ReadOptions``: a record holds
+    its decoded full-size image (10 MB for SA-1B), so the buffer is kept small.
     """
     import grain
 

@@ -6,8 +6,10 @@ source = open_source("sa1b_folder")  # NAME.jpg + NAME.json pairs (SA-1B)       
 
 Every source reads records in the format of :func:`sam_jax.train.sa1b.load_record`:
 ``{"image": (H, W, 3) uint8, "masks": (M, H, W) bool, "categories": [str] * M, "boxes": (M, 4)
-float32 XYWH, "path": str}``; ``source[i]`` is ``None`` for a record that cannot be read
-(a warning once per file, counted in ``num_skipped``), so training goes on.
+float32 XYWH, "path": str}``, the masks of SA-1B and COCO records as an
+:class:`~sam_jax.train.sa1b.RleMasks` (an (M, H, W) bool container decoded on demand:
+``np.asarray`` decodes all, ``mask_areas`` none). ``source[i]`` is ``None`` for a record that
+cannot be read (a warning once per file, counted in ``num_skipped``), so training goes on.
 """
 
 from __future__ import annotations

@@ -39,10 +39,10 @@ import numpy as np
 from sam_jax.config import SamConfig
 from sam_jax.model import Params, predict_masks
 from sam_jax.prompts import make_prompts
-from sam_jax.train.data import target_masks
+from sam_jax.train.data import resize_masks, target_masks, to_low_res
 from sam_jax.train.evaluate import eval_records, jitted_model, pad_rows, usable_indices
 from sam_jax.train.losses import mask_iou
-from sam_jax.train.sa1b import list_records, load_record
+from sam_jax.train.sa1b import list_records, load_record, mask_areas
 from sam_jax.transforms import ResizeLongestSide
 
 MODES = ("", "caption", "image")
@@ -129,9 +129,9 @@ class CaptionPrompts:
                 continue
             if category not in unions:
                 same = usable[categories[usable] == category]
-                unions[category] = target_masks(
-                    np.asarray(record["masks"], bool)[same].any(axis=0, keepdims=True), hw, config.image_size, m
-                )[0]
+                # Nearest-neighbour resizing commutes with the union: resize the masks, then unite.
+                resized = resize_masks(record["masks"], hw, same).any(axis=0, keepdims=True)
+                unions[category] = to_low_res(resized, config.image_size, m)[0]
             out["text"][slot], out["text_masks"][slot] = self.captions[category], unions[category]
             out["text_valid"][slot] = unions[category].any()
         return out
@@ -178,12 +178,12 @@ class CropPrompts:
         """-> text (k, Dt) float32, text_valid (k,) bool, text_masks (k, m, m) bool."""
         m = mask_size or config.low_res_mask_size
         out = _empty(k, self.dim, m)
-        masks = np.asarray(record["masks"], bool)
-        slots = np.array([s for s, i in enumerate(chosen) if masks[i].sum() >= self.min_area], np.int64)
+        masks, area = record["masks"], mask_areas(record["masks"])
+        slots = np.array([s for s, i in enumerate(chosen) if area[i] >= self.min_area], np.int64)
         if len(slots):
-            crops = [mask_crop(record["image"], masks[chosen[s]], rng) for s in slots]
+            crops = [mask_crop(record["image"], masks[int(chosen[s])], rng) for s in slots]
             out["text"][slots] = self.embed_images(crops)
-            out["text_masks"][slots] = target_masks(masks[chosen[slots]], hw, config.image_size, m)
+            out["text_masks"][slots] = target_masks(masks, hw, config.image_size, m, indices=chosen[slots])
             out["text_valid"][slots] = out["text_masks"][slots].reshape(len(slots), -1).any(1)
         return out
 
