@@ -22,6 +22,8 @@ from sam_jax.modeling.hq import HQ_LAYERS, is_hq_param
 from sam_jax.prompts import Prompts
 from sam_jax.train import losses
 from sam_jax.train import prompt_simulation as sim
+from tests.test_sam2_encoder import random_params as random_sam2_params
+from tests.train_worker import flat_params
 from tests.train_worker import small_config as small_train_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -34,24 +36,13 @@ def small_config():
     return with_overrides(tiny(), HQ_OVERRIDES)
 
 
-def _flat(params) -> dict[tuple[str, ...], np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
-    return {tuple(k.key for k in path): np.asarray(v) for path, v in leaves}
-
-
 def random_params(config, seed: int = 0):
-    """Every param of `config` drawn from a normal (std 0.1; norm scales about 1), without compiling an init."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        x = rng.normal(scale=0.1, size=shape.shape).astype(shape.dtype)
-        return x + 1 if path[-1].key == "scale" else x
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(config))
+    """Every param of `config` random (std 0.1, norm scales about 1), without compiling an init."""
+    return random_sam2_params(config, seed, scale=0.1, unit_norms=True)
 
 
 def test_is_hq_param_names_the_hq_layers_alone():
-    names = {path[1] for path in _flat(random_params(small_config())) if is_hq_param(path)}
+    names = {path[1] for path in flat_params(random_params(small_config())) if is_hq_param(path)}
     assert {n.rpartition("_")[0] if n[-1].isdigit() else n for n in names} == set(HQ_LAYERS)
     assert not is_hq_param(("mask_decoder", "output_hypernetworks_mlps_0", "layers_0", "kernel"))
     assert not is_hq_param(("image_encoder", "hf_token", "embedding"))
@@ -64,7 +55,7 @@ def test_one_step_trains_the_hq_layers_alone(monkeypatch):
     in both iterations, the second prompted with the first's HQ mask; every HQ tensor changed,
     every other bit-identical; the optimizer's state two moments of the HQ layers alone. Ten more
     steps lower the loss."""
-    from sam_jax.train.optim import make_optimizer
+    from sam_jax.train.optim import make_optimizer, param_labels
     from sam_jax.train.step import TrainBatch, init_state, train_step
 
     config = small_config()
@@ -90,7 +81,11 @@ def test_one_step_trains_the_hq_layers_alone(monkeypatch):
     monkeypatch.setattr(sim, "initial_prompt", lambda *a, **k: (jnp.asarray(points), jnp.asarray(labels)))
 
     tx, schedule = make_optimizer(params, config, cfg.optim)
-    step = jax.jit(functools.partial(train_step, tx=tx, schedule=schedule, model_config=config, cfg=cfg.loss))
+    unstopped = functools.partial(train_step, tx=tx, schedule=schedule, model_config=config, cfg=cfg.loss)
+    step = jax.jit(functools.partial(unstopped, labels=param_labels(params, config, cfg.optim)))
+    # The frozen SAM weights get no gradient: their weight-gradient products are never computed.
+    flops = lambda f: f.lower(init_state(params, tx, seed=0), batch).cost_analysis()["flops"]  # noqa: E731
+    assert flops(step) < 0.95 * flops(jax.jit(unstopped))  # 0.88x on this config
     state, metrics = step(init_state(params, tx, seed=0), batch)
     assert np.isfinite(metrics["loss"]) and metrics["finite"] == 1.0
 
@@ -109,7 +104,7 @@ def test_one_step_trains_the_hq_layers_alone(monkeypatch):
         )
     np.testing.assert_allclose(metrics["loss"], np.mean(expected), rtol=1e-5)
 
-    before, after = _flat(params), _flat(state.params)
+    before, after = flat_params(params), flat_params(state.params)
     hq = [path for path in before if is_hq_param(path)]
     for path in before:
         if is_hq_param(path):
@@ -164,10 +159,10 @@ def test_an_hq_model_starts_from_a_plain_sam_with_new_hq_layers(tmp_path, monkey
     cfg.model_overrides = HQ_OVERRIDES
     mc = model_config(cfg)
     shardings = shd.logical_shardings(abstract_params(mc, boxed=True), shd.make_mesh(1, 1, devices=jax.devices()[:1]))
-    fresh = _flat(initial_params(cfg, mc, shardings))  # cfg.init: scratch
+    fresh = flat_params(initial_params(cfg, mc, shardings))  # cfg.init: scratch
     sam = random_params(tiny())
     cfg.init = f"checkpoint:{save_params(tmp_path / 'sam', sam, tiny())}"
-    got, sam = _flat(initial_params(cfg, mc, shardings)), _flat(sam)
+    got, sam = flat_params(initial_params(cfg, mc, shardings)), flat_params(sam)
     assert got.keys() == fresh.keys() and set(sam) == {path for path in got if not is_hq_param(path)}
     for path, x in got.items():
         np.testing.assert_array_equal(x, fresh[path] if is_hq_param(path) else sam[path], err_msg=str(path))

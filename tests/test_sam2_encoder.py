@@ -476,10 +476,16 @@ def test_drop_path_and_remat():
 # ----------------------------------------------------------------------------- compute dtype, the model API
 
 
-def random_params(config: SamConfig, seed: int = 0, scale: float = 0.3) -> dict:
-    """Params of `config`'s shapes, normal(0, scale) (no init to compile)."""
+def random_params(config: SamConfig, seed: int = 0, scale: float = 0.3, unit_norms: bool = False) -> dict:
+    """Params of `config`'s shapes, normal(0, scale) (no init to compile); with `unit_norms` the
+    norms' scales are 1 + normal(0, scale)."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: (scale * rng.normal(size=a.shape)).astype(a.dtype), abstract_params(config))
+
+    def draw(path, a):
+        x = (scale * rng.normal(size=a.shape)).astype(a.dtype)
+        return x + 1 if unit_norms and path[-1].key == "scale" else x
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(config))
 
 
 def test_bfloat16_close_to_float32():

@@ -42,12 +42,18 @@ def set_keys(cfg, overrides: dict):
     return cfg
 
 
-def _params_digest(params) -> dict:
+def flat_params(params) -> dict:
+    """params -> {(module, ..., name): numpy array}."""
     import jax
     import numpy as np
 
     leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+    return {tuple(k.key for k in path): np.asarray(v) for path, v in leaves}
+
+
+def _params_digest(params) -> dict:
+    """params -> {"['module']...['name']": numpy array} (JSON-friendly keys)."""
+    return {"".join(f"[{k!r}]" for k in path): v for path, v in flat_params(params).items()}
 
 
 def param_diffs(ref: dict, got: dict) -> dict[str, float]:

@@ -100,6 +100,12 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: _path_names(path)[-1] == "kernel", params)
 
 
+def param_labels(params: Any, model_config: SamConfig, cfg: Any, trains: tuple[str, ...] | None = None) -> Any:
+    """params -> the same tree of "train" / "frozen" that `make_optimizer` (same arguments) applies:
+    `train_step(..., labels=)` stops the gradient of the frozen ones."""
+    return trainable_labels(params, cfg.freeze_image_encoder, hq_only=model_config.mask_decoder.hq_token, trains=trains)
+
+
 def make_optimizer(
     params: Any, model_config: SamConfig, cfg: Any, trains: tuple[str, ...] | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -114,8 +120,7 @@ def make_optimizer(
         scale_by_layer(model_config.image_encoder.depth, cfg.layer_decay),
     )
     tx = optax.multi_transform(
-        {"train": train, "frozen": optax.set_to_zero()},
-        trainable_labels(params, cfg.freeze_image_encoder, hq_only=model_config.mask_decoder.hq_token, trains=trains),
+        {"train": train, "frozen": optax.set_to_zero()}, param_labels(params, model_config, cfg, trains)
     )
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)

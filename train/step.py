@@ -437,14 +437,25 @@ def train_step(
     cfg: Any = None,
     train_image_encoder: bool = True,
     lora_scale: float = 1.0,
+    labels: Any = None,
 ):
     """One optimizer step of `objective` (default: `sam_objective(model_config, cfg, train_image_encoder,
     lora_scale)`) -> (new state, metrics: the objective's, grad_norm, param_norm, update_norm, lr, finite).
-    Non-finite steps are skipped (state kept, `finite` = 0 in the metrics); the caller decides whether to stop."""
+    Non-finite steps are skipped (state kept, `finite` = 0 in the metrics); the caller decides whether to stop.
+
+    `labels` (`optim.param_labels` of the params, as `tx` freezes them): the params labelled "frozen" get
+    no gradient (zeros), so the backward pass never computes their weight-gradient products, which `tx`
+    would discard; grad_norm is then the trained params'."""
     if objective is None:
         objective = sam_objective(model_config, cfg, train_image_encoder, lora_scale)
+
+    def frozen_stopped_loss(params, batch, rng):
+        if labels is not None:
+            params = jax.tree.map(lambda p, lab: jax.lax.stop_gradient(p) if lab == "frozen" else p, params, labels)
+        return objective.loss(params, batch, rng)
+
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(state.params, batch, rng)
+    (loss, metrics), grads = jax.value_and_grad(frozen_stopped_loss, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)

@@ -60,7 +60,7 @@ from sam_jax.modeling.hq import is_hq_param
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
 from sam_jax.train.lora import LORA, LoraSpec, lora_spec, merge_adapters
-from sam_jax.train.optim import make_optimizer
+from sam_jax.train.optim import make_optimizer, param_labels
 from sam_jax.train.step import HEAD, Objective, TrainState, init_state, sam_objective, train_step
 
 log = logging.getLogger("sam_jax.train")
@@ -134,7 +134,7 @@ def initial_params(cfg: ml_collections.ConfigDict, mc: SamConfig, shardings: Any
     from sam_jax.checkpoint import load_model
 
     loaded = load_model(path).params
-    fresh = functools.partial(init, jax.random.key(cfg.seed))
+    fresh = functools.cache(functools.partial(init, jax.random.key(cfg.seed)))  # the init runs at most once
     if kind == "encoder":  # the image encoder from the checkpoint, the rest from scratch
         loaded = {**fresh(), "image_encoder": loaded["image_encoder"]}
     if mc.prompt_encoder.text_embed_dim is not None and "text_embed" not in loaded["prompt_encoder"]:
@@ -433,10 +433,11 @@ class Trainer:
         self.objective = objective if objective is not None else self._sam_objective()
         abstract = self._abstract_params()
         self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim, self.objective.trains)
+        labels = param_labels(abstract, self.model_config, cfg.optim, self.objective.trains)
         self.state_sharding = state_shardings(self.tx, abstract, self._param_shardings(abstract), self.mesh)
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self._step = jax.jit(
-            functools.partial(train_step, objective=self.objective, tx=self.tx, schedule=self.schedule),
+            functools.partial(train_step, objective=self.objective, tx=self.tx, schedule=self.schedule, labels=labels),
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
             donate_argnums=0,
