@@ -1,7 +1,9 @@
-"""The training step's memory and FLOPs at the paper's scale, from XLA's compiled analysis (nothing runs).
+"""The training step's memory and FLOPs at the paper's scale, from XLA's compiled analysis, and the
+step run on a device with its time, MFU and profile.
 
     python -m bench.train_scale                        # vit_b and vit_h, float32 and bf16, batch 1, fsdp 1 and 8
     python -m bench.train_scale --models vit_b --batches 1 2 4 --fsdp 1 --dtypes bfloat16
+    python -m bench.train_scale --run --models vit_b --dtypes float32 --remat-decoder 1 --mask-chunk 8   # run it
 
 The recipe is `train/configs/base.py` (1024 px, 64 masks per image, 1 + 8 + 2 interactive
 iterations, drop path and layer decay of the model); the state and the batch are
@@ -18,6 +20,11 @@ embeddings), the latter as D(0) + n x (D(1) - D(0)) with D(i) the pieces with i 
 iterations and n = 10, all masks at once (`loss.mask_chunk` changes the memory, not the FLOPs).
 XLA:CPU's buffer assignment stands in for the accelerator's: the numbers are an estimate of the
 device's, not a measurement on it.
+
+`--run` runs the step instead, at batch 1 on one device of the default backend (the CPU, or the
+accelerator where there is one): step seconds, images/s, the step's FLOPs (the split above) per
+second as a fraction of the device's measured matrix-product rate in the compute dtype (the MFU;
+float32 on a CPU), peak memory, and the pieces of the split run alone: where the time goes.
 """
 
 from __future__ import annotations
@@ -73,7 +80,8 @@ def recipe(
 
 def abstract_step(cfg, per_chip_batch: int, fsdp: int):
     """The jitted step of `cfg` on a (1, fsdp) mesh of the first `fsdp` devices, with its state and a
-    batch of `per_chip_batch` x fsdp images as ShapeDtypeStructs placed as the Trainer places them."""
+    batch of `per_chip_batch` x fsdp images as ShapeDtypeStructs placed as the Trainer places them,
+    and the optimizer -> (step, state, batch, tx)."""
     import functools
 
     import jax
@@ -81,7 +89,7 @@ def abstract_step(cfg, per_chip_batch: int, fsdp: int):
 
     from sam_jax.model import abstract_params
     from sam_jax.train import sharding as shd
-    from sam_jax.train.optim import make_optimizer
+    from sam_jax.train.optim import make_optimizer, param_labels
     from sam_jax.train.step import TrainBatch, init_state, train_step
     from sam_jax.train.trainer import loss_mask_size, model_config, state_shardings
 
@@ -110,12 +118,13 @@ def abstract_step(cfg, per_chip_batch: int, fsdp: int):
             tx=tx,
             schedule=schedule,
             train_image_encoder=not cfg.optim.freeze_image_encoder,
+            labels=param_labels(abstract, mc, cfg.optim),
         ),
         in_shardings=(state_sh, bsh),
         out_shardings=(state_sh, shd.replicated(mesh)),
         donate_argnums=0,
     )
-    return step, state, batch
+    return step, state, batch, tx
 
 
 def memory(compiled) -> dict[str, int]:
@@ -139,13 +148,16 @@ def flops(compiled) -> float:
 def analyze_step(cfg, per_chip_batch: int = 1, fsdp: int = 1) -> dict:
     """Compile the step of `cfg` (no run) -> memory per device (bytes), the step's raw FLOPs, compile seconds."""
     t = time.perf_counter()
-    step, state, batch = abstract_step(cfg, per_chip_batch, fsdp)
+    step, state, batch, _ = abstract_step(cfg, per_chip_batch, fsdp)
     compiled = step.lower(state, batch).compile()
     return {**memory(compiled), "step_flops_raw": flops(compiled), "compile_s": time.perf_counter() - t}
 
 
-def flop_split(cfg) -> dict[str, float]:
-    """FLOPs of one image's step (one device): encoder forward + backward, interactive loop forward + backward."""
+def step_pieces(cfg) -> dict[str, tuple]:
+    """The step of one image (one device) in pieces compiled alone, as (jitted fn, abstract args):
+    "encoder" (forward + backward: a VJP of `encode`, drop path on) and "loop_0" / "loop_1" (the
+    interactive loss's forward + backward given the embeddings, with 0 and 1 later iterations, all
+    masks at once: a `lax.map` over mask chunks would be counted once)."""
     import functools
 
     import jax
@@ -166,22 +178,154 @@ def flop_split(cfg) -> dict[str, float]:
         out, vjp = jax.vjp(lambda p: encode(p, x, config=mc, drop_path_rng=jax.random.wrap_key_data(kd)), p)
         return out, vjp(ct)
 
-    e = flops(jax.jit(enc).lower(params, images, emb, key).compile())
     batch = TrainBatch(
         images=images, masks=sds((1, k, m, m), jnp.bool_), valid=sds((1, k), jnp.bool_), ids=sds((1,), jnp.int32)
     )
 
     def dec(iters):
         c2 = recipe_copy(cfg, iters)
-        c2.loss.mask_chunk = 0  # all masks in one pass: a lax.map over mask chunks would be counted once
+        c2.loss.mask_chunk = 0
         f = functools.partial(interactive_loss, model_config=mc, cfg=c2.loss)
-        g = jax.grad(lambda p, e, b, r: f(p, e, b, jax.random.wrap_key_data(r))[0], argnums=(0, 1))
-        return flops(jax.jit(g).lower(params, emb, batch, key).compile())
+        return jax.jit(jax.grad(lambda p, e, b, r: f(p, e, b, jax.random.wrap_key_data(r))[0], argnums=(0, 1)))
 
-    d0, d1 = dec(0), dec(1)
+    return {
+        "encoder": (jax.jit(enc), (params, images, emb, key)),
+        "loop_0": (dec(0), (params, emb, batch, key)),
+        "loop_1": (dec(1), (params, emb, batch, key)),
+    }
+
+
+def _split(per_piece: dict[str, float], cfg, unit: str) -> dict[str, float]:
+    """Per-piece counts (FLOPs or seconds) -> the step's: encoder, first decode, one later
+    iteration and the loop (first decode + n later iterations, n of the recipe)."""
+    d0, d1 = per_piece["loop_0"], per_piece["loop_1"]
     n = cfg.loss.num_point_iters + cfg.loss.num_no_point_iters
-    loop = d0 + n * (d1 - d0)
-    return {"encoder_fwd_bwd": e, "first_decode_fwd_bwd": d0, "iteration_fwd_bwd": d1 - d0, "loop_fwd_bwd": loop}
+    return {
+        f"encoder_fwd_bwd{unit}": per_piece["encoder"],
+        f"first_decode_fwd_bwd{unit}": d0,
+        f"iteration_fwd_bwd{unit}": d1 - d0,
+        f"loop_fwd_bwd{unit}": d0 + n * (d1 - d0),
+    }
+
+
+def flop_split(cfg) -> dict[str, float]:
+    """FLOPs of one image's step (one device): encoder forward + backward, interactive loop forward + backward."""
+    return _split({name: flops(fn.lower(*args).compile()) for name, (fn, args) in step_pieces(cfg).items()}, cfg, "")
+
+
+def random_like(tree, seed: int = 0):
+    """Concrete arrays for a tree of ShapeDtypeStructs: floats normal, keys random bits, masks
+    rectangles (a bool (B, K, m, m): each slot a box of 1/16 to 1/4 of the side), ints 0."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        if x.dtype == np.bool_ and len(x.shape) == 4:
+            out = np.zeros(x.shape, bool)
+            m = x.shape[-1]
+            for i in np.ndindex(*x.shape[:2]):
+                h, w = rng.integers(m // 16, m // 4, 2)
+                y, z = rng.integers(0, m - h), rng.integers(0, m - w)
+                out[i][y : y + h, z : z + w] = True
+            return out
+        if x.dtype == np.bool_:
+            return np.ones(x.shape, bool)
+        if x.dtype == np.uint32:
+            return rng.integers(0, 2**32, x.shape, dtype=np.uint32)
+        if np.issubdtype(x.dtype, np.floating):
+            return rng.normal(size=x.shape).astype(x.dtype)
+        return np.zeros(x.shape, x.dtype)
+
+    return jax.tree.map(draw, tree)
+
+
+def peak_memory_bytes() -> int | None:
+    """The device's peak bytes in use (an accelerator's allocator), else this process's peak RSS (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_step(cfg, steps: int = 2, profile: bool = True) -> dict:
+    """Run the recipe's step at batch 1 on the default device (`cfg` on a 1-device mesh, params
+    from the model's init, a random image and rectangle masks) -> compile seconds, the compiled
+    memory analysis (as `analyze_step`'s), every step's
+    seconds and their median, images/s, FLOP/s from the step's FLOP split (`step_pieces`) and its
+    fraction of the device's measured matrix-product rate in the compute dtype (the MFU; float32 on
+    a CPU), the peak memory; with `profile`, each piece of `step_pieces` also runs alone (a warm-up,
+    then one timed call) -> where the step's time goes, and each part's MFU."""
+    import statistics
+
+    import jax
+
+    from bench.accelerator import jax_matmul_tflops
+    from sam_jax.model import init_params
+    from sam_jax.train.step import init_state
+    from sam_jax.train.trainer import model_config
+
+    mc = model_config(cfg)
+    step, state, batch, tx = abstract_step(cfg, 1, 1)
+    t = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    out = {"compile_s": time.perf_counter() - t, "compiled_memory": memory(compiled)}
+    placed = jax.tree.map(lambda x: x.sharding, state)
+    live = jax.jit(lambda key: init_state(init_params(mc, key), tx, cfg.seed), out_shardings=placed)(
+        jax.random.key(cfg.seed)
+    )
+    data = jax.device_put(random_like(batch, cfg.seed))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        live, metrics = compiled(live, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    out["peak_memory_bytes"] = peak_memory_bytes()  # before the pieces run
+
+    piece_flops, seconds = {}, {}
+    for name, (fn, args) in step_pieces(cfg).items():
+        c = fn.lower(*args).compile()
+        piece_flops[name] = flops(c)
+        if profile:
+            concrete = (live.params, *jax.device_put(random_like(args[1:], cfg.seed)))
+            jax.block_until_ready(c(*concrete))  # warm-up
+            t = time.perf_counter()
+            jax.block_until_ready(c(*concrete))
+            seconds[name] = time.perf_counter() - t
+    split = _split(piece_flops, cfg, "")
+    total = split["encoder_fwd_bwd"] + split["loop_fwd_bwd"]
+    on_cpu = jax.default_backend() == "cpu"
+    mm_dtype = "float32" if on_cpu else cfg.dtype
+    rate = jax_matmul_tflops(2048 if on_cpu else 8192, mm_dtype, 3 if on_cpu else 10) * 1e12
+    median = statistics.median(times)
+    out.update(
+        step_s=times,
+        median_step_s=median,
+        images_per_s=1 / median,
+        step_flops=total,
+        flops_per_s=total / median,
+        matmul_flops_per_s=rate,
+        matmul_dtype=mm_dtype,
+        mfu=total / median / rate,
+        loss=float(metrics["loss"]),
+        device=str(jax.devices()[0].device_kind),
+        flop_split=split,
+    )
+    if profile:
+        timed = _split(seconds, cfg, "_s")
+        mfu = {f"{p}_mfu": split[f"{p}_fwd_bwd"] / timed[f"{p}_fwd_bwd_s"] / rate for p in ("encoder", "loop")}
+        out["profile"] = {**timed, **mfu}
+    return out
 
 
 def recipe_copy(cfg, later_iters: int):
@@ -233,6 +377,44 @@ def _row(r: dict) -> str:
     )
 
 
+def _cfg(v: dict, masks: int):
+    return recipe(
+        v["model"],
+        v["dtype"],
+        remat_encoder=v["remat_encoder"],
+        remat_decoder=v["remat_decoder"],
+        mask_chunk=v["mask_chunk"],
+        masks=masks,
+    )
+
+
+def run_main(args) -> None:
+    """`--run`: `run_step` of each variant, printed and kept under "runs" in the results."""
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.exists() else {"rows": [], "flops": []}
+    for v in variants(args):
+        r = {**v, "masks": args.masks, **run_step(_cfg(v, args.masks), steps=args.steps)}
+        print(
+            f"{r['model']} {r['dtype']} on {r['device']}: step {r['median_step_s']:.2f} s "
+            f"({', '.join(f'{t:.2f}' for t in r['step_s'])}), {r['images_per_s']:.3f} images/s, "
+            f"{r['flops_per_s'] / 1e12:.3f} TFLOP/s of {r['step_flops'] / 1e12:.2f} TFLOP, MFU {r['mfu']:.3f} "
+            f"(matmul {r['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s {r['matmul_dtype']}), "
+            f"peak {(r['peak_memory_bytes'] or 0) / GB:.2f} GB, compile {r['compile_s']:.0f} s",
+            flush=True,
+        )
+        if "profile" in r:
+            p = r["profile"]
+            print(
+                f"    encoder fwd+bwd {p['encoder_fwd_bwd_s']:.2f} s (MFU {p['encoder_mfu']:.3f}), interactive loop "
+                f"{p['loop_fwd_bwd_s']:.2f} s (MFU {p['loop_mfu']:.3f}): first decode "
+                f"{p['first_decode_fwd_bwd_s']:.2f} s, each later iteration {p['iteration_fwd_bwd_s']:.2f} s",
+                flush=True,
+            )
+        fields = ("model", "dtype", "remat_encoder", "remat_decoder", "mask_chunk", "masks", "device")
+        results["runs"] = [x for x in results.get("runs", []) if any(x[f] != r[f] for f in fields)] + [r]
+        path.write_text(json.dumps(results, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["vit_b", "vit_h"], choices=["tiny", "vit_b", "vit_l", "vit_h"])
@@ -244,8 +426,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mask-chunk", nargs="+", type=int, default=[0], help="masks per chunk (0: all)")
     ap.add_argument("--masks", type=int, default=64, help="masks per image")
     ap.add_argument("--flops", action="store_true", help="also the FLOP split (one device, batch 1)")
+    ap.add_argument(
+        "--run",
+        action="store_true",
+        help="run the step instead (batch 1, one device of the default backend: the CPU here, else the "
+        "accelerator): step time, images/s, MFU, peak memory and where the time goes",
+    )
+    ap.add_argument("--steps", type=int, default=2, help="timed steps of --run")
     ap.add_argument("--out", default=str(RESULTS), help="JSON results (appended to by variant)")
     args = ap.parse_args(argv)
+    if args.run:
+        return run_main(args)
 
     # Simulated devices: set before JAX initialises its backends.
     n = max(args.fsdp)
@@ -266,14 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         return tuple(r[f] for f in (*fields, "batch", "fsdp"))
 
     for v in variants(args):
-        cfg = recipe(
-            v["model"],
-            v["dtype"],
-            remat_encoder=v["remat_encoder"],
-            remat_decoder=v["remat_decoder"],
-            mask_chunk=v["mask_chunk"],
-            masks=args.masks,
-        )
+        cfg = _cfg(v, args.masks)
         if args.flops:
             t = time.perf_counter()
             split = {**v, "masks": args.masks, **flop_split(cfg)}

@@ -65,13 +65,28 @@ def test_decoder_remat_and_mask_chunks_keep_loss_and_gradients():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_bench_memory_analysis_on_tiny():
+def test_bench_on_tiny():
+    """The compiled memory analysis without and with decoder remat (less temp memory with), and
+    `--run`: the recipe's step runs (finite loss, two timed steps), its time split into the
+    encoder's and the interactive loop's, with the FLOPs and MFU of each."""
     rows = {}
-    for remat in (False, True):
-        cfg = train_scale.recipe("tiny", remat_decoder=remat, masks=4, point_iters=2, no_point_iters=1)
-        rows[remat] = train_scale.analyze_step(cfg, per_chip_batch=1, fsdp=1)
+    cfg = {
+        r: train_scale.recipe("tiny", remat_decoder=r, masks=4, point_iters=2, no_point_iters=1) for r in (False, True)
+    }
+    rows[False] = train_scale.analyze_step(cfg[False], per_chip_batch=1, fsdp=1)
+    run = train_scale.run_step(cfg[True], steps=2)
+    rows[True] = run["compiled_memory"]
     for row in rows.values():
-        assert row["argument"] > 0 and row["temp"] > 0 and row["step_flops_raw"] > 0
+        assert row["argument"] > 0 and row["temp"] > 0
         assert row["peak"] == row["argument"] + row["output"] - row["alias"] + row["temp"]
+    assert rows[False]["step_flops_raw"] > 0
     assert rows[True]["temp"] < rows[False]["temp"]
     assert train_scale.fits({1: 10, 2: 14}, 30) == 6  # 6 + 4 b <= 30
+
+    assert np.isfinite(run["loss"]) and len(run["step_s"]) == 2 and run["images_per_s"] > 0
+    split = run["flop_split"]
+    assert run["step_flops"] == split["encoder_fwd_bwd"] + split["loop_fwd_bwd"] > 0
+    assert split["loop_fwd_bwd"] == split["first_decode_fwd_bwd"] + 3 * split["iteration_fwd_bwd"]
+    assert run["mfu"] > 0 and run["peak_memory_bytes"] > 0
+    p = run["profile"]
+    assert p["encoder_fwd_bwd_s"] > 0 and p["loop_fwd_bwd_s"] > 0 and p["encoder_mfu"] > 0 and p["loop_mfu"] > 0
