@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="point grid of the mask generator in the amg and memory cases; default 32 (the official default)",
     )
+    p.add_argument(
+        "--official-device",
+        default="cpu",
+        help="torch device of the official model (cuda: on a GPU machine, beside ours on the GPU); default cpu",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON file to write (default {DEFAULT_OUT})")
     return p
 
@@ -100,6 +105,7 @@ def _meta(args: argparse.Namespace, threads: int) -> dict:
         "encoder_batches": list(args.encoder_batches),
         "amg_points_per_side": args.amg_points_per_side,
         "cpus": threads,
+        "official_device": args.official_device,
         "torch_threads": torch.get_num_threads(),
         "jax": jax.__version__,
         "jax_backend": jax.default_backend(),
@@ -128,9 +134,11 @@ def run(args: argparse.Namespace) -> dict:
     result = {"meta": _meta(args, threads), "matmul": matmul, "rows": {}}
     rows = []
     with tempfile.TemporaryDirectory(prefix="sam_jax_bench_") as tmp:
+        pair = models.build_pair(args.model)
+        pair.official.to(args.official_device)
         ctx = Context(
             args.model,
-            models.build_pair(args.model),
+            pair,
             models.photo(),
             matmul,
             Path(tmp),

@@ -140,10 +140,10 @@ def official_encode(model, x) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        out = model.image_encoder(x)
+        out = model.image_encoder(x.to(model.device))
     if isinstance(out, tuple):  # HQ-SAM's encoders return the early features too
         out = out[0]
-    return out.permute(0, 2, 3, 1).numpy()
+    return out.permute(0, 2, 3, 1).cpu().numpy()  # on the host: a GPU's work has finished
 
 
 def encoder_flops(config, batch: int) -> float:
@@ -205,8 +205,9 @@ def official_predict_many(predictor, coords: np.ndarray, labels: np.ndarray) -> 
     import torch
 
     pts = torch.as_tensor(predictor.transform.apply_coords(coords, predictor.original_size), dtype=torch.float)
-    masks, iou, _ = predictor.predict_torch(pts, torch.as_tensor(labels, dtype=torch.int), multimask_output=True)
-    return masks.numpy(), iou.numpy()
+    lbl = torch.as_tensor(labels, dtype=torch.int)
+    masks, iou, _ = predictor.predict_torch(pts.to(predictor.device), lbl.to(predictor.device), multimask_output=True)
+    return masks.cpu().numpy(), iou.cpu().numpy()
 
 
 def _upsample_flops(ctx: Context, input_size: tuple[int, int], original_size: tuple[int, int]) -> float:

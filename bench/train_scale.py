@@ -153,11 +153,12 @@ def analyze_step(cfg, per_chip_batch: int = 1, fsdp: int = 1) -> dict:
     return {**memory(compiled), "step_flops_raw": flops(compiled), "compile_s": time.perf_counter() - t}
 
 
-def step_pieces(cfg) -> dict[str, tuple]:
+def step_pieces(cfg, counting: bool = True) -> dict[str, tuple]:
     """The step of one image (one device) in pieces compiled alone, as (jitted fn, abstract args):
     "encoder" (forward + backward: a VJP of `encode`, drop path on) and "loop_0" / "loop_1" (the
-    interactive loss's forward + backward given the embeddings, with 0 and 1 later iterations, all
-    masks at once: a `lax.map` over mask chunks would be counted once)."""
+    interactive loss's forward + backward given the embeddings, with 0 and 1 later iterations).
+    `counting`: all masks at once, for XLA's FLOP count (a `lax.map` over mask chunks would be
+    counted once; the memory may not fit); else in `cfg`'s mask chunks, to run."""
     import functools
 
     import jax
@@ -184,7 +185,8 @@ def step_pieces(cfg) -> dict[str, tuple]:
 
     def dec(iters):
         c2 = recipe_copy(cfg, iters)
-        c2.loss.mask_chunk = 0
+        if counting:
+            c2.loss.mask_chunk = 0
         f = functools.partial(interactive_loss, model_config=mc, cfg=c2.loss)
         return jax.jit(jax.grad(lambda p, e, b, r: f(p, e, b, jax.random.wrap_key_data(r))[0], argnums=(0, 1)))
 
@@ -208,9 +210,16 @@ def _split(per_piece: dict[str, float], cfg, unit: str) -> dict[str, float]:
     }
 
 
-def flop_split(cfg) -> dict[str, float]:
-    """FLOPs of one image's step (one device): encoder forward + backward, interactive loop forward + backward."""
-    return _split({name: flops(fn.lower(*args).compile()) for name, (fn, args) in step_pieces(cfg).items()}, cfg, "")
+def compiled_pieces(cfg, counting: bool = True) -> dict[str, tuple]:
+    """`step_pieces` compiled: {name: (compiled, abstract args)}."""
+    return {name: (fn.lower(*args).compile(), args) for name, (fn, args) in step_pieces(cfg, counting).items()}
+
+
+def flop_split(cfg, pieces: dict | None = None) -> dict[str, float]:
+    """FLOPs of one image's step (one device): encoder forward + backward, interactive loop forward + backward
+    (from `pieces`, `compiled_pieces(cfg)`, if given)."""
+    pieces = compiled_pieces(cfg) if pieces is None else pieces
+    return _split({name: flops(c) for name, (c, _) in pieces.items()}, cfg, "")
 
 
 def random_like(tree, seed: int = 0):
@@ -257,14 +266,15 @@ def peak_memory_bytes() -> int | None:
     return None
 
 
-def run_step(cfg, steps: int = 2, profile: bool = True) -> dict:
+def run_step(cfg, steps: int = 2, profile: bool = True, report=None) -> dict:
     """Run the recipe's step at batch 1 on the default device (`cfg` on a 1-device mesh, params
     from the model's init, a random image and rectangle masks) -> compile seconds, the compiled
-    memory analysis (as `analyze_step`'s), every step's
-    seconds and their median, images/s, FLOP/s from the step's FLOP split (`step_pieces`) and its
-    fraction of the device's measured matrix-product rate in the compute dtype (the MFU; float32 on
-    a CPU), the peak memory; with `profile`, each piece of `step_pieces` also runs alone (a warm-up,
-    then one timed call) -> where the step's time goes, and each part's MFU."""
+    memory analysis (as `analyze_step`'s), every step's seconds and their median, images/s, FLOP/s
+    from the step's FLOP split (`flop_split`) and its fraction of the device's measured
+    matrix-product rate in the compute dtype (the MFU; float32 on a CPU), the peak memory. With
+    `profile`, each piece of `step_pieces` (in `cfg`'s mask chunks) then runs alone (a warm-up, then
+    one timed call): where the step's time goes, and each part's MFU. `report(result)`, if given, gets
+    the result before the profile runs."""
     import statistics
 
     import jax
@@ -290,19 +300,11 @@ def run_step(cfg, steps: int = 2, profile: bool = True) -> dict:
         live, metrics = compiled(live, data)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
-    out["peak_memory_bytes"] = peak_memory_bytes()  # before the pieces run
+    out["peak_memory_bytes"] = peak_memory_bytes()
+    del compiled, data
 
-    piece_flops, seconds = {}, {}
-    for name, (fn, args) in step_pieces(cfg).items():
-        c = fn.lower(*args).compile()
-        piece_flops[name] = flops(c)
-        if profile:
-            concrete = (live.params, *jax.device_put(random_like(args[1:], cfg.seed)))
-            jax.block_until_ready(c(*concrete))  # warm-up
-            t = time.perf_counter()
-            jax.block_until_ready(c(*concrete))
-            seconds[name] = time.perf_counter() - t
-    split = _split(piece_flops, cfg, "")
+    counted = compiled_pieces(cfg)
+    split = flop_split(cfg, counted)
     total = split["encoder_fwd_bwd"] + split["loop_fwd_bwd"]
     on_cpu = jax.default_backend() == "cpu"
     mm_dtype = "float32" if on_cpu else cfg.dtype
@@ -321,7 +323,17 @@ def run_step(cfg, steps: int = 2, profile: bool = True) -> dict:
         device=str(jax.devices()[0].device_kind),
         flop_split=split,
     )
+    if report is not None:
+        report(out)
     if profile:
+        seconds = {}
+        chunked = 0 < cfg.loss.mask_chunk < cfg.data.masks_per_image
+        for name, (c, args) in (compiled_pieces(cfg, counting=False) if chunked else counted).items():
+            concrete = (live.params, *jax.device_put(random_like(args[1:], cfg.seed)))
+            jax.block_until_ready(c(*concrete))  # warm-up
+            t = time.perf_counter()
+            jax.block_until_ready(c(*concrete))
+            seconds[name] = time.perf_counter() - t
         timed = _split(seconds, cfg, "_s")
         mfu = {f"{p}_mfu": split[f"{p}_fwd_bwd"] / timed[f"{p}_fwd_bwd_s"] / rate for p in ("encoder", "loop")}
         out["profile"] = {**timed, **mfu}
@@ -334,6 +346,34 @@ def recipe_copy(cfg, later_iters: int):
     c.loss.num_point_iters = later_iters
     c.loss.num_no_point_iters = 0
     return c
+
+
+# Dense bf16 peaks (FLOP/s) of the chips projected to, and the paper's vit_h schedule.
+CHIPS = {"H100": 989e12, "TPU v5p": 459e12}
+PAPER_SCHEDULE = {"steps": 90_000, "images_per_step": 256, "chips": 256, "hours": 68, "chip": "A100"}
+
+
+def projection(results: dict, mfus: dict[str, float]) -> str:
+    """A markdown table projecting images/s (= steps/s at one image per chip) per chip and the chip-hours
+    of the paper's vit_h schedule from the bf16 FLOP split in `results` ("flops"), at each MFU of
+    `mfus` (label -> fraction): a projection from FLOPs, not a measurement."""
+    per_image = {
+        r["model"]: r["encoder_fwd_bwd"] + r["loop_fwd_bwd"] for r in results["flops"] if r["dtype"] == "bfloat16"
+    }
+    sched = PAPER_SCHEDULE
+    images = sched["steps"] * sched["images_per_step"]
+    lines = [
+        "| chip, MFU | " + " | ".join(f"{m} images/s per chip" for m in per_image) + " | vit_h schedule, chip-hours |",
+        "|---" * (len(per_image) + 2) + "|",
+    ]
+    for chip, peak in CHIPS.items():
+        for label, mfu in mfus.items():
+            rates = [mfu * peak / f for f in per_image.values()]
+            hours = images * per_image["vit_h"] / (mfu * peak) / 3600 if "vit_h" in per_image else float("nan")
+            lines.append(f"| {chip}, {label} | " + " | ".join(f"{r:.2f}" for r in rates) + f" | {hours:,.0f} |")
+    paper = sched["chips"] * sched["hours"]
+    lines.append(f"| the paper: {sched['chips']} {sched['chip']} x {sched['hours']} h | | | {paper:,} |")
+    return "\n".join(lines)
 
 
 def fits(peaks: dict[int, int], capacity: float) -> int:
@@ -392,8 +432,14 @@ def run_main(args) -> None:
     """`--run`: `run_step` of each variant, printed and kept under "runs" in the results."""
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.exists() else {"rows": [], "flops": []}
-    for v in variants(args):
-        r = {**v, "masks": args.masks, **run_step(_cfg(v, args.masks), steps=args.steps)}
+
+    def save(r):
+        fields = ("model", "dtype", "remat_encoder", "remat_decoder", "mask_chunk", "masks", "device")
+        results["runs"] = [x for x in results.get("runs", []) if any(x[f] != r[f] for f in fields)] + [r]
+        path.write_text(json.dumps(results, indent=1))
+
+    def step_line(r):
+        save(r)
         print(
             f"{r['model']} {r['dtype']} on {r['device']}: step {r['median_step_s']:.2f} s "
             f"({', '.join(f'{t:.2f}' for t in r['step_s'])}), {r['images_per_s']:.3f} images/s, "
@@ -402,6 +448,10 @@ def run_main(args) -> None:
             f"peak {(r['peak_memory_bytes'] or 0) / GB:.2f} GB, compile {r['compile_s']:.0f} s",
             flush=True,
         )
+
+    for v in variants(args):
+        r = {**v, "masks": args.masks}
+        r.update(run_step(_cfg(v, args.masks), steps=args.steps, report=lambda out, r=r: step_line({**r, **out})))
         if "profile" in r:
             p = r["profile"]
             print(
@@ -410,9 +460,7 @@ def run_main(args) -> None:
                 f"{p['first_decode_fwd_bwd_s']:.2f} s, each later iteration {p['iteration_fwd_bwd_s']:.2f} s",
                 flush=True,
             )
-        fields = ("model", "dtype", "remat_encoder", "remat_decoder", "mask_chunk", "masks", "device")
-        results["runs"] = [x for x in results.get("runs", []) if any(x[f] != r[f] for f in fields)] + [r]
-        path.write_text(json.dumps(results, indent=1))
+        save(r)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -433,10 +481,21 @@ def main(argv: list[str] | None = None) -> None:
         "accelerator): step time, images/s, MFU, peak memory and where the time goes",
     )
     ap.add_argument("--steps", type=int, default=2, help="timed steps of --run")
+    ap.add_argument(
+        "--project",
+        action="store_true",
+        help="print the projection to H100 and TPU v5p from the results' bf16 FLOP split, at 40%% MFU and at "
+        "the MFU of the results' CPU runs (nothing is compiled)",
+    )
     ap.add_argument("--out", default=str(RESULTS), help="JSON results (appended to by variant)")
     args = ap.parse_args(argv)
     if args.run:
         return run_main(args)
+    if args.project:
+        results = json.loads(Path(args.out).read_text())
+        cpu = {f"{r['mfu']:.2f} ({r['model']} {r['dtype']} on this CPU)": r["mfu"] for r in results.get("runs", [])}
+        print(projection(results, {"0.40": 0.40, **cpu}))
+        return None
 
     # Simulated devices: set before JAX initialises its backends.
     n = max(args.fsdp)

@@ -90,3 +90,16 @@ def test_bench_on_tiny():
     assert run["mfu"] > 0 and run["peak_memory_bytes"] > 0
     p = run["profile"]
     assert p["encoder_fwd_bwd_s"] > 0 and p["loop_fwd_bwd_s"] > 0 and p["encoder_mfu"] > 0 and p["loop_mfu"] > 0
+
+
+def test_projection_from_the_flop_split():
+    results = {
+        "flops": [
+            {"model": m, "dtype": "bfloat16", "encoder_fwd_bwd": e, "loop_fwd_bwd": 1e12}
+            for m, e in (("vit_b", 1e12), ("vit_h", 3e12))
+        ]
+    }
+    table = train_scale.projection(results, {"0.50": 0.5}).splitlines()
+    # H100 at 50%: 494.5 TFLOP/s over 2 and 4 TFLOP an image; 90k x 256 images x 4 TFLOP at that rate
+    assert table[2] == f"| H100, 0.50 | 247.25 | 123.62 | {90_000 * 256 * 4e12 / 494.5e12 / 3600:,.0f} |"
+    assert table[-1] == "| the paper: 256 A100 x 68 h | | | 17,408 |"
