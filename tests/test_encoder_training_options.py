@@ -135,7 +135,7 @@ def test_remat_same_params_outputs_and_gradients(setup):
 
     dp = with_encoder(config, drop_path_rate=0.5)
     (l0, g0), (l1, g1) = value_and_grad(dp), value_and_grad(with_encoder(dp, remat=True))
-    assert l0 == l1
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)  # the two programs may round differently
     assert jax.tree.structure(g0) == jax.tree.structure(g1)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), g0, g1)
     assert float(jnp.abs(g0["image_encoder"]["blocks_3"]["mlp"]["lin1"]["kernel"]).max()) > 0

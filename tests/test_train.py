@@ -17,14 +17,12 @@ import pytest
 from sam_jax.train import losses
 from sam_jax.train import prompt_simulation as sim
 from sam_jax.train.shapes import make_shapes
+from tests.conftest import FAST_COMPILE
 from tests.train_worker import _params_digest, param_diffs, small_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 ROOT = Path(__file__).resolve().parent.parent
-# Unoptimized XLA code in the worker processes: half the compile time of a train step, and
-# every side of a comparison runs the same way.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.fixture(scope="module")
