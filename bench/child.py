@@ -29,27 +29,19 @@ from typing import Any
 import numpy as np
 
 from bench import models
+from bench.harness import process_memory_mb
 from sam_jax.config import get_config
 
 RESULT = "RESULT "
 
 
-def _status_mb(field: str) -> float:
-    """A memory field of /proc/self/status ("VmRSS", "VmHWM"), MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def amg(side: str, model, image: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
-    rss_before = _status_mb("VmRSS")
+    rss_before = process_memory_mb("VmRSS")
     gen = models.mask_generator(side, model, points_per_side=args.points_per_side)
     t = time.perf_counter()
     records = gen.generate(image)
     seconds = time.perf_counter() - t
-    return {"generate_s": seconds, "masks": len(records), "rss_before_mb": rss_before, "peak_mb": _status_mb("VmHWM")}
+    return {"generate_s": seconds, "masks": len(records), "rss_before_mb": rss_before, "peak_mb": process_memory_mb()}
 
 
 def _predict_once(side: str, model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +75,9 @@ def photo(side: str, model, image: np.ndarray, args: argparse.Namespace) -> dict
 
     h, w = (int(v) for v in args.size.split("x"))
     image = photo_at((h, w))
-    rss_before = _status_mb("VmRSS")
+    rss_before = process_memory_mb("VmRSS")
     result = run_task(side, model, args.task, image)
-    return {**result, "rss_before_mb": rss_before, "peak_mb": _status_mb("VmHWM")}
+    return {**result, "rss_before_mb": rss_before, "peak_mb": process_memory_mb()}
 
 
 MODES = {"amg": amg, "first-call": first_call, "photo": photo}

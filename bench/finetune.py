@@ -28,22 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.harness import device_peak_bytes, process_memory_mb
+
 RESULTS = Path(__file__).with_name("results_finetune.json")
 MODES = ("decoder", "lora", "full")
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _device_peak_mb() -> float | None:
-    import jax
-
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
 
 
 def prepare(root: Path, model: str, images: int) -> tuple[Path, Path]:
@@ -104,8 +92,8 @@ def child(args: argparse.Namespace) -> dict:
         "masks_per_image": args.masks,
         "steps_per_s": steps_per_s,
         "examples_per_s": steps_per_s * args.batch,
-        "peak_rss_mb": _peak_rss_mb(),
-        "device_peak_mb": _device_peak_mb(),
+        "peak_rss_mb": process_memory_mb(),
+        "device_peak_mb": None if (peak := device_peak_bytes()) is None else peak / 2**20,
         "images": report["data"]["images"],
     }
     if args.mode == "decoder":  # the first epoch encodes its images (scan_s), later epochs read the cache

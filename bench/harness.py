@@ -139,6 +139,31 @@ def rate_extra(flop: float, ours_s: float, official_s: float | None, matmul: dic
     return out
 
 
+# ----------------------------------------------------------------------------- memory
+
+
+def process_memory_mb(field: str = "VmHWM") -> float | None:
+    """A memory field of /proc/self/status, MB: "VmHWM" (this process's peak resident set, the
+    default) or "VmRSS" (its resident set now); None where the system has no such file (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def device_peak_bytes() -> int | None:
+    """The first local device's peak bytes in use (an accelerator's allocator); None on a device that
+    keeps no such count (the CPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+
+
 # ----------------------------------------------------------------------------- output
 
 

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.harness import device_peak_bytes, process_memory_mb
+
 RESULTS = Path(__file__).with_name("results_train_scale.json")
 GB = 1e9
 # The paper's per-model recipe values (appendix A): drop path, layer decay, peak lr.
@@ -89,7 +91,7 @@ def abstract_step(cfg, per_chip_batch: int, fsdp: int):
 
     from sam_jax.model import abstract_params
     from sam_jax.train import sharding as shd
-    from sam_jax.train.optim import make_optimizer, param_labels
+    from sam_jax.train.optim import make_optimizer
     from sam_jax.train.step import TrainBatch, init_state, train_step
     from sam_jax.train.trainer import loss_mask_size, model_config, state_shardings
 
@@ -97,7 +99,7 @@ def abstract_step(cfg, per_chip_batch: int, fsdp: int):
     mesh = shd.make_mesh(1, fsdp, devices=jax.devices()[:fsdp])
     boxed = abstract_params(mc, boxed=True)
     abstract = abstract_params(mc)
-    tx, schedule = make_optimizer(abstract, mc, cfg.optim)
+    tx, schedule, labels = make_optimizer(abstract, mc, cfg.optim)
     state_sh = state_shardings(tx, abstract, shd.logical_shardings(boxed, mesh), mesh)
     shapes = jax.eval_shape(functools.partial(init_state, tx=tx, seed=cfg.seed), abstract)
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
@@ -118,7 +120,7 @@ def abstract_step(cfg, per_chip_batch: int, fsdp: int):
             tx=tx,
             schedule=schedule,
             train_image_encoder=not cfg.optim.freeze_image_encoder,
-            labels=param_labels(abstract, mc, cfg.optim),
+            labels=labels,
         ),
         in_shardings=(state_sh, bsh),
         out_shardings=(state_sh, shd.replicated(mesh)),
@@ -250,22 +252,6 @@ def random_like(tree, seed: int = 0):
     return jax.tree.map(draw, tree)
 
 
-def peak_memory_bytes() -> int | None:
-    """The device's peak bytes in use (an accelerator's allocator), else this process's peak RSS (CPU)."""
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"])
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def run_step(cfg, steps: int = 2, profile: bool = True, report=None) -> dict:
     """Run the recipe's step at batch 1 on the default device (`cfg` on a 1-device mesh, params
     from the model's init, a random image and rectangle masks) -> compile seconds, the compiled
@@ -300,7 +286,7 @@ def run_step(cfg, steps: int = 2, profile: bool = True, report=None) -> dict:
         live, metrics = compiled(live, data)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
-    out["peak_memory_bytes"] = peak_memory_bytes()
+    out["peak_memory_bytes"] = device_peak_bytes() or int(process_memory_mb() * 2**20)
     del compiled, data
 
     counted = compiled_pieces(cfg)

@@ -88,6 +88,17 @@ def test_matches_official_generator(sharp_models, photo, settings, large):
     assert isinstance(ours[0]["area"], int) and ours[0]["segmentation"].dtype == bool
 
 
+def assert_records_match(ours: list[dict], expected: list[dict]) -> None:
+    """The same records as the official generator's, one for one: as many, and each (in the order of
+    point, then predicted IoU) with a mask of IoU >= 0.99 and a predicted IoU within 1e-3."""
+    assert len(expected) >= 5, "the setting must produce masks to compare"
+    assert len(ours) == len(expected)
+    key = lambda r: tuple(r["point_coords"][0]) + (round(r["predicted_iou"], 3),)  # noqa: E731
+    for o, r in zip(sorted(ours, key=key), sorted(expected, key=key)):
+        assert _iou(o["segmentation"], r["segmentation"]) >= 0.99
+        assert abs(o["predicted_iou"] - r["predicted_iou"]) < 1e-3
+
+
 def test_output_modes_and_records(sharp_models, photo):
     kw = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.5)
     model = sharp_models[1]

@@ -55,7 +55,7 @@ def test_one_step_trains_the_hq_layers_alone(monkeypatch):
     in both iterations, the second prompted with the first's HQ mask; every HQ tensor changed,
     every other bit-identical; the optimizer's state two moments of the HQ layers alone. Ten more
     steps lower the loss."""
-    from sam_jax.train.optim import make_optimizer, param_labels
+    from sam_jax.train.optim import make_optimizer
     from sam_jax.train.step import TrainBatch, init_state, train_step
 
     config = small_config()
@@ -80,9 +80,9 @@ def test_one_step_trains_the_hq_layers_alone(monkeypatch):
     points[1, 0], labels[1, 0] = [200.5, 40.5], 1
     monkeypatch.setattr(sim, "initial_prompt", lambda *a, **k: (jnp.asarray(points), jnp.asarray(labels)))
 
-    tx, schedule = make_optimizer(params, config, cfg.optim)
+    tx, schedule, frozen = make_optimizer(params, config, cfg.optim)
     unstopped = functools.partial(train_step, tx=tx, schedule=schedule, model_config=config, cfg=cfg.loss)
-    step = jax.jit(functools.partial(unstopped, labels=param_labels(params, config, cfg.optim)))
+    step = jax.jit(functools.partial(unstopped, labels=frozen))
     # The frozen SAM weights get no gradient: their weight-gradient products are never computed.
     flops = lambda f: f.lower(init_state(params, tx, seed=0), batch).cost_analysis()["flops"]  # noqa: E731
     assert flops(step) < 0.95 * flops(jax.jit(unstopped))  # 0.88x on this config

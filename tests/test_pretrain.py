@@ -52,7 +52,7 @@ def test_the_kinds_objective_trains_the_encoder_and_its_head_alone():
     params["head"] = objective.head(jax.random.key(0))
     optim = shapes_text_p8.get_config().optim
     optim.warmup_steps = 0  # a full-size first update
-    tx, _ = make_optimizer(params, config, optim, objective.trains)
+    tx, _, _ = make_optimizer(params, config, optim, objective.trains)
     state = jax.jit(tx.init)(params)
     trained = ("image_encoder", "head")
     size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731

@@ -28,7 +28,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from sam_jax.files import FileFormatError, read_image, read_json, write_atomic, write_json
-from sam_jax.train.sa1b import DataError, RleMasks, _checked_rle, list_records
+from sam_jax.train.sa1b import DataError, RleMasks, _checked, _checked_rle, _parse_counts, list_records
 from sam_jax.train.sources import RecordSource
 
 COCO_KEYS = ("images", "annotations", "categories")
@@ -176,25 +176,26 @@ class CocoSource(RecordSource):
                 IMAGE_SIZE, str(path), f"{path} is {image.shape[0]}x{image.shape[1]}, {self.json_path} says {h}x{w}"
             )
             return None
-        rles, categories = [], []
+        rles, runs, categories = [], [], []
         for ann_id, name, seg in self._annotations[index]:
             key = f"{self.json_path}: annotation {ann_id}"
             try:
-                rle = _to_rle(seg, h, w, key)
+                rle, mask_runs = _to_rle(seg, h, w, key)
             except _Skip as s:
                 self._skip(s.reason, key, str(s))
                 continue
-            if mask_utils.area(rle) == 0:
+            if not mask_runs[1::2].any():
                 self._skip(EMPTY_MASK, key, f"{key} (image {file_name})")
                 continue
             rles.append(rle)
+            runs.append(mask_runs)
             categories.append(name)
         if not rles:
             self._skip(NO_MASKS, str(path), str(path))
             return None
         return {
             "image": image,
-            "masks": RleMasks.from_rles(rles, h, w),
+            "masks": RleMasks(runs, h, w),
             "categories": categories,
             "boxes": mask_utils.toBbox(rles).astype(np.float32).reshape(len(rles), 4),
             "path": str(path),
@@ -241,8 +242,9 @@ def _hashable(v: Any) -> bool:
     return isinstance(v, (int, str)) and not isinstance(v, bool)
 
 
-def _to_rle(seg: Any, h: int, w: int, where: str) -> dict:
-    """The RLE of an indexed segmentation, as ``COCO.annToRLE`` makes it, or _Skip."""
+def _to_rle(seg: Any, h: int, w: int, where: str) -> tuple[dict, np.ndarray]:
+    """The RLE of an indexed segmentation, as ``COCO.annToRLE`` makes it, and its run lengths
+    (R,) int64 (:class:`RleMasks`), or _Skip."""
     if isinstance(seg, list):  # polygon parts, each >= 3 points (checked when indexed)
         for part in seg:
             try:
@@ -251,9 +253,10 @@ def _to_rle(seg: Any, h: int, w: int, where: str) -> dict:
                 raise _Skip(MALFORMED_ANNOTATION, f"{where}: polygon coordinates are not numbers") from None
             if not np.isfinite(xy).all():
                 raise _Skip(MALFORMED_ANNOTATION, f"{where}: polygon coordinates are not finite")
-        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        return rle, _parse_counts(rle["counts"], where)
     try:  # uncompressed or compressed RLE, its size checked when indexed
-        return _checked_rle(seg, h, w, where)
+        return _checked(seg, h, w, where)
     except DataError as e:
         raise _Skip(BROKEN_RLE, str(e)) from None
 

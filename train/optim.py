@@ -101,16 +101,17 @@ def decay_mask(params: Any) -> Any:
 
 
 def param_labels(params: Any, model_config: SamConfig, cfg: Any, trains: tuple[str, ...] | None = None) -> Any:
-    """params -> the same tree of "train" / "frozen" that `make_optimizer` (same arguments) applies:
-    `train_step(..., labels=)` stops the gradient of the frozen ones."""
+    """params -> the same tree of "train" / "frozen": which params `make_optimizer` trains."""
     return trainable_labels(params, cfg.freeze_image_encoder, hq_only=model_config.mask_decoder.hq_token, trains=trains)
 
 
 def make_optimizer(
     params: Any, model_config: SamConfig, cfg: Any, trains: tuple[str, ...] | None = None
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer for `params` (a pytree of arrays or shapes) from a training config's `optim`
-    fields; `trains`: the top-level modules that train (`Objective.trains`; None: all)."""
+) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
+    """(the optimizer, its learning-rate schedule, the tree of "train" / "frozen" labels it applies)
+    for `params` (a pytree of arrays or shapes) from a training config's `optim` fields; `trains`:
+    the top-level modules that train (`Objective.trains`; None: all). `train_step(..., labels=)`
+    takes the labels to stop the gradient of the frozen params."""
     schedule = learning_rate_schedule(
         cfg.lr, cfg.warmup_steps, tuple(cfg.decay_steps), cfg.decay_factor, cfg.cosine_decay_end
     )
@@ -119,9 +120,8 @@ def make_optimizer(
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
         scale_by_layer(model_config.image_encoder.depth, cfg.layer_decay),
     )
-    tx = optax.multi_transform(
-        {"train": train, "frozen": optax.set_to_zero()}, param_labels(params, model_config, cfg, trains)
-    )
+    labels = param_labels(params, model_config, cfg, trains)
+    tx = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
     if cfg.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
-    return tx, schedule
+    return tx, schedule, labels

@@ -229,18 +229,6 @@ class RleMasks:
         self.areas = np.array([int(r[1::2].sum(dtype=np.int64)) for r in self._runs], np.int64)
         self.areas.flags.writeable = False
 
-    @classmethod
-    def from_rles(cls, rles: list[dict], h: int, w: int) -> RleMasks:
-        """From COCO RLE dicts of size (h, w) (``counts`` compressed bytes or str, or a list)."""
-        runs = []
-        for rle in rles:
-            counts = rle["counts"]
-            if isinstance(counts, list):
-                runs.append(np.asarray(counts, np.int64))
-            else:
-                runs.append(_parse_counts(counts.encode("ascii") if isinstance(counts, str) else counts, "RLE"))
-        return cls(runs, h, w)
-
     def __len__(self) -> int:
         return self.shape[0]
 

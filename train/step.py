@@ -443,9 +443,9 @@ def train_step(
     lora_scale)`) -> (new state, metrics: the objective's, grad_norm, param_norm, update_norm, lr, finite).
     Non-finite steps are skipped (state kept, `finite` = 0 in the metrics); the caller decides whether to stop.
 
-    `labels` (`optim.param_labels` of the params, as `tx` freezes them): the params labelled "frozen" get
-    no gradient (zeros), so the backward pass never computes their weight-gradient products, which `tx`
-    would discard; grad_norm is then the trained params'."""
+    `labels` (the tree of "train" / "frozen" that `optim.make_optimizer` returns with `tx`): the params
+    labelled "frozen" get no gradient (zeros), so the backward pass never computes their weight-gradient
+    products, which `tx` would discard; grad_norm is then the trained params'."""
     if objective is None:
         objective = sam_objective(model_config, cfg, train_image_encoder, lora_scale)
 

@@ -60,7 +60,7 @@ from sam_jax.modeling.hq import is_hq_param
 from sam_jax.train import sharding as shd
 from sam_jax.train.data import make_train_dataset
 from sam_jax.train.lora import LORA, LoraSpec, lora_spec, merge_adapters
-from sam_jax.train.optim import make_optimizer, param_labels
+from sam_jax.train.optim import make_optimizer
 from sam_jax.train.step import HEAD, Objective, TrainState, init_state, sam_objective, train_step
 
 log = logging.getLogger("sam_jax.train")
@@ -432,8 +432,7 @@ class Trainer:
 
         self.objective = objective if objective is not None else self._sam_objective()
         abstract = self._abstract_params()
-        self.tx, self.schedule = make_optimizer(abstract, self.model_config, cfg.optim, self.objective.trains)
-        labels = param_labels(abstract, self.model_config, cfg.optim, self.objective.trains)
+        self.tx, self.schedule, labels = make_optimizer(abstract, self.model_config, cfg.optim, self.objective.trains)
         self.state_sharding = state_shardings(self.tx, abstract, self._param_shardings(abstract), self.mesh)
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self._step = jax.jit(
