@@ -193,23 +193,6 @@ def case_encoder(ctx: Context) -> list[Row]:
 # ----------------------------------------------------------------------------- predict
 
 
-def prompt_points(image: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """n single-point prompts inside the image: (n, 1, 2) as (x, y) pixels."""
-    h, w = image.shape[:2]
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.uniform(0, w, n), rng.uniform(0, h, n)], axis=-1)[:, None, :]
-
-
-def official_predict_many(predictor, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`predict_torch` with B prompts (coords (B, N, 2) in image pixels) -> masks (B, 3, H, W), IoU (B, 3)."""
-    import torch
-
-    pts = torch.as_tensor(predictor.transform.apply_coords(coords, predictor.original_size), dtype=torch.float)
-    lbl = torch.as_tensor(labels, dtype=torch.int)
-    masks, iou, _ = predictor.predict_torch(pts.to(predictor.device), lbl.to(predictor.device), multimask_output=True)
-    return masks.cpu().numpy(), iou.cpu().numpy()
-
-
 def _upsample_flops(ctx: Context, input_size: tuple[int, int], original_size: tuple[int, int]) -> float:
     """FLOPs of upsampling and thresholding one mask to the original size (`upsample_logits`)."""
     from sam_jax.transforms import upsample_logits
@@ -223,8 +206,8 @@ def _upsample_flops(ctx: Context, input_size: tuple[int, int], original_size: tu
 
 def _predict_flops(ctx: Context, predictor, coords: np.ndarray, labels: np.ndarray) -> float:
     """FLOPs of decoding + postprocessing B prompts on one image (as the predictor's jitted steps):
-    the decoder on the B prompts plus the upsampling of each of the 3B masks (counted one mask at a
-    time: XLA's cost analysis counts a loop body once)."""
+    the decoder on the B prompts (counted decoding them all together, and the upsampling of each of
+    the 3B masks one mask at a time: XLA's cost analysis counts a loop body once)."""
     from sam_jax.predictor import decode_prompts
     from sam_jax.prompts import make_prompts
 
@@ -234,7 +217,9 @@ def _predict_flops(ctx: Context, predictor, coords: np.ndarray, labels: np.ndarr
         point_coords=predictor.transform.apply_coords(coords, predictor.original_size),
         point_labels=labels,
     ).without_masks()
-    fn = jax.jit(functools.partial(decode_prompts, config=ctx.config), static_argnames="multimask_output")
+    fn = jax.jit(
+        functools.partial(decode_prompts, config=ctx.config, max_batch=len(coords)), static_argnames="multimask_output"
+    )
     decoder = xla_flops(fn, ctx.pair.ours.params, predictor.features, prompts, multimask_output=True)
     return decoder + 3 * len(coords) * _upsample_flops(ctx, predictor.input_size, predictor.original_size)
 
@@ -247,14 +232,14 @@ def case_predict(ctx: Context) -> list[Row]:
     ref.set_image(ctx.photo)
     rows = []
     for n in (1, 64):
-        coords = prompt_points(ctx.photo, n)
+        coords = models.prompt_points(ctx.photo, n)
         labels = np.ones((n, 1), np.int64)
         if n == 1:  # the plain official call: (N, 2) and (N,) for one prompt
             run_ours = lambda c=coords, lb=labels: ours.predict(point_coords=c[0], point_labels=lb[0])[:2]  # noqa: E731
             run_ref = lambda c=coords, lb=labels: ref.predict(point_coords=c[0], point_labels=lb[0])[:2]  # noqa: E731
         else:
             run_ours = lambda c=coords, lb=labels: ours.predict(point_coords=c, point_labels=lb)[:2]  # noqa: E731
-            run_ref = lambda c=coords, lb=labels: official_predict_many(ref, c, lb)  # noqa: E731
+            run_ref = lambda c=coords, lb=labels: models.official_predict_many(ref, c, lb)  # noqa: E731
         a, o, out = ctx.time_both(run_ours, run_ref)
         flop = _predict_flops(ctx, ours, coords, labels)
         rows.append(
@@ -276,8 +261,8 @@ def case_predict(ctx: Context) -> list[Row]:
 
 def _amg_flops(ctx: Context, gen, image: np.ndarray) -> float:
     """FLOPs of one `generate` with one crop (the default): the encoder on the image, the decoder
-    on each point batch and the upsampling of each of its 3 masks per point (all of them: the
-    predicted-IoU filter, before the upsampling, only lowers the count)."""
+    on each point batch (its points decoded together) and the upsampling of each of its 3 masks per
+    point (all of them: the predicted-IoU filter, before the upsampling, only lowers the count)."""
     from sam_jax.automatic_mask_generator import decode_point_batch
     from sam_jax.model import encode
     from sam_jax.transforms import get_preprocess_shape
@@ -287,7 +272,7 @@ def _amg_flops(ctx: Context, gen, image: np.ndarray) -> float:
     h, w = image.shape[:2]
     p = gen.points_per_batch
     decoder = xla_flops(
-        jax.jit(functools.partial(decode_point_batch, config=cfg)),
+        jax.jit(functools.partial(decode_point_batch, config=cfg, max_batch=p)),
         params,
         jax.eval_shape(functools.partial(encode, config=cfg), params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)),
         jax.ShapeDtypeStruct((p, 2), jnp.float32),

@@ -126,3 +126,24 @@ def mask_generator(side: str, model, **kwargs):
     from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 
     return SamAutomaticMaskGenerator(model, **kwargs)
+
+
+def prompt_points(image: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """n single-point prompts inside the image: (n, 1, 2) as (x, y) pixels."""
+    h, w = image.shape[:2]
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.uniform(0, w, n), rng.uniform(0, h, n)], axis=-1)[:, None, :]
+
+
+def official_predict_many(predictor, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The official `predict_torch` with B prompts (coords (B, N, 2) in image pixels, labels (B, N))
+    -> masks (B, 3, H, W), IoU (B, 3)."""
+    import torch
+
+    pts = torch.as_tensor(predictor.transform.apply_coords(coords, predictor.original_size), dtype=torch.float)
+    lbl = torch.as_tensor(labels, dtype=torch.int)
+    with torch.inference_mode():
+        masks, iou, _ = predictor.predict_torch(
+            pts.to(predictor.device), lbl.to(predictor.device), multimask_output=True
+        )
+    return masks.cpu().numpy(), iou.cpu().numpy()

@@ -54,22 +54,6 @@ def photo_at(size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size[::-1], Image.BICUBIC))
 
 
-def prompt_points(image: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """n single-point prompts inside the image: (n, 1, 2) as (x, y) pixels."""
-    h, w = image.shape[:2]
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.uniform(0, w, n), rng.uniform(0, h, n)], axis=-1)[:, None, :]
-
-
-def _official_predict_many(predictor, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    pts = torch.as_tensor(predictor.transform.apply_coords(coords, predictor.original_size), dtype=torch.float)
-    with torch.inference_mode():
-        masks, iou, _ = predictor.predict_torch(pts, torch.as_tensor(labels, dtype=torch.int), multimask_output=True)
-    return masks.numpy(), iou.numpy()
-
-
 def run_task(side: str, model, task: str, image: np.ndarray) -> dict[str, Any]:
     """One task on one side (in a `bench.child` process) -> seconds and what it produced."""
     from bench import models
@@ -87,7 +71,7 @@ def run_task(side: str, model, task: str, image: np.ndarray) -> dict[str, Any]:
         areas = sorted((int(r["area"]) for r in records), reverse=True)
         out.update(masks=len(records), areas=areas)
     elif task == "predict64":
-        coords = prompt_points(image, 64)
+        coords = models.prompt_points(image, 64)
         labels = np.ones((64, 1), np.int64)
         predictor = models.predictor(side, model)
         t = time.perf_counter()
@@ -100,7 +84,7 @@ def run_task(side: str, model, task: str, image: np.ndarray) -> dict[str, Any]:
             if side == "ours":
                 masks, iou, _ = predictor.predict(point_coords=coords, point_labels=labels)
             else:
-                masks, iou = _official_predict_many(predictor, coords, labels)
+                masks, iou = models.official_predict_many(predictor, coords, labels)
             times.append(time.perf_counter() - t)
         out.update(
             masks_shape=list(masks.shape),

@@ -50,6 +50,7 @@ def decode_point_batch(
     config: SamConfig,
     multimask_output: bool = True,
     use_m2m: bool = False,
+    max_batch: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """P single-point prompts on one crop -> the 3P multimask outputs (point-major, as officially):
     low-res logits (3P, s, s) and predicted IoUs (3P,); HQ-SAM's P outputs, as `segment_anything_hq`'s
@@ -58,7 +59,8 @@ def decode_point_batch(
     `use_m2m` (SAM 2's one-step refinement): each output is decoded again, a single mask, from its point
     and its own low-res logits (clamped to [-32, 32]) as the mask prompt.
 
-    embedding: one crop's `ImageEmbeddings` (batch 1); points (P, 2) in the resized crop's frame.
+    embedding: one crop's `ImageEmbeddings` (batch 1); points (P, 2) in the resized crop's frame;
+    max_batch: prompts decoded together (`decode_prompts`).
     """
     p = points.shape[0]
     prompts = make_prompts(batch_size=p, mask_size=config.low_res_mask_size, num_points=2).without_masks()
@@ -67,14 +69,18 @@ def decode_point_batch(
         labels=jnp.asarray(prompts.labels).at[:, 0].set(1),
     )
     # No mask prompts: the crop's embeddings are shared by the prompts (`TwoWayTransformer`),
-    # decoded `DECODE_BATCH` at a time.
-    low_res, iou = decode_prompts(params, embedding, prompts, config=config, multimask_output=multimask_output)
+    # decoded a sub-batch at a time (`decode_prompts`).
+    low_res, iou = decode_prompts(
+        params, embedding, prompts, config=config, multimask_output=multimask_output, max_batch=max_batch
+    )
     low_res, iou = low_res.reshape(-1, *low_res.shape[2:]), iou.reshape(-1)
     if use_m2m:
         m = low_res.shape[0] // p
         refine = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), m, axis=0), prompts)
         refine = refine.replace(mask_input=jnp.clip(low_res, -32.0, 32.0), has_mask=jnp.ones((p * m,), bool))
-        low_res, iou = decode_prompts(params, embedding, refine, config=config, multimask_output=False)
+        low_res, iou = decode_prompts(
+            params, embedding, refine, config=config, multimask_output=False, max_batch=max_batch
+        )
         low_res, iou = low_res.reshape(-1, *low_res.shape[2:]), iou.reshape(-1)
     return low_res, iou
 
