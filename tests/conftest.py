@@ -6,8 +6,6 @@ In CI (CI=true) a skipped test fails the run: the parity tests must run there.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -19,25 +17,6 @@ import pytest
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
-
-
-def pytest_configure(config):
-    """One persistent compilation cache for the run's processes (the pytest-xdist workers inherit
-    the environment, and so do the subprocesses the tests start): a computation compiled by one
-    test is not compiled again by another. Made by the first process (the controller under
-    xdist), removed when it ends; a JAX_COMPILATION_CACHE_DIR given by the caller is used as is."""
-    if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    config._compile_cache = tempfile.mkdtemp(prefix="sam-jax-tests-compile-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._compile_cache
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-
-
-def pytest_unconfigure(config):
-    cache = getattr(config, "_compile_cache", None)
-    if cache:
-        shutil.rmtree(cache, ignore_errors=True)
-        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 
 @pytest.fixture(scope="session", autouse=True)
