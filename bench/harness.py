@@ -164,6 +164,17 @@ def device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
 
 
+def peak_memory_bytes() -> int | None:
+    """The peak memory of this run, bytes: the first local device's peak (an accelerator's
+    allocator), else this process's peak resident set (the CPU, where arrays live in host memory);
+    None where neither is known."""
+    device = device_peak_bytes()
+    if device is not None:
+        return device
+    host = process_memory_mb()
+    return None if host is None else int(host * 2**20)
+
+
 # ----------------------------------------------------------------------------- output
 
 

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import device_peak_bytes, process_memory_mb
+from bench.harness import peak_memory_bytes
 
 RESULTS = Path(__file__).with_name("results_train_scale.json")
 GB = 1e9
@@ -286,7 +286,7 @@ def run_step(cfg, steps: int = 2, profile: bool = True, report=None) -> dict:
         live, metrics = compiled(live, data)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
-    out["peak_memory_bytes"] = device_peak_bytes() or int(process_memory_mb() * 2**20)
+    out["peak_memory_bytes"] = peak_memory_bytes()
     del compiled, data
 
     counted = compiled_pieces(cfg)

@@ -38,10 +38,15 @@ def enable_compilation_cache(directory: str | None) -> None:
     if directory == "":
         return
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     path = Path(directory) if directory else default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
+    if jax.config.jax_compilation_cache_dir != str(path):
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        # JAX opens the cache directory at the process's first compile: reopen it, so that the
+        # directory takes effect in a process that has compiled before (a notebook, a test run).
+        compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

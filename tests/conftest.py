@@ -6,17 +6,37 @@ In CI (CI=true) a skipped test fails the run: the parity tests must run there.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 # Unoptimized XLA:CPU code (LLVM at -O0): most tests compile far more than they compute, and this
-# halves their compile times (the suite takes ~0.8x the time; the few tests that train for hundreds
-# of steps run slower). Every side of a comparison runs the same way; `make demo` and `bench/` keep
-# the default. Set before JAX initialises its backend; flags in the caller's XLA_FLAGS still apply.
+# halves their compile times (the suite takes ~0.8x the time). Every side of a comparison runs the
+# same way; `make demo` and `bench/` keep the default. Set before JAX initialises its backend; flags
+# in the caller's XLA_FLAGS still apply. A test marked `optimized` trains for hundreds of steps,
+# where -O0 code runs ~2.3x slower: it runs in a child pytest process that keeps XLA's default.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+OPTIMIZED_CHILD = "SAM_JAX_TEST_OPTIMIZED_CHILD"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", "") and not os.environ.get(OPTIMIZED_CHILD):
     os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """An `optimized` test's body runs in a child pytest process (its fixtures are made there); its
+    failure, with the child's output, is this test's failure."""
+    if pyfuncitem.get_closest_marker("optimized") is None or os.environ.get(OPTIMIZED_CHILD):
+        return None
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_COMPILE)
+    env = {**os.environ, OPTIMIZED_CHILD: "1", "XLA_FLAGS": flags}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", pyfuncitem.nodeid]
+    done = subprocess.run(cmd, cwd=pyfuncitem.config.rootpath, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not re.search(r"^1 passed( in|, \d+ warnings? in)", done.stdout, re.M):
+        pytest.fail(f"in a child process (rc {done.returncode}):\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}")
+    return True
 
 
 @pytest.fixture(scope="session", autouse=True)

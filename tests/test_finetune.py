@@ -318,6 +318,7 @@ class _nothing:
 # ----------------------------------------------------------------------------- learning
 
 
+@pytest.mark.optimized
 def test_decoder_finetune_learns_a_shifted_domain(tmp_path):
     """Pretrained briefly (the demo's recipe) on textured circles, ellipses and rectangles, then
     fine-tuned in decoder mode (frozen encoder, cached embeddings) on flat-coloured stars, rings and

@@ -190,6 +190,7 @@ def _text_config(shapes: Path, clip: Path, **overrides) -> ml_collections.Config
     return set_keys(cfg, overrides)
 
 
+@pytest.mark.optimized
 def test_training_with_text_moves_the_text_miou_up(clip, tmp_path):
     """300 steps of text prompts on 48 shape images painted by kind (`colour_by_category`: a
     pixel shows its shape's kind, so the tiny encoder need not learn to recognise outlines,

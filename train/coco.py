@@ -28,7 +28,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from sam_jax.files import FileFormatError, read_image, read_json, write_atomic, write_json
-from sam_jax.train.sa1b import DataError, RleMasks, _checked, _checked_rle, _parse_counts, list_records
+from sam_jax.train.sa1b import DataError, RleMasks, checked_rle, list_records, parse_counts
 from sam_jax.train.sources import RecordSource
 
 COCO_KEYS = ("images", "annotations", "categories")
@@ -254,9 +254,9 @@ def _to_rle(seg: Any, h: int, w: int, where: str) -> tuple[dict, np.ndarray]:
             if not np.isfinite(xy).all():
                 raise _Skip(MALFORMED_ANNOTATION, f"{where}: polygon coordinates are not finite")
         rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-        return rle, _parse_counts(rle["counts"], where)
+        return rle, parse_counts(rle["counts"], where)
     try:  # uncompressed or compressed RLE, its size checked when indexed
-        return _checked(seg, h, w, where)
+        return checked_rle(seg, h, w, where)
     except DataError as e:
         raise _Skip(BROKEN_RLE, str(e)) from None
 
@@ -371,7 +371,7 @@ def _sa1b_annotations(image_path: Path, record_path: Path) -> tuple[int, int, li
             raise DataError(f"{image_path}: unreadable image: {e}") from None
     try:
         anns = record["annotations"]
-        rles = [_checked_rle(a["segmentation"], h, w, f"{record_path}: annotation {i}") for i, a in enumerate(anns)]
+        rles = [checked_rle(a["segmentation"], h, w, f"{record_path}: annotation {i}")[0] for i, a in enumerate(anns)]
         names = [str(a.get("category", "")) for a in anns]
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{record_path}: malformed record: {e!r}") from None

@@ -93,7 +93,7 @@ def load_record(image_path: str | Path, json_path: str | Path, *, decode_masks: 
             )
         rles, runs, categories, boxes = [], [], [], []
         for i, ann in enumerate(anns):
-            rle, r = _checked(ann["segmentation"], h, w, f"{json_path}: annotation {i}")
+            rle, r = checked_rle(ann["segmentation"], h, w, f"{json_path}: annotation {i}")
             rles.append(rle)
             runs.append(r)
             categories.append(str(ann.get("category", "")))
@@ -125,18 +125,15 @@ def load_record(image_path: str | Path, json_path: str | Path, *, decode_masks: 
     }
 
 
-def _checked_rle(seg: dict, h: int, w: int, where: str) -> dict:
-    """A compressed RLE that pycocotools can decode safely, or :class:`DataError`.
+def checked_rle(seg: dict, h: int, w: int, where: str) -> tuple[dict, np.ndarray]:
+    """(a compressed RLE that pycocotools can decode safely, its run lengths (R,) int64), or
+    :class:`DataError`. `seg` is a COCO segmentation in RLE form (compressed or not) of an h x w
+    image; `where` names it in the error.
 
     pycocotools' C decoder trusts its input (counts summing past ``h * w`` write past the
     buffer; a string ending mid-number reads past it), so the counts are parsed and checked
     here first.
     """
-    return _checked(seg, h, w, where)[0]
-
-
-def _checked(seg: dict, h: int, w: int, where: str) -> tuple[dict, np.ndarray]:
-    """(the compressed RLE of :func:`_checked_rle`, its run lengths (R,) int64), or :class:`DataError`."""
     size = [int(v) for v in seg["size"]]
     if size != [h, w]:
         raise DataError(f"{where}: mask size {size} differs from the image's {[h, w]}")
@@ -155,12 +152,12 @@ def _checked(seg: dict, h: int, w: int, where: str) -> tuple[dict, np.ndarray]:
             raise DataError(f"{where}: broken RLE: bad character in counts") from e
     if not isinstance(counts, bytes):
         raise DataError(f"{where}: broken RLE: counts are {type(counts).__name__}")
-    runs = _parse_counts(counts, where)
+    runs = parse_counts(counts, where)
     _check_runs(runs, h, w, where)
     return {"size": [h, w], "counts": counts}, runs
 
 
-def _parse_counts(s: bytes, where: str) -> np.ndarray:
+def parse_counts(s: bytes, where: str) -> np.ndarray:
     """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``, vectorised)."""
     b = np.frombuffer(s, np.uint8).astype(np.int64) - 48
     if b.size == 0:
