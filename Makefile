@@ -31,7 +31,7 @@ demo: $(VENV)/.demo-installed
 	XLA_FLAGS="--xla_force_host_platform_device_count=2 $$XLA_FLAGS" $(PY) -m sam_jax.demo --out demo_out
 
 # Lint (ruff, configured in pyproject.toml), then the suite on two pytest workers (pytest-xdist), one
-# compiling while the other computes: 584 tests in 32-39 minutes on a 2-core machine (on different
+# compiling while the other computes: 585 tests in 32-39 minutes on a 2-core machine (on different
 # days). The tests compile unoptimized XLA:CPU code, except the two that train for hundreds of steps
 # (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2

@@ -44,8 +44,8 @@ def enable_compilation_cache(directory: str | None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if jax.config.jax_compilation_cache_dir != str(path):
         jax.config.update("jax_compilation_cache_dir", str(path))
-        # JAX opens the cache directory at the process's first compile: reopen it, so that the
-        # directory takes effect in a process that has compiled before (a notebook, a test run).
+        # JAX opens a cache directory once, at the first compile that uses it: reopen it, so that
+        # this directory takes effect in a process that used another (a notebook, a test run).
         compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

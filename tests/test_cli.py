@@ -263,3 +263,29 @@ def test_export_gets_the_usual_file_mode(workspace, tmp_path, capsys):
         os.umask(umask)
     assert (tmp_path / "tiny.safetensors").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["tiny.safetensors"]  # no temporary file left
+
+
+def test_cache_dir_takes_effect_in_a_process_that_used_another(tmp_path):
+    """JAX opens its compilation cache directory once, at the first compile that uses it: a
+    directory given later (a notebook, a test run) must still be the one written."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from sam_jax.cli import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    first, second = tmp_path / "first", tmp_path / "second"
+    try:
+        enable_compilation_cache(str(first))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+        assert any(first.iterdir())
+        enable_compilation_cache(str(second))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()
+        assert any(second.iterdir()), "the second cache directory was not written"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        compilation_cache.reset_cache()
