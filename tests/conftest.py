@@ -31,7 +31,8 @@ def pytest_pyfunc_call(pyfuncitem):
     if pyfuncitem.get_closest_marker("optimized") is None or os.environ.get(OPTIMIZED_CHILD):
         return None
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_COMPILE)
-    env = {**os.environ, OPTIMIZED_CHILD: "1", "XLA_FLAGS": flags}
+    # PYTEST_ADDOPTS is the parent's (it may name xdist options the child, without xdist, rejects).
+    env = {**os.environ, OPTIMIZED_CHILD: "1", "XLA_FLAGS": flags, "PYTEST_ADDOPTS": ""}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", pyfuncitem.nodeid]
     done = subprocess.run(cmd, cwd=pyfuncitem.config.rootpath, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not re.search(r"^1 passed( in|, \d+ warnings? in)", done.stdout, re.M):
