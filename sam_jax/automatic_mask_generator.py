@@ -33,7 +33,7 @@ from sam_jax import amg
 from sam_jax.config import SamConfig
 from sam_jax.embeddings import ImageEmbeddings
 from sam_jax.model import Params, SamModel
-from sam_jax.predictor import SamPredictor, check_image, decode_prompts
+from sam_jax.predictor import SamPredictor, check_image, decode_prompts, default_decode_batch
 from sam_jax.prompts import make_prompts
 from sam_jax.transforms import CHUNK_PIXELS, upsample_logits
 
@@ -213,7 +213,11 @@ class SamAutomaticMaskGenerator:
         config = model.config
         self._decode = jax.jit(
             functools.partial(
-                decode_point_batch, config=config, multimask_output=self.multimask_output, use_m2m=self.use_m2m
+                decode_point_batch,
+                config=config,
+                multimask_output=self.multimask_output,
+                use_m2m=self.use_m2m,
+                max_batch=default_decode_batch(model.params),
             )
         )
         self._levels = jax.jit(

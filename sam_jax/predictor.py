@@ -108,9 +108,13 @@ def check_text(text: Any, name: str = "text") -> list[str] | str:
 DECODE_BATCH = 16
 
 
-def default_decode_batch() -> int:
-    """How many prompts `decode_prompts` decodes together by default: 1 on a CPU, else DECODE_BATCH."""
-    return 1 if jax.default_backend() == "cpu" else DECODE_BATCH
+def default_decode_batch(params: Params | None = None) -> int:
+    """How many prompts `decode_prompts` decodes together by default: 1 on a CPU, else DECODE_BATCH. The
+    platform is that of `params` where they are placed arrays (not numpy, not tracers), else JAX's default."""
+    placed = (x for x in jax.tree.leaves(params) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer))
+    leaf = next(placed, None)
+    platform = next(iter(leaf.devices())).platform if leaf is not None else jax.default_backend()
+    return 1 if platform == "cpu" else DECODE_BATCH
 
 
 def decode_prompts(
@@ -126,9 +130,9 @@ def decode_prompts(
     """One image's `ImageEmbeddings` (batch 1), B prompts -> low-res logits (B, M, 4h, 4w), IoU (B, M)
     (the decoding half of `sam_jax.model.predict_masks`), in sub-batches of the largest divisor of
     B between max_batch / 2 and max_batch (all B at once when there is none); max_batch None:
-    `default_decode_batch()`."""
+    `default_decode_batch(params)`."""
     b = prompts.labels.shape[0]
-    max_batch = default_decode_batch() if max_batch is None else max_batch
+    max_batch = default_decode_batch(params) if max_batch is None else max_batch
 
     def run(p: Prompts) -> tuple[jax.Array, jax.Array]:
         n = p.labels.shape[0]
@@ -173,7 +177,9 @@ class SamPredictor:
         self.mask_threshold = float(sam_model.config.mask_threshold)
         self.low_res_clamp: float | None = None  # SAM 2 clamps the low-res logits it returns to +-32
         self._predict = jax.jit(  # the decoder step; `_upsample` postprocesses its masks
-            functools.partial(decode_prompts, config=sam_model.config),
+            functools.partial(
+                decode_prompts, config=sam_model.config, max_batch=default_decode_batch(sam_model.params)
+            ),
             static_argnames=("multimask_output", "hq_token_only"),
         )
         self._upsample = jax.jit(

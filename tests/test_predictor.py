@@ -196,3 +196,16 @@ def test_bad_images(predictors, image, message):
 def test_points_outside_the_image_are_allowed(predictors):
     masks, scores, _ = predictors[0].predict(point_coords=[[-20.0, 500.0]], point_labels=[1])
     assert masks.shape == (3, 300, 451) and np.all(np.isfinite(scores))
+
+
+def test_decode_batch_follows_the_params_platform(tiny_params, monkeypatch):
+    """Prompts are decoded one at a time where the params live on a CPU, DECODE_BATCH at a time on an
+    accelerator; numpy params (placed by each call) follow JAX's default backend."""
+    import jax
+
+    placed = jax.device_put(tiny_params, jax.devices("cpu")[0])
+    as_numpy = jax.tree.map(np.asarray, tiny_params)
+    assert predictor_module.default_decode_batch(placed) == predictor_module.default_decode_batch(as_numpy) == 1
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert predictor_module.default_decode_batch(placed) == 1
+    assert predictor_module.default_decode_batch(as_numpy) == predictor_module.DECODE_BATCH
