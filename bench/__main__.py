@@ -96,6 +96,7 @@ def _meta(args: argparse.Namespace, threads: int) -> dict:
     import torch
 
     from bench import models
+    from bench.harness import cpu_description
 
     return {
         "model": args.model,
@@ -112,6 +113,7 @@ def _meta(args: argparse.Namespace, threads: int) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "loadavg_start": os.getloadavg(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "weights": f"random (bench.official.randomize_, seed 0), bench.official.sharpen_(**{models.SHARPEN})",

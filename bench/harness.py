@@ -111,6 +111,31 @@ def matmul_rates(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return {"n": n, "jax_gflops": flop / jax_t / 1e9, "torch_gflops": flop / torch_t / 1e9}
 
 
+def cpu_description() -> dict[str, Any]:
+    """The CPU a run measured: its model name and vector extensions, which set the float32 matrix-product
+    rates of both packages (from Linux's /proc/cpuinfo; elsewhere `platform.processor()` alone)."""
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"processor": platform.processor() or platform.machine()}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            break  # the first processor's block ends at an empty line
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {
+        "model_name": fields.get("model name", platform.processor() or platform.machine()),
+        "family": fields.get("cpu family"),
+        "model": fields.get("model"),
+        "avx512f": "avx512f" in flags,
+        "avx2": "avx2" in flags,
+    }
+
+
 def xla_flops(jitted, *args, **kwargs) -> float:
     """FLOPs of one call of a jitted function, from XLA's cost analysis of its lowered HLO.
 

@@ -192,10 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from bench import models
-    from bench.harness import format_table, write_json_atomic
+    from bench.harness import cpu_description, format_table, matmul_rates, write_json_atomic
 
     result = {"meta": {"model": args.model, "sizes": args.sizes, "tasks": args.tasks, "sides": args.sides}, "rows": {}}
-    result["meta"]["cpus"] = models.cpu_count()
+    result["meta"].update(cpus=models.cpu_count(), cpu=cpu_description(), matmul=matmul_rates())
+    print(
+        f"matrix products (float32): XLA {result['meta']['matmul']['jax_gflops']:.0f} GFLOP/s, PyTorch "
+        f"{result['meta']['matmul']['torch_gflops']:.0f} GFLOP/s",
+        flush=True,
+    )
     rows, bad = [], []
     with tempfile.TemporaryDirectory(prefix="sam_jax_photo_sizes_") as tmp:
         weights = models.save_weights(models.official_state_dict(args.model), Path(tmp) / "weights.npz")

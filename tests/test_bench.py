@@ -79,7 +79,7 @@ def test_every_case_ran(results):
     assert {r["case"] for r in rows.values()} == set(CASES)
     for run in results["runs"]:
         assert run["matmul"]["jax_gflops"] > 0 and run["matmul"]["torch_gflops"] > 0
-        assert run["meta"]["model"] == "tiny"
+        assert run["meta"]["model"] == "tiny" and run["meta"]["cpu"]["model_name"]
     assert "official/ours" in results["stdout"][1]  # the table was printed
 
 
@@ -217,3 +217,19 @@ def test_input_pipeline_bench_compares_both_paths(tmp_path):
         assert 0 < row["jpeg_decode_s"] < row["total_s"]
         assert result["workers_per_chip"]["3"][path] == math.ceil(3 / row["records_per_s"])
     assert "rle_decode_s" in result["full"] and "rle_decode_s" not in result["rle"]
+
+
+def test_photo_sizes_runs_both_sides_and_they_agree(tmp_path):
+    """`python -m bench.photo_sizes` on tiny, one size and task: each side in its own process, the
+    time and the peak memory of both, their agreement, the CPU and its product rates in the JSON."""
+    out = tmp_path / "photo.json"
+    cmd = [sys.executable, "-m", "bench.photo_sizes", "--model", "tiny", "--sizes", "0.24MP", "--tasks", "predict64"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    done = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["cpu"]["model_name"] and data["meta"]["matmul"]["jax_gflops"] > 0
+    assert set(data["rows"]) == {"predict64_0.24MP_time", "predict64_0.24MP_peak"}
+    for row in data["rows"].values():
+        assert row["ours"] > 0 and row["official"] > 0, row
+    assert data["rows"]["predict64_0.24MP_time"]["check"]["ok"] is True
